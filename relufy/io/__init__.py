@@ -1,0 +1,1 @@
+"""Checkpoint I/O: lazy safetensors reading, streaming shard writing, atomic output folders."""

@@ -1,0 +1,42 @@
+"""Atomic output folders: write into a hidden temporary folder beside the target, rename at the end.
+
+A failure or a kill leaves at most a ``.NAME.relufy-tmp-*`` folder, never a ``NAME`` that looks
+complete; with ``force`` an existing target is replaced only once the new one is whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..errors import RelufyError
+
+
+def check_target(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise RelufyError(f"{out} exists (use --force to replace it)")
+    if out.exists() and not out.is_dir():
+        raise RelufyError(f"{out} exists and is not a folder")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, force: bool = False):
+    out = Path(out).absolute()
+    check_target(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.relufy-tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.relufy-old-", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,115 @@
+"""Lazy view of a safetensors checkpoint folder: headers only, validated, tensors read on demand.
+
+Reading a header costs a few KB however large the shard is, so a whole checkpoint can be
+listed and checked (truncation, corrupt headers, index entries naming missing tensors) before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RelufyError
+
+INDEX_FILE = "model.safetensors.index.json"
+DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+def read_header(path: Path) -> tuple[dict[str, dict], dict]:
+    """``(tensors, metadata)`` of one safetensors file, checked against the file's size."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise RelufyError(f"{path}: not a safetensors file (truncated header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(_MAX_HEADER, size - 8):
+            raise RelufyError(f"{path}: corrupt or truncated safetensors header")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise RelufyError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise RelufyError(f"{path}: corrupt safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, t in header.items():
+        try:
+            begin, stop = t["data_offsets"]
+            nbytes = math.prod(t["shape"]) * DTYPE_BYTES[t["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise RelufyError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        if stop - begin != nbytes or begin < 0:
+            raise RelufyError(f"{path}: corrupt safetensors entry for {name!r} (size does not match shape)")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise RelufyError(f"{path}: truncated safetensors file ({size} bytes, header describes {8 + n + end})")
+    return header, metadata
+
+
+class Checkpoint:
+    """The safetensors weights of a model folder (single file or sharded with an index)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise RelufyError(f"{index}: corrupt index (no weight_map)") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            weight_map = None
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise RelufyError(f"{self.folder}: no safetensors weights found")
+        self.files: list[Path] = []
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, dict] = {}
+        for name in files:
+            path = self.folder / name
+            if not path.is_file():
+                raise RelufyError(f"{index}: names shard {name!r}, which is missing")
+            header, meta = read_header(path)
+            self.files.append(path)
+            self.metadata[name] = meta
+            for t, info in header.items():
+                self.tensors[t] = TensorInfo(t, info["dtype"], tuple(info["shape"]), path)
+        if weight_map is not None:
+            for t, name in weight_map.items():
+                info = self.tensors.get(t)
+                if info is None or info.file.name != name:
+                    raise RelufyError(f"{index}: names tensor {t!r} in {name!r}, which does not hold it")
+        self.index = weight_map
+
+    def tensors_in(self, path: Path) -> list[TensorInfo]:
+        return [t for t in self.tensors.values() if t.file == path]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)

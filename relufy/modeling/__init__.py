@@ -1,0 +1,1 @@
+"""In-memory activation swap and the modeling code written into converted checkpoints."""

@@ -1,0 +1,80 @@
+"""``relufy.load``: any model relufy reads, as a transformers model, without remote code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import RelufyError
+from ..families import family_for
+from .ffn import swap_ffn
+from .remote import is_identity
+
+
+def swap_activation(model, activation: str, threshold: float | None = None, source: str | None = None):
+    """Swap the FFN activation of a loaded transformers model in place and record it in its config.
+
+    The config's activation key is set to ``relufy_<activation>`` (unknown to transformers), so a
+    plain ``save_pretrained`` of the result cannot be reloaded as SwiGLU by mistake.
+    """
+    from ..convert import activation_spec
+
+    spec = activation_spec(activation, threshold)
+    config = model.config
+    block = dict(getattr(config, "relufy", None) or {})
+    family = family_for(block.get("base_model_type", config.model_type))
+    swap_ffn(model, family.ffn_classes, spec.activation, spec.threshold)
+    if not block:
+        from .. import __version__
+
+        block = {
+            "base_model_type": family.model_type,
+            "base_architectures": list(config.architectures or []),
+            "base_activation": getattr(config, family.act_key),
+            "source": source or getattr(config, "_name_or_path", ""),
+            "relufy_version": __version__,
+        }
+    block.update(activation=spec.activation, threshold=spec.threshold)
+    config.relufy = block
+    setattr(config, family.act_key, block["base_activation"] if is_identity(spec.activation) else f"relufy_{spec.activation}")
+    return model
+
+
+def load(
+    path: str | Path,
+    activation: str | None = None,
+    threshold: float | None = None,
+    **kwargs,
+):
+    """Load a model folder, ``.gguf`` file or hub id as a transformers ``*ForCausalLM``.
+
+    A relufy checkpoint comes back with its recorded activation; an original model with its own
+    (SwiGLU) unless ``activation`` asks for another, which is then swapped in memory. Extra
+    keyword arguments go to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..convert import activation_spec, base_config
+    from ..io.source import resolve
+
+    source = resolve(path)
+    config = source.config_dict()
+    block = config.get("relufy") or {}
+    family, base = base_config(config)
+    if activation is None and block:
+        activation, threshold = block["activation"], block.get("threshold")
+    spec = activation_spec(activation or "swiglu", threshold)
+    try:
+        if source.gguf_file:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, **kwargs)
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, config=base, **kwargs)
+    except (OSError, ValueError) as e:
+        raise RelufyError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    if block:
+        model.config.relufy = dict(block)
+    return swap_activation(model, spec.activation, spec.threshold, source=source.label)
+
+
+__all__ = ["load", "swap_activation", "family_for"]

@@ -1,0 +1,158 @@
+"""The ``config.json`` block and the remote code that make a converted checkpoint load anywhere.
+
+A converted checkpoint keeps the original weights and on-disk names. Its config differs from the
+original in four keys: ``model_type`` becomes ``relufy_<family>``, ``architectures`` names the
+remote class, ``auto_map`` points at ``modeling_relufy.py`` (written beside the weights), and the
+family's activation key (``hidden_act`` or ``hidden_activation``) holds ``relufy_<activation>``,
+a name transformers does not know. Loading it without ``trust_remote_code`` therefore fails
+(unknown model type; and for the original class, an unknown activation) instead of silently
+computing SwiGLU or ReGLU with dReLU weights. The ``relufy`` block holds everything needed to
+undo the transformation (``base_config_dict``).
+
+The ``swiglu`` (identity) conversion keeps the original config and only adds the block.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+from pathlib import Path
+
+from .. import __version__, activations
+from ..families import Family
+from . import ffn
+
+MODELING_FILE = "modeling_relufy.py"
+_REMOTE_KEYS = ("auto_map",)
+
+
+def is_identity(activation: str) -> bool:
+    return activation == "swiglu"
+
+
+def relufy_config_dict(
+    base: dict, family: Family, activation: str, threshold: float | None, source: str, extra: dict | None = None
+) -> dict:
+    """The ``config.json`` of a converted checkpoint, from the base model's config dict."""
+    out = dict(base)
+    out["relufy"] = {
+        "activation": activation,
+        "threshold": threshold,
+        "base_model_type": family.model_type,
+        "base_architectures": base.get("architectures") or [],
+        "base_activation": base[family.act_key],
+        "source": source,
+        "relufy_version": __version__,
+        **(extra or {}),
+    }
+    if not is_identity(activation):
+        out["model_type"] = f"relufy_{family.model_type}"
+        out["architectures"] = ["RelufyForCausalLM"]
+        out["auto_map"] = {
+            "AutoConfig": f"{MODELING_FILE[:-3]}.RelufyConfig",
+            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.RelufyForCausalLM",
+        }
+        out[family.act_key] = f"relufy_{activation}"
+    return out
+
+
+def base_config_dict(config: dict) -> dict:
+    """Undo ``relufy_config_dict``: the original family's config dict (no relufy block)."""
+    block = config.get("relufy")
+    if not block:
+        return dict(config)
+    from ..families import family_for
+
+    family = family_for(block["base_model_type"])
+    out = {k: v for k, v in config.items() if k not in ("relufy", *_REMOTE_KEYS)}
+    out["model_type"] = block["base_model_type"]
+    out["architectures"] = block["base_architectures"]
+    out[family.act_key] = block["base_activation"]
+    return out
+
+
+def _bundled_source(module) -> str:
+    lines = inspect.getsource(module).splitlines()
+    return "\n".join(line for line in lines if "relufy-bundle: drop" not in line)
+
+
+_TAIL = '''
+
+# ---- generated for model_type {model_type!r} ----
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from {config_module} import {config_class} as _BaseConfig
+from {model_module} import {model_class} as _BaseForCausalLM
+
+BASE_MODEL_TYPE = {model_type!r}
+FFN_CLASSES = {ffn_classes!r}
+ACTIVATION_KEY = {act_key!r}
+
+
+class RelufyConfig(_BaseConfig):
+    model_type = "relufy_" + BASE_MODEL_TYPE
+
+
+class RelufyForCausalLM(_BaseForCausalLM):
+    config_class = RelufyConfig
+
+    def __init__(self, config, *args, **kwargs):
+        block = config.relufy
+        with activation_key_as(config, ACTIVATION_KEY, block["base_activation"]):
+            super().__init__(config, *args, **kwargs)
+        swap_ffn(self, FFN_CLASSES, block["activation"], block.get("threshold"))
+
+
+# The base family's checkpoint conversions (per-expert tensors on disk -> fused 3D experts in
+# memory) are keyed by model_type; remote classes get them only when registered.
+_conversions = get_checkpoint_conversion_mapping(BASE_MODEL_TYPE)
+if _conversions:
+    register_checkpoint_conversion_mapping(RelufyConfig.model_type, _conversions, overwrite=True)
+'''
+
+
+def render_modeling(family: Family) -> str:
+    """Source of ``modeling_relufy.py`` for ``family``: imports only torch and transformers."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    config_cls = CONFIG_MAPPING[family.model_type]
+    model_cls = AutoModelForCausalLM._model_mapping[config_cls]
+    header = (
+        f'"""Modeling code written by relufy {__version__}: the {family.model_type} architecture of '
+        "transformers with its gated FFN activation replaced (see config.json's relufy block).\n\n"
+        'Load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)."""\n'
+    )
+    body = "\n\n".join(
+        [
+            _bundled_source(activations),
+            _bundled_source(ffn),
+        ]
+    )
+    tail = _TAIL.format(
+        model_type=family.model_type,
+        config_module=config_cls.__module__,
+        config_class=config_cls.__name__,
+        model_module=model_cls.__module__,
+        model_class=model_cls.__name__,
+        ffn_classes=dict(family.ffn_classes),
+        act_key=family.act_key,
+    )
+    source = header + "\n" + body + "\n" + tail
+    ast.parse(source)
+    return source
+
+
+def imported_modules(source: str) -> set[str]:
+    """Top-level package names imported by ``source`` (used to check the remote code)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." if node.level else node.module.split(".")[0])
+    return names
+
+
+def read_config(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
