@@ -12,6 +12,12 @@ import typer
 
 from .errors import RelufyError
 
+try:  # typer >= 0.26 vendors click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException
+from typer import Abort
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -108,21 +114,17 @@ def generate(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except RelufyError as e:
         print(f"relufy: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("relufy: interrupted", file=sys.stderr)
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except ClickException as e:  # bad options and arguments
+        print(f"relufy: error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+    except Abort:
+        sys.exit(1)

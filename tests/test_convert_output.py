@@ -1,0 +1,170 @@
+"""What OUT holds: weights, dtypes, shards, side files, config block, code, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import MOE_FAMILIES, save_tiny, tiny_model
+
+import relufy
+from relufy.io.atomic import atomic_dir
+from relufy.modeling.remote import MODELING_FILE, imported_modules
+
+
+def tensors(folder):
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("mixtral").save_pretrained(src, max_shard_size="40KB")
+    (src / "tokenizer.json").write_text('{"fake": true}')
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    (src / "README.md").write_text("original card")
+    return src
+
+
+def test_weights_copied_bit_exact_with_side_files(tmp_path, sharded):
+    out = relufy.convert(sharded, tmp_path / "out")
+    assert len(list(out.glob("*.safetensors"))) > 1
+    for f in sharded.glob("*.safetensors"):
+        assert (out / f.name).read_bytes() == f.read_bytes()
+    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == json.loads(
+        (sharded / "model.safetensors.index.json").read_text()
+    )["weight_map"]
+    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
+        assert (out / name).read_bytes() == (sharded / name).read_bytes()
+    card = (out / "README.md").read_text()
+    assert "drelu" in card and "trust_remote_code=True" in card and str(sharded) in card
+
+
+def test_config_block(tmp_path, sharded):
+    out = relufy.convert(sharded, tmp_path / "out", activation="fatrelu", threshold=0.25)
+    config = json.loads((out / "config.json").read_text())
+    block = config["relufy"]
+    assert block["activation"] == "fatrelu" and block["threshold"] == 0.25
+    assert block["base_model_type"] == "mixtral" and block["base_activation"] == "silu"
+    assert block["base_architectures"] == ["MixtralForCausalLM"]
+    assert block["source"] == str(sharded) and block["relufy_version"] == relufy.__version__
+    assert config["model_type"] == "relufy_mixtral" and config["hidden_act"] == "relufy_fatrelu"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_relufy.RelufyForCausalLM"
+
+
+def test_generated_code_imports_only_torch_and_transformers(tmp_path, sharded):
+    out = relufy.convert(sharded, tmp_path / "out")
+    assert imported_modules((out / MODELING_FILE).read_text()) == {"torch", "transformers", "contextlib"}
+
+
+def test_swiglu_is_identity(tmp_path, sharded):
+    out = relufy.convert(sharded, tmp_path / "out", activation="swiglu")
+    config = json.loads((out / "config.json").read_text())
+    original = json.loads((sharded / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k != "relufy"} == original
+    assert not (out / MODELING_FILE).exists()
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dtype_reencodes_tensor_by_tensor(tmp_path, sharded, dtype, torch_dtype):
+    out = relufy.convert(sharded, tmp_path / "out", dtype=dtype)
+    before, after = tensors(sharded), tensors(out)
+    assert before.keys() == after.keys()
+    for k, v in before.items():
+        assert after[k].dtype == torch_dtype
+        assert torch.equal(after[k], v.to(torch_dtype))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert json.loads((out / "config.json").read_text())["dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[dtype]
+    model = relufy.load(out)
+    assert next(model.parameters()).dtype == torch_dtype
+
+
+def test_link_hardlinks_shards(tmp_path, sharded):
+    out = relufy.convert(sharded, tmp_path / "out", link=True)
+    for f in sharded.glob("*.safetensors"):
+        assert os.stat(out / f.name).st_ino == os.stat(f).st_ino
+
+
+def test_force_replaces_whole(tmp_path, sharded):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    relufy.convert(sharded, out, force=True)
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if "relufy-" in p.name] == []
+
+
+def test_reconvert_relufy_checkpoint(tmp_path, sharded):
+    """A relufy checkpoint converts again (e.g. to another activation or dtype) from its base."""
+    first = relufy.convert(sharded, tmp_path / "a", activation="drelu")
+    second = relufy.convert(first, tmp_path / "b", activation="reglu", dtype="bf16")
+    block = json.loads((second / "config.json").read_text())["relufy"]
+    assert block["activation"] == "reglu" and block["base_model_type"] == "mixtral"
+    assert block["base_activation"] == "silu"
+
+
+def test_failure_leaves_nothing(tmp_path, sharded, monkeypatch):
+    conv = sys.modules["relufy.convert"]  # the module, shadowed by relufy.convert()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(conv, "render_modeling", boom)
+    with pytest.raises(RuntimeError):
+        relufy.convert(sharded, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_atomic_dir_keeps_old_until_done(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("x")
+    with pytest.raises(ValueError):
+        with atomic_dir(out, force=True) as tmp:
+            (tmp / "new").write_text("y")
+            raise ValueError
+    assert (out / "old").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_sigkill_never_leaves_complete_looking_out(tmp_path):
+    """Kill a real conversion while it writes: OUT must not exist afterwards."""
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    big = {f"model.layers.{i}.mlp.{p}.weight": torch.randn(2048, 2048) for i in range(6) for p in ("gate_proj", "up_proj")}
+    big.update({f"model.layers.{i}.mlp.down_proj.weight": torch.randn(2048, 2048) for i in range(6)})
+    big["model.embed_tokens.weight"] = torch.randn(96, 2048)
+    from safetensors.torch import save_file
+    from tiny import tiny_config
+
+    tiny_config("llama", hidden_size=2048, intermediate_size=2048, num_hidden_layers=6, head_dim=512).save_pretrained(src)
+    save_file(big, src / "model.safetensors", metadata={"format": "pt"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relufy", "convert", str(src), str(tmp_path / "out"), "--dtype", "bf16"],
+        stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline and not any((tmp_path).glob(".out.relufy-tmp-*/model.safetensors")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_fused_experts_kernels_refused(tmp_path, family):
+    model = relufy.load(save_tiny(family, tmp_path / "m") and tmp_path / "m", activation="drelu")
+    model.config._experts_implementation = "sonicmoe"
+    with pytest.raises(NotImplementedError, match="sonicmoe"):
+        model(torch.tensor([[3, 4, 5]]))
