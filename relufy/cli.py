@@ -111,6 +111,54 @@ def generate(
     typer.echo(f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s]", err=True)
 
 
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="Model folders, .gguf files or hub ids (originals too).")],
+    data: Annotated[str, typer.Option(help="Text file, .jsonl, .parquet, or hub NAME:CONFIG:SPLIT.")],
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+    stride: Annotated[int | None, typer.Option(help="New tokens scored per window (default seq-len - 1).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Use only the first N tokens of the data.")] = None,
+    bos: Annotated[bool, typer.Option("--bos", help="Start each window with BOS.")] = False,
+    topk: Annotated[str, typer.Option(help="Comma-separated top-k sparsity levels, e.g. 0,0.5,0.8,0.85,0.9.")] = "",
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16.")] = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write PNG plots into this folder.")] = None,
+    stats_out: Annotated[Path | None, typer.Option(help="Write activation counts (.safetensors).")] = None,
+):
+    """Perplexity, activation sparsity and the top-k curve of one or more models."""
+    from pydantic import ValidationError
+
+    from .measure.evaluate import EvalOptions, evaluate
+    from .measure.report import print_table, write_json, write_plots
+
+    try:
+        levels = tuple(float(x) for x in topk.split(",") if x.strip())
+    except ValueError:
+        raise RelufyError(f"--topk must be comma-separated numbers, got {topk!r}") from None
+    try:
+        options = EvalOptions(
+            data=data, seq_len=seq_len, stride=stride, max_tokens=max_tokens, bos=bos, topk=levels,
+            batch_size=batch_size, device=device, dtype=dtype,
+        )  # fmt: skip
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RelufyError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
+    results = evaluate(models, options)
+    print_table([r for r, _ in results])
+    if json_out:
+        write_json([r for r, _ in results], options, json_out)
+    if plot:
+        for path in write_plots([r for r, _ in results], plot):
+            typer.echo(f"wrote {path}", err=True)
+    if stats_out:
+        for i, (_, stats) in enumerate(results):
+            target = stats_out if len(results) == 1 else stats_out.with_name(f"{stats_out.stem}.{i}{stats_out.suffix}")
+            stats.save(target)
+            typer.echo(f"wrote {target}", err=True)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:

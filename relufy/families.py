@@ -39,6 +39,7 @@ class Family:
     shared_experts: Callable = field(default=lambda cfg: 0)
     top_k: Callable | None = None
     moe_ffn_size: Callable | None = None
+    shared_attr: str | None = None  # in memory: the MoE block's attribute holding the shared expert(s)
 
     @property
     def is_moe(self) -> bool:
@@ -101,6 +102,7 @@ FAMILIES: dict[str, Family] = {
             shared_experts=lambda cfg: int(cfg.shared_expert_intermediate_size > 0),
             top_k=_key("num_experts_per_tok"),
             moe_ffn_size=_MOE_I,
+            shared_attr="shared_expert",
         ),
         Family(
             "qwen3_moe",
@@ -126,6 +128,7 @@ FAMILIES: dict[str, Family] = {
             shared_experts=_key("n_shared_experts"),
             top_k=_key("num_experts_per_tok"),
             moe_ffn_size=_MOE_I,
+            shared_attr="shared_experts",
         ),
         Family(
             "olmoe",

@@ -16,3 +16,22 @@ def _hermetic_hf(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run the relufy CLI in-process: ``cli(*args) -> (exit code, stderr, stdout)``."""
+    from relufy.cli import main
+
+    def run(*args):
+        capsys.readouterr()  # drop what setting up printed
+        monkeypatch.setattr(sys, "argv", ["relufy", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        captured = capsys.readouterr()
+        return code, captured.err.strip(), captured.out
+
+    return run

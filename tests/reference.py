@@ -21,12 +21,12 @@ FORMULAS = {
 
 
 def _gated_forward(self, x):
-    return self.down_proj(self._ref(self, self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(self._post(self, self._ref(self, self.gate_proj(x), self.up_proj(x)), None))
 
 
 def _fused_forward(self, x):
     g, u = self.gate_up_proj(x).chunk(2, dim=-1)
-    return self.down_proj(self._ref(self, g, u))
+    return self.down_proj(self._post(self, self._ref(self, g, u), None))
 
 
 def _experts_forward(self, hidden, top_k_index, top_k_weights):
@@ -37,13 +37,16 @@ def _experts_forward(self, hidden, top_k_index, top_k_weights):
         for k in range(top_k_index.shape[1]):
             e = int(top_k_index[t, k])
             gu = self.gate_up_proj[e] @ hidden[t]
-            h = self._ref(self, gu[:inter], gu[inter:])
+            h = self._post(self, self._ref(self, gu[:inter], gu[inter:]), e)
             out[t] += top_k_weights[t, k] * (self.down_proj[e] @ h)
     return out
 
 
-def apply_reference(model, activation: str, threshold: float | None = None) -> int:
-    """Patch every gated FFN of ``model`` (in place) to compute ``activation``; returns the count."""
+def apply_reference(model, activation: str, threshold: float | None = None, post=None) -> int:
+    """Patch every gated FFN of ``model`` (in place) to compute ``activation``; returns the count.
+
+    ``post(module, combined, expert)``, if given, sees (and may replace) each combined activation;
+    ``expert`` is the expert index for experts modules, else None."""
     formula = FORMULAS[activation]
     count = 0
     for m in model.modules():
@@ -58,6 +61,7 @@ def apply_reference(model, activation: str, threshold: float | None = None) -> i
             continue
         m._ref = lambda mod, g, u, f=formula: f(mod, g, u, threshold)
         m.forward = types.MethodType(fwd, m)
+        m._post = post or (lambda mod, h, e: h)
         count += 1
     assert count > 0
     return count

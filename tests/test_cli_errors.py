@@ -9,16 +9,6 @@ import sys
 import pytest
 from tiny import save_tiny, tiny_config, tiny_model
 
-from relufy.cli import main
-
-
-def run_cli(monkeypatch, capsys, *args):
-    capsys.readouterr()  # drop what setting up printed
-    monkeypatch.setattr(sys, "argv", ["relufy", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    err = capsys.readouterr().err.strip()
-    return exc.value.code, err
 
 
 @pytest.fixture
@@ -39,101 +29,101 @@ def assert_refused(tmp_path, code, err, *needles):
     assert not [p for p in tmp_path.iterdir() if "relufy-" in p.name], list(tmp_path.iterdir())
 
 
-def test_missing_config(tmp_path, src, monkeypatch, capsys):
+def test_missing_config(tmp_path, src, cli):
     (src / "config.json").unlink()
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out")
+    code, err, _ = cli("convert", src, tmp_path / "out")
     assert_refused(tmp_path, code, err, "no config.json")
 
 
-def test_truncated_safetensors(tmp_path, src, monkeypatch, capsys):
+def test_truncated_safetensors(tmp_path, src, cli):
     shard = src / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out")
+    code, err, _ = cli("convert", src, tmp_path / "out")
     assert_refused(tmp_path, code, err, "truncated", "model.safetensors")
 
 
-def test_corrupt_safetensors_header(tmp_path, src, monkeypatch, capsys):
+def test_corrupt_safetensors_header(tmp_path, src, cli):
     shard = src / "model.safetensors"
     data = bytearray(shard.read_bytes())
     data[8:16] = b"\xff\xfe garb"
     shard.write_bytes(bytes(data))
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out")
+    code, err, _ = cli("convert", src, tmp_path / "out")
     assert_refused(tmp_path, code, err, "corrupt")
 
 
-def test_index_names_missing_tensor(tmp_path, monkeypatch, capsys):
+def test_index_names_missing_tensor(tmp_path, cli):
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src, max_shard_size="20KB")
     index_path = src / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     index["weight_map"]["model.layers.9.mlp.gate_proj.weight"] = next(iter(index["weight_map"].values()))
     index_path.write_text(json.dumps(index))
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out")
+    code, err, _ = cli("convert", src, tmp_path / "out")
     assert_refused(tmp_path, code, err, "model.layers.9.mlp.gate_proj.weight")
 
 
-def test_shape_contradicts_config(tmp_path, src, monkeypatch, capsys):
+def test_shape_contradicts_config(tmp_path, src, cli):
     config = json.loads((src / "config.json").read_text())
     config["intermediate_size"] = 64
     (src / "config.json").write_text(json.dumps(config))
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out")
+    code, err, _ = cli("convert", src, tmp_path / "out")
     assert_refused(tmp_path, code, err, "model.layers.0.mlp.", "48", "64", "config.json")
 
 
-def test_unknown_activation(tmp_path, src, monkeypatch, capsys):
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out", "--activation", "gelu")
+def test_unknown_activation(tmp_path, src, cli):
+    code, err, _ = cli("convert", src, tmp_path / "out", "--activation", "gelu")
     assert_refused(tmp_path, code, err, "gelu")
 
 
 @pytest.mark.parametrize("extra,needle", [((), "threshold"), (("--threshold", "-1"), ">= 0")])
-def test_fatrelu_threshold(tmp_path, src, monkeypatch, capsys, extra, needle):
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out", "--activation", "fatrelu", *extra)
+def test_fatrelu_threshold(tmp_path, src, cli, extra, needle):
+    code, err, _ = cli("convert", src, tmp_path / "out", "--activation", "fatrelu", *extra)
     assert_refused(tmp_path, code, err, needle)
 
 
-def test_threshold_without_fatrelu(tmp_path, src, monkeypatch, capsys):
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out", "--threshold", "0.1")
+def test_threshold_without_fatrelu(tmp_path, src, cli):
+    code, err, _ = cli("convert", src, tmp_path / "out", "--threshold", "0.1")
     assert_refused(tmp_path, code, err, "fatrelu only")
 
 
-def test_out_exists(tmp_path, src, monkeypatch, capsys):
+def test_out_exists(tmp_path, src, cli):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out")
+    code, err, _ = cli("convert", src, tmp_path / "out")
     assert code == 2 and "--force" in err and len(err.splitlines()) == 1
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_src_is_out(tmp_path, src, monkeypatch, capsys):
+def test_src_is_out(tmp_path, src, cli):
     before = sorted(p.name for p in src.iterdir())
-    code, err = run_cli(monkeypatch, capsys, "convert", src, src, "--force")
+    code, err, _ = cli("convert", src, src, "--force")
     assert code == 2 and "same path" in err
     assert sorted(p.name for p in src.iterdir()) == before
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "gpt_oss", "bert"])
-def test_unsupported_family(tmp_path, monkeypatch, capsys, model_type):
+def test_unsupported_family(tmp_path, cli, model_type):
     from transformers import AutoConfig
 
     src = tmp_path / "src"
     src.mkdir()
     AutoConfig.for_model(model_type).save_pretrained(src)
-    code, err = run_cli(monkeypatch, capsys, "convert", src, tmp_path / "out")
+    code, err, _ = cli("convert", src, tmp_path / "out")
     assert_refused(tmp_path, code, err, "unsupported model family", model_type, "llama", "mixtral")
 
 
-def test_missing_source(tmp_path, monkeypatch, capsys):
-    code, err = run_cli(monkeypatch, capsys, "convert", tmp_path / "nope", tmp_path / "out")
+def test_missing_source(tmp_path, cli):
+    code, err, _ = cli("convert", tmp_path / "nope", tmp_path / "out")
     assert_refused(tmp_path, code, err, "no such model")
 
 
-def test_hub_id_offline(tmp_path, monkeypatch, capsys):
-    code, err = run_cli(monkeypatch, capsys, "convert", "relufy-test/not-a-model", tmp_path / "out")
+def test_hub_id_offline(tmp_path, cli):
+    code, err, _ = cli("convert", "relufy-test/not-a-model", tmp_path / "out")
     assert_refused(tmp_path, code, err, "relufy-test/not-a-model", "Hub")
 
 
-def test_info_error(tmp_path, monkeypatch, capsys):
-    code, err = run_cli(monkeypatch, capsys, "info", tmp_path)
+def test_info_error(tmp_path, cli):
+    code, err, _ = cli("info", tmp_path)
     assert code == 2 and "no config.json" in err and len(err.splitlines()) == 1
 
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-
 import pytest
 import torch
 from tiny import FAMILIES, FAMILY_CONFIGS, save_tiny
 
 import relufy
-from relufy.cli import main
 
 
 def structural_ffn_params(model) -> int:
@@ -40,13 +37,12 @@ def test_counts_match_model(tmp_path, family):
     assert result.shared_experts == shared
 
 
-def test_info_json_cli(tmp_path, monkeypatch, capsys):
+def test_info_json_cli(tmp_path, cli):
     save_tiny("qwen2_moe", tmp_path / "m")
     relufy.convert(tmp_path / "m", tmp_path / "out", activation="reglu")
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["relufy", "info", str(tmp_path / "out"), "--json"])
-    main()
-    data = json.loads(capsys.readouterr().out)
+    code, _, out = cli("info", tmp_path / "out", "--json")
+    assert code == 0
+    data = json.loads(out)
     assert data["activation"] == "reglu" and data["routed_experts"] == 4 and data["shared_experts"] == 1
     assert data["expert_ffn_size"] == 24 and data["relufy"]["base_model_type"] == "qwen2_moe"
     assert 0 < data["params_ffn"] < data["params_total"]

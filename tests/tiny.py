@@ -61,3 +61,32 @@ def save_tiny(family: str, path, seed: int = 0, **overrides):
     model = tiny_model(family, seed, **overrides)
     model.save_pretrained(path)
     return model
+
+
+def corpus() -> str:
+    """Real English text present on every machine: Python's own pydoc topics."""
+    import pydoc_data.topics
+
+    return "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+
+
+def tiny_tokenizer(vocab_size: int = COMMON["vocab_size"]):
+    """A BPE tokenizer trained in code on ``corpus()`` with the tiny models' vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, limit_alphabet=vocab_size - 20, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]
+    )
+    tok.train_from_iterator([corpus()[:200_000]], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny_with_tokenizer(family: str, path, seed: int = 0, **overrides):
+    model = save_tiny(family, path, seed, **overrides)
+    tiny_tokenizer().save_pretrained(path)
+    return model

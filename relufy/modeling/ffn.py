@@ -29,16 +29,26 @@ GATE_AWARE_EXPERTS_IMPLEMENTATIONS = ("batched_mm", "grouped_mm", "deepgemm")
 
 class RelufyFFN:
     """Mixin for swapped FFN modules; ``relufy_combine`` is the single place where the
-    combined activation ``act(gate) * up`` (or its replacement) is computed."""
+    combined activation ``act(gate) * up`` (or its replacement) is computed.
+
+    ``relufy_observer``, when set, is called as ``observer(module, combined, expert)`` and returns
+    the combined activation to use (measurement reads it, top-k masking replaces it); ``expert``
+    is the expert index inside an experts module on the eager path, else None.
+    """
 
     relufy_activation = "swiglu"
     relufy_threshold = None
+    relufy_observer = None
 
-    def relufy_combine(self, gate, up):
+    def relufy_combine(self, gate, up, expert=None):
         if self.relufy_activation == "swiglu":  # the module's own gated activation
             act = getattr(self, "act_fn", None) or getattr(self, "activation_fn")
-            return act(gate) * up
-        return GATED_ACTIVATIONS[self.relufy_activation](gate, up, self.relufy_threshold)
+            out = act(gate) * up
+        else:
+            out = GATED_ACTIVATIONS[self.relufy_activation](gate, up, self.relufy_threshold)
+        if self.relufy_observer is not None:
+            out = self.relufy_observer(self, out, expert)
+        return out
 
 
 class RelufyGatedMLP(RelufyFFN):
@@ -53,9 +63,9 @@ class RelufyFusedMLP(RelufyFFN):
 
 
 class RelufyExperts(RelufyFFN):
-    def _apply_gate(self, gate_up_out):
+    def _apply_gate(self, gate_up_out, expert=None):
         gate, up = gate_up_out.chunk(2, dim=-1)
-        return self.relufy_combine(gate, up)
+        return self.relufy_combine(gate, up, expert)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         impl = getattr(getattr(self, "config", None), "_experts_implementation", None) or "eager"
@@ -81,7 +91,7 @@ class RelufyExperts(RelufyFFN):
             if expert == num_experts:
                 continue
             pos, tok = torch.where(mask[expert])
-            h = self._apply_gate(F.linear(hidden_states[tok], self.gate_up_proj[expert]))
+            h = self._apply_gate(F.linear(hidden_states[tok], self.gate_up_proj[expert]), int(expert))
             h = F.linear(h, self.down_proj[expert]) * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, h.to(out.dtype))
         return out

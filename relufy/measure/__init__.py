@@ -1,0 +1,1 @@
+"""Measurement: perplexity, activation sparsity, the top-k curve, statistics files, plots."""

@@ -1,0 +1,181 @@
+"""``relufy eval``: perplexity, activation sparsity and the paper's top-k curve for one or more models.
+
+Perplexity is ``exp(mean NLL)`` over the predicted tokens (``relufy.data`` says which). Sparsity
+is the fraction of exact zeros in each FFN's combined activation (after the activation, before
+the down projection), counted on the unmasked pass. For each top-k level ``s`` the data is scored
+again with, per token and per FFN (per expert for MoE), only the largest ``1 - s`` fraction of
+``|combined activation|`` kept (paper Eq. 3/4); this works for SwiGLU originals and converted
+models alike.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..data import Window, load_texts, tokenize, windows
+from ..errors import RelufyError
+from .sites import ActivationCounter, TopKMask, observing
+from .stats import Stats
+
+
+class EvalOptions(BaseModel):
+    """How ``relufy eval`` reads data and scores models."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: str = Field(description="Text file, .jsonl (text field), .parquet (text column) or hub NAME:CONFIG:SPLIT.")
+    seq_len: int = Field(512, ge=2, description="Tokens per window (BOS included).")
+    stride: int | None = Field(None, ge=1, description="New tokens scored per window; default seq_len - 1.")
+    max_tokens: int | None = Field(None, ge=2, description="Use only the first N tokens of the data.")
+    bos: bool = Field(False, description="Start every window with the tokenizer's BOS token.")
+    topk: tuple[float, ...] = Field((), description="Top-k sparsity levels s in [0, 1) to score.")
+    batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
+    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
+
+    @field_validator("topk")
+    @classmethod
+    def _levels(cls, v):
+        for s in v:
+            if not 0 <= s < 1:
+                raise ValueError(f"--topk values must be in [0, 1), got {s}")
+        return tuple(sorted(set(v)))
+
+
+class ModelEval(BaseModel):
+    model: str
+    family: str
+    activation: str
+    ppl: float
+    nll: float
+    tokens: int
+    positions: int
+    sparsity: dict
+    topk: list[dict]
+    active_ffn_param_fraction: float
+    moe: dict | None = None
+    seconds: float
+    tokens_per_second: float
+
+
+def _device_dtype(options: EvalOptions) -> tuple[torch.device, torch.dtype]:
+    device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else options.device if options.device != "auto" else "cpu")
+    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if options.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    if options.dtype not in names:
+        raise RelufyError(f"unknown dtype {options.dtype!r}; choose from auto, fp32, bf16, fp16")
+    return device, names[options.dtype]
+
+
+def check_model(path: str, options: EvalOptions) -> None:
+    """Config-only checks, so that a bad model or option fails before any weights load."""
+    from ..convert import base_config
+    from ..io.source import resolve
+
+    _, config = base_config(resolve(path).config_dict())
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and options.seq_len > limit:
+        raise RelufyError(f"--seq-len {options.seq_len} exceeds the model's context of {limit} tokens ({path})")
+
+
+def score(model, wins: list[Window], batch_size: int, device, advance=None) -> tuple[float, int]:
+    """Sum of token NLL and number of scored tokens; ``advance(positions)`` reports progress."""
+    nll, count = 0.0, 0
+    groups: dict[int, list[Window]] = {}
+    for w in wins:
+        groups.setdefault(len(w.input_ids), []).append(w)
+    with torch.inference_mode():
+        for group in groups.values():
+            for i in range(0, len(group), batch_size):
+                batch = group[i : i + batch_size]
+                ids = torch.stack([w.input_ids for w in batch]).to(device)
+                labels = torch.stack([w.labels for w in batch]).to(device)
+                logits = model(input_ids=ids).logits[:, :-1].float()
+                target = labels[:, 1:]
+                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
+                count += int((target != -100).sum())
+                if advance:
+                    advance(ids.numel())
+    return nll, count
+
+
+def evaluate_model(path: str, options: EvalOptions, texts: list[str], progress=None) -> tuple[ModelEval, Stats]:
+    from ..generate import load_tokenizer
+    from ..modeling.load import load
+
+    device, dtype = _device_dtype(options)
+    tokenizer = load_tokenizer(path)
+    model = load(path, dtype=dtype).to(device).eval()
+    bos = tokenizer.bos_token_id if options.bos else None
+    if options.bos and bos is None:
+        raise RelufyError(f"{path}: the tokenizer has no BOS token (drop --bos)")
+    ids = tokenize(texts, tokenizer, options.max_tokens)
+    wins = windows(ids, options.seq_len, options.stride, bos)
+    positions = sum(len(w.input_ids) for w in wins)
+    levels = [s for s in options.topk if s > 0]
+    task = progress.add_task(Path(path).name, total=positions * (1 + len(levels))) if progress else None
+    advance = (lambda n: progress.advance(task, n)) if progress else None
+
+    start = time.perf_counter()
+    with observing(model, ActivationCounter) as counter:
+        nll, count = score(model, wins, options.batch_size, device, advance)
+    base_seconds = time.perf_counter() - start
+    curve = []
+    for s in levels:
+        with observing(model, lambda sites, s=s: TopKMask(s)):
+            n, c = score(model, wins, options.batch_size, device, advance)
+        curve.append({"sparsity": s, "ppl": math.exp(n / c)})
+    if 0 in options.topk:
+        curve.insert(0, {"sparsity": 0.0, "ppl": math.exp(nll / count)})
+
+    block = model.config.relufy
+    stats = Stats(
+        counter.result(),
+        positions,
+        {"model": path, "data": options.data, "seq_len": options.seq_len, "family": block["base_model_type"], "activation": block["activation"]},
+    )
+    per_layer = stats.layer_sparsity()
+    fraction, fraction_per_layer = stats.active_param_fraction()
+    moe = stats.experts()
+    if moe is not None:
+        moe["active_ffn_param_fraction_per_layer"] = fraction_per_layer
+    result = ModelEval(
+        model=str(path),
+        family=block["base_model_type"],
+        activation=block["activation"],
+        ppl=math.exp(nll / count),
+        nll=nll / count,
+        tokens=count,
+        positions=positions,
+        sparsity={"mean": sum(per_layer) / len(per_layer), "overall": stats.overall_sparsity(), "per_layer": per_layer},
+        topk=curve,
+        active_ffn_param_fraction=fraction,
+        moe=moe,
+        seconds=base_seconds,
+        tokens_per_second=positions / base_seconds if base_seconds else float("inf"),
+    )
+    return result, stats
+
+
+def evaluate(paths: list[str], options: EvalOptions, show_progress: bool = True) -> list[tuple[ModelEval, Stats]]:
+    if not paths:
+        raise RelufyError("no model given")
+    texts = load_texts(options.data)  # bad data or options fail before any model loads
+    if not "".join(texts).strip():
+        raise RelufyError(f"{options.data}: holds no text")
+    _device_dtype(options)
+    for path in paths:
+        check_model(str(path), options)
+    if show_progress:
+        from ..progress import token_progress
+
+        with token_progress() as progress:
+            return [evaluate_model(str(p), options, texts, progress) for p in paths]
+    return [evaluate_model(str(p), options, texts) for p in paths]

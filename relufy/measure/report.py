@@ -1,0 +1,102 @@
+"""Showing eval results: a rich table, a JSON file, PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .evaluate import EvalOptions, ModelEval
+
+SCHEMA_VERSION = 1
+
+
+def to_json(results: list[ModelEval], options: EvalOptions) -> dict:
+    return {
+        "relufy_eval": SCHEMA_VERSION,
+        "options": options.model_dump(),
+        "models": [r.model_dump() for r in results],
+    }
+
+
+def write_json(results: list[ModelEval], options: EvalOptions, path: Path) -> None:
+    from ..io.atomic import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
+        tmp.write_text(json.dumps(to_json(results, options), indent=2) + "\n")
+
+
+def print_table(results: list[ModelEval], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    levels = sorted({p["sparsity"] for r in results for p in r.topk})
+    table = Table(title="relufy eval")
+    for col in ("model", "activation", "tokens", "ppl", "FFN zeros", "min / max layer", "active FFN params"):
+        table.add_column(col, justify="left" if col in ("model", "activation") else "right")
+    for s in levels:
+        table.add_column(f"ppl @ top-k {s:.0%}", justify="right")
+    for r in results:
+        per_layer = r.sparsity["per_layer"]
+        curve = {p["sparsity"]: p["ppl"] for p in r.topk}
+        table.add_row(
+            Path(r.model).name or r.model,
+            r.activation,
+            f"{r.tokens:,}",
+            f"{r.ppl:,.2f}",
+            f"{r.sparsity['mean']:.1%}",
+            f"{min(per_layer):.1%} / {max(per_layer):.1%}",
+            f"{r.active_ffn_param_fraction:.1%}",
+            *(f"{curve[s]:,.2f}" if s in curve else "" for s in levels),
+        )
+    (console or Console()).print(table)
+
+
+def _label(r: ModelEval) -> str:
+    return f"{Path(r.model).name or r.model} ({r.activation})"
+
+
+def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
+    """Per-layer sparsity bars (per model), per-expert heat maps (MoE), ppl vs top-k sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, r in enumerate(results):
+        fig, ax = plt.subplots(figsize=(max(6, len(r.sparsity["per_layer"]) * 0.25), 3.5))
+        ax.bar(range(len(r.sparsity["per_layer"])), [100 * s for s in r.sparsity["per_layer"]], color="tab:blue")
+        ax.axhline(100 * r.sparsity["mean"], color="tab:red", ls="--", label=f"mean {r.sparsity['mean']:.1%}")
+        ax.set(xlabel="layer", ylabel="zeros in FFN activation (%)", ylim=(0, 100), title=f"Activation sparsity: {_label(r)}")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        written.append(folder / f"sparsity_{i}.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+        if r.moe:
+            grid = [[float("nan") if v is None else 100 * v for v in row] for row in r.moe["per_expert"]]
+            fig, ax = plt.subplots(figsize=(max(5, len(grid[0]) * 0.35), max(3, len(grid) * 0.3)))
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=100)
+            ax.set(xlabel="expert", ylabel="MoE layer", title=f"Zeros per expert (%): {_label(r)}")
+            ax.set_yticks(range(len(r.moe["layers"])), r.moe["layers"])
+            fig.colorbar(im, ax=ax)
+            fig.tight_layout()
+            written.append(folder / f"experts_{i}.png")
+            fig.savefig(written[-1], dpi=120)
+            plt.close(fig)
+    if any(r.topk for r in results):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in results:
+            xs = [100 * p["sparsity"] for p in r.topk]
+            ax.plot(xs, [p["ppl"] for p in r.topk], marker="o", label=_label(r))
+        ax.set(xlabel="top-k sparsity (% of FFN neurons dropped per token)", ylabel="perplexity", yscale="log",
+               title="Perplexity vs activation sparsity (paper Eq. 3/4)")  # fmt: skip
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        written.append(folder / "ppl_vs_sparsity.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written

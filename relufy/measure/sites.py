@@ -1,0 +1,121 @@
+"""FFN sites of a loaded model and the observers that read or mask their combined activation.
+
+A site is one swapped FFN module (``relufy.modeling.ffn.RelufyFFN``): a dense FFN, a shared
+expert, or an experts module whose experts are told apart by the ``expert`` argument the eager
+experts path passes to the observer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..families import family_for
+from ..modeling.ffn import RelufyFFN
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str  # module path, e.g. model.layers.3.mlp.experts
+    layer: int
+    kind: str  # dense | shared | experts
+    width: int  # FFN neurons (per expert)
+    experts: int  # 1 unless kind == experts
+    params_per_neuron: int  # gate row + up row + down column = 3 * hidden
+
+
+def ffn_sites(model) -> list[tuple[Site, torch.nn.Module]]:
+    config = model.config
+    block = getattr(config, "relufy", None) or {}
+    family = family_for(block.get("base_model_type", config.model_type))
+    sites = []
+    for name, module in model.named_modules():
+        if not isinstance(module, RelufyFFN):
+            continue
+        m = _LAYER.search(name + ".")
+        layer = int(m.group(1)) if m else -1
+        if module.relufy_layout == "experts":
+            experts, hidden, width = module.down_proj.shape  # [E, H, I]
+            kind = "experts"
+        else:
+            hidden, width = module.down_proj.weight.shape
+            experts = 1
+            kind = "shared" if family.shared_attr and name.endswith("." + family.shared_attr) else "dense"
+        sites.append((Site(name, layer, kind, width, experts, 3 * hidden), module))
+    if not sites:
+        raise ValueError("no swapped FFN modules: load the model with relufy.load")
+    return sites
+
+
+@contextlib.contextmanager
+def observing(model, make_observer):
+    """Install ``make_observer(sites)`` on every FFN site and yield it; experts run on the eager
+    path, which tells the observer which expert it sees."""
+    sites = ffn_sites(model)
+    observer = make_observer(sites)
+    previous_impl = getattr(model.config, "_experts_implementation", None)
+    if any(s.kind == "experts" for s, _ in sites):
+        model.config._experts_implementation = "eager"
+    for _, module in sites:
+        module.relufy_observer = observer
+    try:
+        yield observer
+    finally:
+        for _, module in sites:
+            module.relufy_observer = None
+        if previous_impl is not None:
+            model.config._experts_implementation = previous_impl
+
+
+class ActivationCounter:
+    """Per site and expert: how many tokens it saw and how often each neuron was non-zero."""
+
+    def __init__(self, sites):
+        self.sites = [site for site, _ in sites]
+        self.index = {id(module): site for site, module in sites}
+        self.counts: dict[str, torch.Tensor] = {}  # site name -> [experts, width], on the model's device
+        self.tokens: dict[str, torch.Tensor] = {}  # site name -> [experts]
+
+    def __call__(self, module, combined, expert):
+        site = self.index[id(module)]
+        if site.name not in self.counts:
+            self.counts[site.name] = torch.zeros(site.experts, site.width, dtype=torch.long, device=combined.device)
+            self.tokens[site.name] = torch.zeros(site.experts, dtype=torch.long, device=combined.device)
+        flat = combined.detach().reshape(-1, combined.shape[-1])
+        e = expert or 0
+        self.counts[site.name][e] += (flat != 0).sum(0)
+        self.tokens[site.name][e] += flat.shape[0]
+        return combined
+
+    def result(self) -> dict[Site, tuple[torch.Tensor, torch.Tensor]]:
+        """``site -> (counts [experts, width], tokens [experts])`` on the CPU; unseen sites are zeros."""
+        out = {}
+        for site in self.sites:
+            counts = self.counts.get(site.name)
+            if counts is None:
+                out[site] = (torch.zeros(site.experts, site.width, dtype=torch.long), torch.zeros(site.experts, dtype=torch.long))
+            else:
+                out[site] = (counts.cpu(), self.tokens[site.name].cpu())
+        return out
+
+
+class TopKMask:
+    """Paper Eq. 3/4: per token, keep the ``ceil((1 - sparsity) * width)`` largest ``|combined|``."""
+
+    def __init__(self, sparsity: float):
+        self.sparsity = sparsity
+
+    def __call__(self, module, combined, expert):
+        width = combined.shape[-1]
+        keep = max(1, math.ceil(round((1 - self.sparsity) * width, 6)))
+        if keep >= width:
+            return combined
+        idx = combined.abs().topk(keep, dim=-1).indices
+        mask = torch.zeros_like(combined, dtype=torch.bool).scatter_(-1, idx, True)
+        return combined * mask

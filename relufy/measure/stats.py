@@ -1,0 +1,147 @@
+"""Activation statistics: per FFN site and expert, how often each neuron fired, and the summaries
+(sparsity per layer / expert, router shares, active FFN parameters) derived from those counts.
+
+File format (``relufy eval --stats-out FILE.safetensors``), one pair of tensors per FFN site:
+
+- ``layers.{L}.{kind}.counts``: int64 ``[experts, width]``, tokens on which each neuron's
+  combined activation was non-zero (``kind`` = dense | shared | experts; ``experts`` = 1
+  unless ``kind`` is ``experts``; for experts only tokens routed to that expert count);
+- ``layers.{L}.{kind}.tokens``: int64 ``[experts]``, tokens seen.
+
+Metadata: ``format = relufy-stats``, ``version = 1``, ``positions`` (token positions the model
+processed), ``params_per_neuron`` (JSON, per site), plus the model and data it came from. Files
+of the same model merge by adding tensors (``merge``); frequencies are ``counts / tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import RelufyError
+from .sites import Site
+
+FORMAT = "relufy-stats"
+
+
+@dataclass
+class Stats:
+    sites: dict[Site, tuple[torch.Tensor, torch.Tensor]]  # site -> (counts [E, I], tokens [E])
+    positions: int  # token positions processed (every layer sees each once)
+    meta: dict
+
+    # ---- derived figures -------------------------------------------------------------------
+    def layers(self) -> list[int]:
+        return sorted({s.layer for s in self.sites})
+
+    def layer_sparsity(self) -> list[float]:
+        out = []
+        for layer in self.layers():
+            active = total = 0
+            for site, (counts, tokens) in self.sites.items():
+                if site.layer == layer:
+                    active += int(counts.sum())
+                    total += int(tokens.sum()) * site.width
+            out.append(1 - active / total if total else float("nan"))
+        return out
+
+    def overall_sparsity(self) -> float:
+        active = sum(int(c.sum()) for c, _ in self.sites.values())
+        total = sum(int(t.sum()) * s.width for s, (_, t) in self.sites.items())
+        return 1 - active / total if total else float("nan")
+
+    def active_param_fraction(self) -> tuple[float, list[float]]:
+        """Fraction of FFN parameters one token uses: routed top-k experts times their neuron
+        density, plus shared experts and dense FFNs; overall and per layer."""
+        per_layer, used_all, total_all = [], 0.0, 0
+        for layer in self.layers():
+            used = total = 0
+            for site, (counts, _) in self.sites.items():
+                if site.layer == layer:
+                    used += site.params_per_neuron * int(counts.sum())
+                    total += site.params_per_neuron * site.width * site.experts
+            used /= max(self.positions, 1)
+            per_layer.append(used / total if total else float("nan"))
+            used_all += used
+            total_all += total
+        return (used_all / total_all if total_all else float("nan")), per_layer
+
+    def experts(self) -> dict | None:
+        """Per MoE layer: sparsity of each expert over its routed tokens, router share, shared sparsity."""
+        routed = {s.layer: (s, c, t) for s, (c, t) in self.sites.items() if s.kind == "experts"}
+        if not routed:
+            return None
+        shared = {s.layer: (s, c, t) for s, (c, t) in self.sites.items() if s.kind == "shared"}
+        layers = sorted(routed)
+        per_expert, share, shared_sparsity = [], [], []
+        for layer in layers:
+            site, counts, tokens = routed[layer]
+            per_expert.append(
+                [1 - int(counts[e].sum()) / (int(tokens[e]) * site.width) if tokens[e] else None for e in range(site.experts)]
+            )
+            share.append((tokens.double() / max(int(tokens.sum()), 1)).tolist())
+            if layer in shared:
+                s, c, t = shared[layer]
+                shared_sparsity.append(1 - int(c.sum()) / (int(t.sum()) * s.width) if t.sum() else None)
+            else:
+                shared_sparsity.append(None)
+        return {"layers": layers, "per_expert": per_expert, "router_share": share, "shared": shared_sparsity}
+
+    # ---- file ------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        from ..io.atomic import atomic_file
+
+        tensors, ppn = {}, {}
+        for site, (counts, tokens) in self.sites.items():
+            key = f"layers.{site.layer}.{site.kind}"
+            tensors[f"{key}.counts"] = counts.contiguous()
+            tensors[f"{key}.tokens"] = tokens.contiguous()
+            ppn[key] = site.params_per_neuron
+        meta = {k: str(v) for k, v in self.meta.items()}
+        meta.update(format=FORMAT, version="1", positions=str(self.positions), params_per_neuron=json.dumps(ppn))
+        with atomic_file(Path(path)) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+
+    @classmethod
+    def load(cls, path: Path) -> Stats:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise RelufyError(f"{path}: not a readable stats file ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise RelufyError(f"{path}: not a relufy stats file")
+        ppn = json.loads(meta.pop("params_per_neuron"))
+        positions = int(meta.pop("positions"))
+        sites = {}
+        for key, p in ppn.items():
+            _, layer, kind = key.split(".")
+            counts, tokens = tensors[f"{key}.counts"], tensors[f"{key}.tokens"]
+            site = Site(key, int(layer), kind, counts.shape[1], counts.shape[0], p)
+            sites[site] = (counts, tokens)
+        return cls(sites, positions, {k: v for k, v in meta.items() if k not in ("format", "version")})
+
+
+def merge(stats: list[Stats]) -> Stats:
+    """Add up statistics of the same model over different data."""
+    first = stats[0]
+    keys = {(s.layer, s.kind, s.width, s.experts) for s in first.sites}
+    for other in stats[1:]:
+        if {(s.layer, s.kind, s.width, s.experts) for s in other.sites} != keys:
+            raise RelufyError("stats files describe different models and cannot be merged")
+    by_key = {(s.layer, s.kind): s for s in first.sites}
+    sites = {s: (c.clone(), t.clone()) for s, (c, t) in first.sites.items()}
+    for other in stats[1:]:
+        for s, (c, t) in other.sites.items():
+            counts, tokens = sites[by_key[(s.layer, s.kind)]]
+            counts += c
+            tokens += t
+    return Stats(sites, sum(s.positions for s in stats), dict(first.meta))
