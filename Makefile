@@ -6,7 +6,7 @@ STAMP := $(VENV)/.relufy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench-convert clean
+.PHONY: install test demo bench-convert bench-eval eval-smollm2 clean
 
 install: $(STAMP)
 
@@ -34,6 +34,23 @@ demo: $(STAMP)
 BENCH_GIB ?= 6
 bench-convert: $(STAMP)
 	$(BIN)/python benchmarks/bench_convert.py --gib $(BENCH_GIB)
+
+bench-eval: $(STAMP)
+	$(BIN)/python benchmarks/bench_eval.py
+
+# The numbers in docs/results.md: SmolLM2-135M original vs its untrained dReLU / ReGLU conversions
+# on WikiText-2 validation (../shared/data), with the paper's top-k curve.
+WIKITEXT ?= ../shared/data/wikitext-2-raw/wiki.valid.raw
+EVAL_TOKENS ?= 16384
+eval-smollm2: $(STAMP)
+	@mkdir -p $(RUNS)/eval-smollm2
+	@SMOL=$$($(BIN)/python -m relufy.embedded) && \
+	for act in drelu reglu; do \
+	  [ -f $(RUNS)/eval-smollm2/$$act/config.json ] || $(BIN)/relufy convert "$$SMOL" $(RUNS)/eval-smollm2/$$act --activation $$act; \
+	done && \
+	$(BIN)/relufy eval "$$SMOL" $(RUNS)/eval-smollm2/drelu $(RUNS)/eval-smollm2/reglu --data $(WIKITEXT) \
+	  --seq-len 512 --max-tokens $(EVAL_TOKENS) --topk 0,0.5,0.8,0.85,0.9 --batch-size 4 \
+	  --json $(RUNS)/eval-smollm2/eval.json --plot $(RUNS)/eval-smollm2/plots
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

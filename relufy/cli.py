@@ -52,7 +52,7 @@ def convert(
     link: Annotated[bool, typer.Option("--link", help="Hard-link unchanged shards instead of copying.")] = False,
 ):
     """Convert SRC to a dReLU (or other gated ReLU) checkpoint at OUT."""
-    from .convert import convert as run
+    from .conversion import convert as run
 
     done = run(src, out, activation=activation.value, threshold=threshold, dtype=dtype.value, force=force, link=link)
     typer.echo(f"wrote {done}")
@@ -64,7 +64,7 @@ def info(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ):
     """Family, activation, sizes, experts and parameter counts of a model."""
-    from .info import info as run
+    from .model_info import info as run
 
     result = run(path)
     if as_json:

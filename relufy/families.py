@@ -32,9 +32,12 @@ class Container:
 @dataclass(frozen=True)
 class Family:
     model_type: str
+    prefix: str  # transformers class-name prefix: {prefix}Config, {prefix}ForCausalLM
     ffn_classes: dict[str, str]
     containers: tuple[Container, ...]
     act_key: str = "hidden_act"
+    module: str = ""  # transformers.models.<module>; defaults to model_type
+    config_class: str = ""  # defaults to {prefix}Config
     routed_experts: Callable | None = None
     shared_experts: Callable = field(default=lambda cfg: 0)
     top_k: Callable | None = None
@@ -44,6 +47,17 @@ class Family:
     @property
     def is_moe(self) -> bool:
         return self.routed_experts is not None
+
+    @property
+    def config_import(self) -> tuple[str, str]:
+        """(module, class) of the transformers config, named without importing transformers."""
+        module = self.module or self.model_type
+        return f"transformers.models.{module}.configuration_{module}", self.config_class or f"{self.prefix}Config"
+
+    @property
+    def model_import(self) -> tuple[str, str]:
+        module = self.module or self.model_type
+        return f"transformers.models.{module}.modeling_{module}", f"{self.prefix}ForCausalLM"
 
 
 # Tensor names inside an FFN container -> (role, expected shape from (I, H, E)).
@@ -64,8 +78,8 @@ _MOE_I = _key("moe_intermediate_size")
 _DENSE = (Container(r"layers\.\d+\.mlp", _I),)
 
 
-def _dense(model_type: str, mlp_class: str, act_key: str = "hidden_act", layout: str = "gated") -> Family:
-    return Family(model_type, {mlp_class: layout}, _DENSE, act_key=act_key)
+def _dense(model_type: str, prefix: str, layout: str = "gated", **kw) -> Family:
+    return Family(model_type, prefix, {f"{prefix}MLP": layout}, _DENSE, **kw)
 
 
 def _experts(prefix: str, size: Callable) -> tuple[Container, ...]:
@@ -76,16 +90,17 @@ def _experts(prefix: str, size: Callable) -> tuple[Container, ...]:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        _dense("llama", "LlamaMLP"),
-        _dense("mistral", "MistralMLP"),
-        _dense("qwen2", "Qwen2MLP"),
-        _dense("qwen3", "Qwen3MLP"),
-        _dense("gemma", "GemmaMLP"),
-        _dense("gemma2", "Gemma2MLP", act_key="hidden_activation"),
-        _dense("gemma3_text", "Gemma3MLP", act_key="hidden_activation"),
-        _dense("phi3", "Phi3MLP", layout="fused"),
+        _dense("llama", "Llama"),
+        _dense("mistral", "Mistral"),
+        _dense("qwen2", "Qwen2"),
+        _dense("qwen3", "Qwen3"),
+        _dense("gemma", "Gemma"),
+        _dense("gemma2", "Gemma2", act_key="hidden_activation"),
+        _dense("gemma3_text", "Gemma3", act_key="hidden_activation", module="gemma3", config_class="Gemma3TextConfig"),
+        _dense("phi3", "Phi3", layout="fused"),
         Family(
             "mixtral",
+            "Mixtral",
             {"MixtralExperts": "experts"},
             _experts(r"layers\.\d+\.block_sparse_moe\.experts", _I) + _experts(r"layers\.\d+\.mlp\.experts", _I),
             routed_experts=_key("num_local_experts"),
@@ -94,6 +109,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "qwen2_moe",
+            "Qwen2Moe",
             {"Qwen2MoeMLP": "gated", "Qwen2MoeExperts": "experts"},
             _experts(r"layers\.\d+\.mlp\.experts", _MOE_I)
             + (Container(r"layers\.\d+\.mlp\.shared_expert", _key("shared_expert_intermediate_size"), "shared"),)
@@ -106,6 +122,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "qwen3_moe",
+            "Qwen3Moe",
             {"Qwen3MoeMLP": "gated", "Qwen3MoeExperts": "experts"},
             _experts(r"layers\.\d+\.mlp\.experts", _MOE_I) + _DENSE,
             routed_experts=_key("num_experts"),
@@ -114,6 +131,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "deepseek_v3",
+            "DeepseekV3",
             {"DeepseekV3MLP": "gated", "DeepseekV3Experts": "experts"},
             _experts(r"layers\.\d+\.mlp\.experts", _MOE_I)
             + (
@@ -132,6 +150,7 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "olmoe",
+            "Olmoe",
             {"OlmoeExperts": "experts"},
             _experts(r"layers\.\d+\.mlp\.experts", _I),
             routed_experts=_key("num_experts"),

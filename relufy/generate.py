@@ -22,7 +22,7 @@ def load_tokenizer(path: str | Path):
     """The tokenizer of any model relufy reads; never asks for remote code (tokenizers have none)."""
     from transformers import AutoTokenizer
 
-    from .convert import base_config
+    from .conversion import base_config
     from .io.source import resolve
 
     source = resolve(path)

@@ -29,6 +29,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     file: Path
+    start: int  # absolute byte offset of the data in ``file``
 
     @property
     def numel(self) -> int:
@@ -39,8 +40,8 @@ class TensorInfo:
         return self.numel * DTYPE_BYTES[self.dtype]
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], dict]:
-    """``(tensors, metadata)`` of one safetensors file, checked against the file's size."""
+def read_header(path: Path) -> tuple[dict[str, dict], dict, int]:
+    """``(tensors, metadata, data start)`` of one safetensors file, checked against its size."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -68,7 +69,7 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict]:
         end = max(end, stop)
     if 8 + n + end != size:
         raise RelufyError(f"{path}: truncated safetensors file ({size} bytes, header describes {8 + n + end})")
-    return header, metadata
+    return header, metadata, 8 + n
 
 
 class Checkpoint:
@@ -95,11 +96,12 @@ class Checkpoint:
             path = self.folder / name
             if not path.is_file():
                 raise RelufyError(f"{index}: names shard {name!r}, which is missing")
-            header, meta = read_header(path)
+            header, meta, data_start = read_header(path)
             self.files.append(path)
             self.metadata[name] = meta
             for t, info in header.items():
-                self.tensors[t] = TensorInfo(t, info["dtype"], tuple(info["shape"]), path)
+                start = data_start + info["data_offsets"][0]
+                self.tensors[t] = TensorInfo(t, info["dtype"], tuple(info["shape"]), path, start)
         if weight_map is not None:
             for t, name in weight_map.items():
                 info = self.tensors.get(t)

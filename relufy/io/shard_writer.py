@@ -13,27 +13,50 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import torch
+from .safetensors_index import DTYPE_BYTES, TensorInfo
 
-from .safetensors_index import DTYPE_BYTES
-
-TORCH_TO_ST = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+CHUNK_BYTES = 64 * 1024 * 1024
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }  # fmt: skip
-ST_TO_TORCH = {v: k for k, v in TORCH_TO_ST.items()}
+
+
+def torch_dtype(st_dtype: str):
+    import torch
+
+    return getattr(torch, _TORCH_NAMES[st_dtype])
+
+
+def recoded_chunks(info: TensorInfo, target: str, chunk_bytes: int = CHUNK_BYTES) -> Iterable[memoryview]:
+    """The bytes of ``info`` converted to dtype ``target``, read with plain file reads in chunks
+    (no memory map: pages of the source never pile up in the process's memory)."""
+    import torch
+
+    step = max(chunk_bytes - chunk_bytes % DTYPE_BYTES[info.dtype], DTYPE_BYTES[info.dtype])
+    src, dst = torch_dtype(info.dtype), torch_dtype(target)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        remaining = info.nbytes
+        while remaining:
+            buf = bytearray(min(step, remaining))
+            if f.readinto(buf) != len(buf):
+                raise OSError(f"{info.file}: unexpected end of file in {info.name}")
+            remaining -= len(buf)
+            if src == dst:
+                yield memoryview(buf)
+            else:
+                yield memoryview(torch.frombuffer(buf, dtype=src).to(dst).view(torch.uint8).numpy())
 
 
 def write_safetensors(
     path: Path,
     entries: Iterable[tuple[str, str, tuple[int, ...]]],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], Iterable],
     metadata: dict[str, str] | None = None,
-    on_tensor: Callable[[int], None] | None = None,
-) -> None:
-    """Write ``entries`` (name, safetensors dtype, shape) to ``path``, fetching each tensor from
-    ``produce(name)`` only when its bytes are due. ``on_tensor(nbytes)`` reports progress."""
+) -> int:
+    """Write ``entries`` (name, safetensors dtype, shape) to ``path``; ``produce(name)`` yields the
+    tensor's bytes in chunks, fetched only when due. Returns the number of tensor bytes written."""
     entries = list(entries)
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -47,14 +70,11 @@ def write_safetensors(
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for name, dtype, shape in entries:
-            tensor = produce(name).to(ST_TO_TORCH[dtype]).contiguous()
-            if tuple(tensor.shape) != tuple(shape):
-                raise ValueError(f"{name}: produced shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-            data = tensor.reshape(-1).view(torch.uint8).numpy()
-            f.write(data.data)
-            if on_tensor:
-                on_tensor(data.nbytes)
-            del tensor, data
+            written = sum(f.write(chunk) for chunk in produce(name))
+            expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+            if written != expected:
+                raise ValueError(f"{name}: wrote {written} bytes, expected {expected}")
+    return offset
 
 
 def copy_file(src: Path, dst: Path, link: bool = False) -> None:

@@ -76,7 +76,7 @@ def _device_dtype(options: EvalOptions) -> tuple[torch.device, torch.dtype]:
 
 def check_model(path: str, options: EvalOptions) -> None:
     """Config-only checks, so that a bad model or option fails before any weights load."""
-    from ..convert import base_config
+    from ..conversion import base_config
     from ..io.source import resolve
 
     _, config = base_config(resolve(path).config_dict())

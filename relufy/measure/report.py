@@ -30,13 +30,12 @@ def print_table(results: list[ModelEval], console=None) -> None:
     from rich.table import Table
 
     levels = sorted({p["sparsity"] for r in results for p in r.topk})
-    table = Table(title="relufy eval")
-    for col in ("model", "activation", "tokens", "ppl", "FFN zeros", "min / max layer", "active FFN params"):
-        table.add_column(col, justify="left" if col in ("model", "activation") else "right")
+    table = Table(title="relufy eval (ppl @ s: top-k perplexity with a fraction s of FFN neurons dropped)")
+    for col in ("model", "act", "tokens", "ppl", "zeros", "active FFN"):
+        table.add_column(col, justify="left" if col in ("model", "act") else "right")
     for s in levels:
-        table.add_column(f"ppl @ top-k {s:.0%}", justify="right")
+        table.add_column(f"@{s:.0%}", justify="right")
     for r in results:
-        per_layer = r.sparsity["per_layer"]
         curve = {p["sparsity"]: p["ppl"] for p in r.topk}
         table.add_row(
             Path(r.model).name or r.model,
@@ -44,7 +43,6 @@ def print_table(results: list[ModelEval], console=None) -> None:
             f"{r.tokens:,}",
             f"{r.ppl:,.2f}",
             f"{r.sparsity['mean']:.1%}",
-            f"{min(per_layer):.1%} / {max(per_layer):.1%}",
             f"{r.active_ffn_param_fraction:.1%}",
             *(f"{curve[s]:,.2f}" if s in curve else "" for s in levels),
         )

@@ -16,7 +16,7 @@ def swap_activation(model, activation: str, threshold: float | None = None, sour
     The config's activation key is set to ``relufy_<activation>`` (unknown to transformers), so a
     plain ``save_pretrained`` of the result cannot be reloaded as SwiGLU by mistake.
     """
-    from ..convert import activation_spec
+    from ..conversion import activation_spec
 
     spec = activation_spec(activation, threshold)
     config = model.config
@@ -53,7 +53,7 @@ def load(
     """
     from transformers import AutoModelForCausalLM
 
-    from ..convert import activation_spec, base_config
+    from ..conversion import activation_spec, base_config
     from ..io.source import resolve
 
     source = resolve(path)

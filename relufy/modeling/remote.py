@@ -15,13 +15,11 @@ The ``swiglu`` (identity) conversion keeps the original config and only adds the
 from __future__ import annotations
 
 import ast
-import inspect
 import json
 from pathlib import Path
 
-from .. import __version__, activations
+from .. import __version__
 from ..families import Family
-from . import ffn
 
 MODELING_FILE = "modeling_relufy.py"
 _REMOTE_KEYS = ("auto_map",)
@@ -72,8 +70,13 @@ def base_config_dict(config: dict) -> dict:
     return out
 
 
-def _bundled_source(module) -> str:
-    lines = inspect.getsource(module).splitlines()
+_PACKAGE = Path(__file__).resolve().parents[1]
+# Copied into every checkpoint, in this order (read as files: no torch import needed here).
+BUNDLED = (_PACKAGE / "activations.py", _PACKAGE / "modeling" / "ffn.py")
+
+
+def _bundled_source(path: Path) -> str:
+    lines = path.read_text().splitlines()
     return "\n".join(line for line in lines if "relufy-bundle: drop" not in line)
 
 
@@ -113,28 +116,20 @@ if _conversions:
 
 def render_modeling(family: Family) -> str:
     """Source of ``modeling_relufy.py`` for ``family``: imports only torch and transformers."""
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    config_cls = CONFIG_MAPPING[family.model_type]
-    model_cls = AutoModelForCausalLM._model_mapping[config_cls]
+    config_module, config_class = family.config_import
+    model_module, model_class = family.model_import
     header = (
         f'"""Modeling code written by relufy {__version__}: the {family.model_type} architecture of '
         "transformers with its gated FFN activation replaced (see config.json's relufy block).\n\n"
         'Load with AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)."""\n'
     )
-    body = "\n\n".join(
-        [
-            _bundled_source(activations),
-            _bundled_source(ffn),
-        ]
-    )
+    body = "\n\n".join(_bundled_source(p) for p in BUNDLED)
     tail = _TAIL.format(
         model_type=family.model_type,
-        config_module=config_cls.__module__,
-        config_class=config_cls.__name__,
-        model_module=model_cls.__module__,
-        model_class=model_cls.__name__,
+        config_module=config_module,
+        config_class=config_class,
+        model_module=model_module,
+        model_class=model_class,
         ffn_classes=dict(family.ffn_classes),
         act_key=family.act_key,
     )

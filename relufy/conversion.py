@@ -16,16 +16,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .activations import GATED_ACTIVATIONS
 from .errors import RelufyError
 from .families import Family, family_for, ffn_tensor
 from .io.atomic import atomic_dir, check_target
 from .io.safetensors_index import INDEX_FILE, Checkpoint
-from .io.shard_writer import copy_file, write_safetensors
+from .io.shard_writer import copy_file, recoded_chunks, write_safetensors
 from .io.source import Source, resolve
 from .modeling.remote import MODELING_FILE, base_config_dict, is_identity, relufy_config_dict, render_modeling
 from .progress import byte_progress
 
+# The names of relufy.activations.GATED_ACTIVATIONS, without importing torch (tested equal).
+ACTIVATION_NAMES = ("drelu", "reglu", "relu2", "fatrelu", "swiglu")
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 _CONFIG_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _FLOAT_ST = {"F64", "F32", "F16", "BF16"}
@@ -45,8 +46,8 @@ class ActivationSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.activation not in GATED_ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose from {', '.join(GATED_ACTIVATIONS)}")
+        if self.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATION_NAMES)}")
         if self.activation == "fatrelu" and self.threshold is None:
             raise ValueError("fatrelu needs a threshold (--threshold T)")
         if self.activation == "fatrelu" and self.threshold < 0:
@@ -65,14 +66,33 @@ def activation_spec(activation: str, threshold: float | None) -> ActivationSpec:
 
 def base_config(config: dict):
     """``(family, transformers config)`` of a config dict, relufy checkpoints included."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    import importlib
 
     base = base_config_dict(config)
     family = family_for(base.get("model_type"))
+    module, name = family.config_import
     try:
-        return family, CONFIG_MAPPING[family.model_type].from_dict(base)
+        return family, getattr(importlib.import_module(module), name).from_dict(base)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
         raise RelufyError(f"config.json is not a valid {family.model_type} config: {e}") from None
+
+
+class ConfigView:
+    """Attribute access to a config dict; a field the file leaves out (so its default applies)
+    is read from the transformers config class. Checkpoints written by transformers list every
+    field, so the common case never imports transformers (and torch): a plain copy stays fast."""
+
+    def __init__(self, config: dict):
+        self._dict = base_config_dict(config)
+        self._full = None
+        self._source = config
+
+    def __getattr__(self, name):
+        if name in self._dict:
+            return self._dict[name]
+        if self._full is None:
+            self._full = base_config(self._source)[1]
+        return getattr(self._full, name)
 
 
 def validate_checkpoint(ckpt: Checkpoint, family: Family, config) -> int:
@@ -98,26 +118,28 @@ def validate_checkpoint(ckpt: Checkpoint, family: Family, config) -> int:
 def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
     target = DTYPES.get(dtype)
     recode = target is not None and any(t.dtype in _FLOAT_ST and t.dtype != target for t in ckpt.tensors.values())
+    tensor_bytes = 0
     with byte_progress("weights", ckpt.nbytes) as advance:
         for path in ckpt.files:
+            tensors = ckpt.tensors_in(path)
             if not recode:
                 copy_file(path, out / path.name, link=link)
                 advance(path.stat().st_size)
+                tensor_bytes += sum(t.nbytes for t in tensors)
                 continue
-            from safetensors import safe_open
+            by_name = {t.name: t for t in tensors}
+            entries = [(t.name, target if t.dtype in _FLOAT_ST else t.dtype, t.shape) for t in tensors]
 
-            tensors = {t.name: t for t in ckpt.tensors_in(path)}
-            entries = [(t.name, target if t.dtype in _FLOAT_ST else t.dtype, t.shape) for t in tensors.values()]
-            with safe_open(path, "pt") as f:
+            def produce(name, by_name=by_name):
+                info = by_name[name]
+                for chunk in recoded_chunks(info, target if info.dtype in _FLOAT_ST else info.dtype):
+                    yield chunk
+                advance(info.nbytes)
 
-                def produce(name, f=f, tensors=tensors):
-                    advance(tensors[name].nbytes)
-                    return f.get_tensor(name)
-
-                write_safetensors(out / path.name, entries, produce, metadata=ckpt.metadata[path.name] or {"format": "pt"})
+            metadata = ckpt.metadata[path.name] or {"format": "pt"}
+            tensor_bytes += write_safetensors(out / path.name, entries, produce, metadata=metadata)
     if ckpt.index is not None:
-        total = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        index = {"metadata": {"total_size": total}, "weight_map": ckpt.index}
+        index = {"metadata": {"total_size": tensor_bytes}, "weight_map": ckpt.index}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
@@ -188,7 +210,8 @@ def _convert_folder(
     source: Source, out: Path, spec: ActivationSpec, dtype: str, force: bool, link: bool, label: str
 ) -> Path:
     config = source.config_dict()
-    family, cfg = base_config(config)
+    family = family_for(base_config_dict(config).get("model_type"))
+    cfg = ConfigView(config)
     ckpt = Checkpoint(source.folder)
     found = validate_checkpoint(ckpt, family, cfg)
     new = relufy_config_dict(base_config_dict(config), family, spec.activation, spec.threshold, label)

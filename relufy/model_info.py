@@ -42,7 +42,7 @@ def count_parameters(family, config) -> tuple[int, int]:
 
 
 def info(path: str | Path) -> ModelInfo:
-    from .convert import base_config
+    from .conversion import base_config
     from .io.source import resolve
 
     source = resolve(path)
