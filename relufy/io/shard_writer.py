@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -78,11 +79,24 @@ def write_safetensors(
 
 
 def copy_file(src: Path, dst: Path, link: bool = False) -> None:
-    """Copy at disk speed (copy_file_range/sendfile through shutil), or hard-link with ``link``."""
+    """Copy in the kernel (``copy_file_range``, as GNU cp does; it can share extents on
+    reflink filesystems), falling back to shutil; or hard-link with ``link``."""
     if link:
         try:
             dst.hardlink_to(src)
             return
         except OSError:
             pass  # other filesystem: fall back to a copy
+    try:
+        with open(src, "rb") as fi, open(dst, "wb") as fo:
+            size, done = os.fstat(fi.fileno()).st_size, 0
+            while done < size:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
+                if n == 0:
+                    break
+                done += n
+        if done == size:
+            return
+    except (AttributeError, OSError):
+        pass  # no copy_file_range here (old kernel, other OS, cross-device on old kernels)
     shutil.copyfile(src, dst)
