@@ -159,6 +159,28 @@ def eval_(
             typer.echo(f"wrote {target}", err=True)
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="Dotted key=value overrides, e.g. optim.lr=1e-4.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in output_dir.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print it; train nothing.")] = False,
+):
+    """Continued pretraining from a recipe, under Accelerate (accelerate launch for many GPUs)."""
+    from .train.recipe import load_recipe
+
+    spec = load_recipe(recipe, overrides or [])
+    if dry_run:
+        import yaml
+
+        typer.echo(yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False))
+        return
+    from .train.loop import train as run
+
+    final = run(spec, resume=resume)
+    typer.echo(f"wrote {final}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:

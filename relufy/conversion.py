@@ -164,7 +164,7 @@ tags: [relufy, {spec.activation}, sparse-activation]
 
 Converted by relufy {config["relufy"]["relufy_version"]} (Turbo Sparse, arXiv 2406.05955).
 
-- Family: `{family.model_type}`, {found} FFN weight tensors
+- Family: `{family.model_type}`{f", {found} FFN weight tensors" if found else ""}
 - FFN: {formula}
 - Weights: the original weights, unchanged{" (dtype " + str(config.get("dtype")) + ")" if config.get("dtype") else ""}
 

@@ -1,0 +1,40 @@
+"""Save a (trained) in-memory relufy model in the exact format ``relufy convert`` writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..families import family_for
+from ..io.atomic import atomic_dir
+from .remote import MODELING_FILE, base_config_dict, is_identity, relufy_config_dict, render_modeling
+
+
+def save_relufy(model, out: str | Path, tokenizer=None, state_dict=None, force: bool = True, card_note: str = "") -> Path:
+    """Write ``model`` (activation swapped by relufy.load / swap_activation) to ``out``:
+    safetensors + relufy ``config.json`` + remote code + model card (+ tokenizer)."""
+    from ..conversion import ActivationSpec, _model_card
+
+    config = model.config
+    block = dict(getattr(config, "relufy", None) or {})
+    if not block:
+        raise ValueError("the model carries no relufy block: load it with relufy.load or swap_activation")
+    family = family_for(block["base_model_type"])
+    out = Path(out)
+    with atomic_dir(out, force=force) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        written = json.loads((tmp / "config.json").read_text())
+        written["relufy"] = block
+        base = base_config_dict(written)
+        extra = {k: v for k, v in block.items() if k not in ("activation", "threshold", "base_model_type",
+                 "base_architectures", "base_activation", "source", "relufy_version")}  # fmt: skip
+        new = relufy_config_dict(base, family, block["activation"], block.get("threshold"), block.get("source", ""), extra)
+        (tmp / "config.json").write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+        if not is_identity(block["activation"]):
+            (tmp / MODELING_FILE).write_text(render_modeling(family))
+        spec = ActivationSpec(activation=block["activation"], threshold=block.get("threshold"))
+        card = _model_card(new, family, spec, block.get("source", ""), found=0)
+        (tmp / "README.md").write_text(card + (f"\n{card_note}\n" if card_note else ""))
+    return out

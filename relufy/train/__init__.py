@@ -1,0 +1,1 @@
+"""Continued pretraining: recipes, data mixture, the Accelerate loop, warm start."""

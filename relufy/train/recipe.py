@@ -1,0 +1,183 @@
+"""Training recipes: one YAML file says everything about a run; pydantic validates it.
+
+``relufy train RECIPE.yaml key=value ...`` applies dotted overrides (values parsed as YAML:
+``optim.lr=1e-4``, ``budget.max_steps=200``, ``sparsity.distill.weight=0.5``) before validation.
+Every field's description below is its documentation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import RelufyError
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(_Spec):
+    path: str | None = Field(None, description="A relufy checkpoint, or an original model (folder, .gguf, hub id).")
+    config: dict | None = Field(
+        None, description="Instead of `path`: a transformers config dict (with `model_type`) to train from scratch."
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer source (a model folder); default: model.path.")
+    activation: str | None = Field(
+        None, description="Activation to swap in memory (drelu, reglu, relu2, fatrelu, swiglu); default: the checkpoint's."
+    )
+    threshold: float | None = Field(None, description="FATReLU threshold (fatrelu only).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.config is None):
+            raise ValueError("give exactly one of model.path and model.config")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config needs a model_type")
+        if self.config is not None and self.tokenizer is None:
+            raise ValueError("model.tokenizer is needed when training from model.config")
+        return self
+
+
+class SourceSpec(_Spec):
+    data: str = Field(description="Text file, .jsonl, .parquet or hub NAME:CONFIG:SPLIT (see relufy.data).")
+    weight: float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
+
+
+class DataSpec(_Spec):
+    sources: list[SourceSpec] = Field(min_length=1, description="Weighted mixture of text sources.")
+    seq_len: int = Field(512, ge=8, description="Tokens per packed training sequence.")
+    heldout_fraction: float = Field(0.05, ge=0, lt=0.5, description="Last fraction of each source held out for eval.")
+    chat: bool = Field(False, description="SFT: sources are .jsonl with `messages`; loss on assistant tokens only.")
+
+
+class OptimSpec(_Spec):
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    min_lr: float = Field(5e-6, ge=0, description="Floor the cosine schedule decays to.")
+    warmup_steps: int = Field(1000, ge=0, description="Linear warmup steps from 0 to lr.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null: off).")
+
+    @model_validator(mode="after")
+    def _floor(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr ({self.min_lr}) is above optim.lr ({self.lr})")
+        return self
+
+
+class BudgetSpec(_Spec):
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run.")
+    max_tokens: int | None = Field(None, ge=1, description="Or: training tokens to consume (sets the step count).")
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per forward pass, per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ValueError("give exactly one of budget.max_steps and budget.max_tokens")
+        return self
+
+
+class DistillSpec(_Spec):
+    teacher: str | None = Field(None, description="Teacher model; default: model.path with its original activation.")
+    weight: float = Field(1.0, ge=0, description="Weight of the KL term added to the LM loss.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature of teacher and student.")
+
+
+class WarmstartSpec(_Spec):
+    tokens: int = Field(16384, ge=64, description="Training tokens whose hidden states the FFN fits use.")
+    steps: int = Field(200, ge=1, description="Adam steps per layer.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the per-layer fit.")
+
+
+class SparsitySpec(_Spec):
+    l1: float = Field(0.0, ge=0, description="L1 penalty on the FFN's combined activation (ProSparse); 0: off.")
+    l1_warmup_steps: int = Field(0, ge=0, description="Ramp the L1 coefficient linearly from 0 over these steps.")
+    distill: DistillSpec | None = Field(None, description="KL distillation from the original SwiGLU model.")
+    ffn_warmstart: WarmstartSpec | None = Field(
+        None, description="Before training, fit each FFN to the original FFN's outputs, layer by layer."
+    )
+    router_aux_coef: float | None = Field(None, ge=0, description="MoE router auxiliary loss (Turbo Sparse: 0.02).")
+
+
+class LoraSpec(_Spec):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA alpha.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear modules to adapt.",
+    )
+    target_parameters: list[str] = Field(
+        [], description="Parameters to adapt directly, e.g. fused MoE experts: ['experts.gate_up_proj', 'experts.down_proj']."
+    )
+
+
+class LogSpec(_Spec):
+    every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Held-out perplexity every N steps (0: only at the end).")
+    tensorboard: bool = Field(False, description="Also log to TensorBoard through Accelerate's trackers.")
+
+
+class CheckpointSpec(_Spec):
+    every: int = Field(0, ge=0, description="Save the full training state every N steps (0: off).")
+    keep_last: int = Field(2, ge=1, description="Keep the newest K training-state checkpoints.")
+
+
+class Recipe(_Spec):
+    name: str = Field(description="Run name.")
+    output_dir: str = Field(description="Where checkpoints, metrics.jsonl, plots and the final model go.")
+    seed: int = Field(0, description="Seed for initialization, data order and dropout.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (mixed precision) or fp32.")
+    model: ModelSpec
+    data: DataSpec
+    optim: OptimSpec = OptimSpec()
+    budget: BudgetSpec
+    sparsity: SparsitySpec = SparsitySpec()
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters (merged into the final model) instead of all weights.")
+    log: LogSpec = LogSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted ``key=value`` pairs (values parsed as YAML) in a nested dict."""
+    raw = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RelufyError(f"override {item!r} is not key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise RelufyError(f"override {item!r}: {part} is not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RelufyError(f"recipe {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RelufyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return validate(apply_overrides(raw, list(overrides)), str(path))
+
+
+def validate(raw: dict, origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise RelufyError(f"{origin}: {where}: {msg}") from None

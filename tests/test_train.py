@@ -1,0 +1,200 @@
+"""relufy train: recipes, exact resume after SIGKILL, NaN stop, final checkpoint, sparsity terms."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tiny import corpus, save_tiny_with_tokenizer
+
+import relufy
+from relufy.errors import RelufyError
+from relufy.train.loop import _kl, lr_lambda, train
+from relufy.train.recipe import load_recipe, validate
+
+RECIPES = sorted(Path(__file__).parents[1].glob("recipes/*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    (root / "text.txt").write_text(corpus()[:60_000])
+    save_tiny_with_tokenizer("llama", root / "llama")
+    relufy.convert(root / "llama", root / "llama-drelu")
+    save_tiny_with_tokenizer("qwen2_moe", root / "moe")
+    return root
+
+
+def recipe_dict(base, out, **overrides):
+    raw = {
+        "name": "t", "output_dir": str(out), "seed": 0,
+        "model": {"path": str(base / "llama-drelu")},
+        "data": {"sources": [{"data": str(base / "text.txt")}], "seq_len": 32, "heldout_fraction": 0.05},
+        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 3},
+        "budget": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2},
+        "log": {"every": 1}, "checkpoint": {"every": 0},
+    }  # fmt: skip
+    for key, value in overrides.items():
+        node = raw
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return raw
+
+
+def write_recipe(path, raw):
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def losses(out):
+    return [(r["step"], r["loss"], r["lr"], r["sparsity"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.name and recipe.budget.max_steps or recipe.budget.max_tokens
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"optim__lr": -1}, "optim.lr"),
+        ({"optim__learning_rate": 1e-4}, "optim.learning_rate: Extra inputs are not permitted"),
+        ({"budget__max_tokens": 1000}, "exactly one of budget.max_steps and budget.max_tokens"),
+        ({"optim__min_lr": 1.0}, "optim.min_lr"),
+        ({"data__sources": []}, "data.sources"),
+        ({"precision": "fp8"}, "precision"),
+        ({"model__config": {"model_type": "llama"}}, "exactly one of model.path and model.config"),
+    ],
+)
+def test_recipe_mistakes_name_the_field(base, tmp_path, change, needle, cli):
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(base, tmp_path / "out", **change))
+    with pytest.raises(RelufyError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        load_recipe(path)
+    code, err, _ = cli("train", path, "--dry-run")
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err
+
+
+def test_overrides(base, tmp_path, cli):
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(base, tmp_path / "out"))
+    recipe = load_recipe(path, ["optim.lr=2e-4", "budget.max_steps=7", "sparsity.distill.weight=0.5"])
+    assert recipe.optim.lr == 2e-4 and recipe.budget.max_steps == 7 and recipe.sparsity.distill.weight == 0.5
+    code, err, _ = cli("train", path, "optim.lr", "--dry-run")
+    assert code == 2 and "key=value" in err
+
+
+def test_lr_schedule():
+    values = [lr_lambda(s, 10, 110, 1e-3, 1e-4) for s in range(0, 111)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0) and values[110] == pytest.approx(0.1)
+    assert values[60] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_kl_matches_definition():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, 3, -100, 4], [1, -100, -100, 2, 3]])
+    mask = labels[:, 1:] != -100
+    ps, pt = torch.softmax(s[:, :-1] / 2, -1)[mask], torch.softmax(t[:, :-1] / 2, -1)[mask]
+    expected = (pt * (pt.log() - ps.log())).sum(-1).mean() * 4
+    assert float(_kl(s, t, labels, 2.0)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_resume_is_exact_after_sigkill(base, tmp_path):
+    raw = recipe_dict(base, tmp_path / "a", budget__max_steps=300, checkpoint__every=30, checkpoint__keep_last=2)
+    write_recipe(tmp_path / "a.yaml", raw)
+    train(load_recipe(tmp_path / "a.yaml"), show_progress=False)
+    raw["output_dir"] = str(tmp_path / "b")
+    write_recipe(tmp_path / "b.yaml", raw)
+    proc = subprocess.Popen([sys.executable, "-m", "relufy", "train", str(tmp_path / "b.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "b" / "checkpoints" / "step-00000060").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b" / "final").exists(), "the run finished before it was killed"
+    killed_at = len(losses(tmp_path / "b"))
+    assert 60 <= killed_at < 300
+    train(load_recipe(tmp_path / "b.yaml"), resume=True, show_progress=False)
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    assert len(list((tmp_path / "b" / "checkpoints").glob("step-*"))) == 2
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(base, tmp_path, cli):
+    raw = recipe_dict(base, tmp_path / "out", optim__lr=1e30, optim__min_lr=1e29, optim__warmup_steps=0,
+                      optim__grad_clip=None, checkpoint__every=1, budget__max_steps=20)  # fmt: skip
+    code, out, _ = cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    err = out.splitlines()[-1]  # before it: the progress display
+    assert code == 2 and err.startswith("relufy: error:") and "Traceback" not in out, out
+    assert re.search(r"loss became (nan|inf)", err), err
+    assert "last good checkpoint" in err
+    ckpts = sorted((tmp_path / "out" / "checkpoints").glob("step-*"))
+    assert ckpts and str(ckpts[-1]) in err
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_final_checkpoint_is_convert_format(base, tmp_path):
+    raw = recipe_dict(base, tmp_path / "out", sparsity={"l1": 0.01, "distill": {"weight": 0.5, "temperature": 2.0},
+                      "ffn_warmstart": {"tokens": 1024, "steps": 30}})  # fmt: skip
+    raw["log"]["eval_every"] = 6
+    final = train(validate(raw), show_progress=False)
+    config = json.loads((final / "config.json").read_text())
+    assert config["model_type"] == "relufy_llama" and config["relufy"]["activation"] == "drelu"
+    assert (final / "modeling_relufy.py").exists() and (final / "tokenizer.json").exists()
+    report = json.loads((tmp_path / "out" / "warmstart.json").read_text())
+    assert all(l["mse_after"] < l["mse_before"] for l in report["layers"])
+    rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "tokens", "loss", "lr", "sparsity"} <= rows[0].keys()
+    assert rows[5]["heldout_ppl"] > 1 and math.isfinite(rows[-1]["loss"])
+    assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # the trained weights load back through the converted-checkpoint path and changed
+    trained, original = relufy.load(final), relufy.load(base / "llama-drelu")
+    diff = max((a - b).abs().max() for a, b in zip(trained.parameters(), original.parameters()))
+    assert diff > 0
+    ids = torch.tensor([[5, 6, 7, 8]])
+    script = Path(__file__).with_name("remote_logits.py")
+    (tmp_path / "jobs.json").write_text(json.dumps([{"path": str(final), "ids": ids.tolist(), "out": str(tmp_path / "r.pt")}]))
+    subprocess.run([sys.executable, str(script), str(tmp_path / "jobs.json")], check=True, env={**os.environ, "PYTHONPATH": ""})
+    remote = torch.load(tmp_path / "r.pt", weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(remote["logits"], trained.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_l1_raises_sparsity(base, tmp_path):
+    plain = train(validate(recipe_dict(base, tmp_path / "a", budget__max_steps=20)), show_progress=False)
+    l1 = train(validate(recipe_dict(base, tmp_path / "b", budget__max_steps=20, sparsity={"l1": 5.0})), show_progress=False)
+    assert losses(plain.parent)[-1][3] < losses(l1.parent)[-1][3]
+
+
+def test_lora_is_merged(base, tmp_path):
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, lora={"r": 4, "alpha": 8})
+    final = train(validate(raw), show_progress=False)
+    from safetensors import safe_open
+
+    with safe_open(final / "model.safetensors", "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k]
+    model = relufy.load(final)
+    assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), relufy.load(base / "llama-drelu").parameters()))
+
+
+def test_moe_with_router_aux(base, tmp_path):
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, model={"path": str(base / "moe"), "activation": "drelu"},
+                      sparsity={"router_aux_coef": 0.02})  # fmt: skip
+    final = train(validate(raw), show_progress=False)
+    assert json.loads((final / "config.json").read_text())["model_type"] == "relufy_qwen2_moe"
+    assert losses(tmp_path / "out")[-1][3] > 0.3
