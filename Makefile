@@ -6,7 +6,7 @@ STAMP := $(VENV)/.relufy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench-convert bench-eval eval-smollm2 clean
+.PHONY: install test demo bench-convert bench-eval bench-train eval-smollm2 clean
 
 install: $(STAMP)
 
@@ -37,6 +37,9 @@ bench-convert: $(STAMP)
 
 bench-eval: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py
+
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
 
 # The numbers in docs/results.md: SmolLM2-135M original vs its untrained dReLU / ReGLU conversions
 # on WikiText-2 validation (../shared/data), with the paper's top-k curve.

@@ -145,6 +145,11 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
     if not resume and metrics_path.exists():
         raise RelufyError(f"{out} already holds a run (metrics.jsonl); use --resume or another output_dir")
 
+    if recipe.log.tensorboard:
+        from accelerate.utils import is_tensorboard_available
+
+        if not is_tensorboard_available():
+            raise RelufyError("log.tensorboard needs TensorBoard: pip install 'relufy[tensorboard]' (or tensorboard)")
     accelerator = Accelerator(
         mixed_precision="bf16" if recipe.precision == "bf16" else "no",
         log_with=["tensorboard"] if recipe.log.tensorboard else None,
@@ -222,8 +227,9 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
     unwrapped = accelerator.unwrap_model(model)
     sites = ffn_sites(unwrapped.get_base_model() if recipe.lora else unwrapped)
     meter = SparsityMeter(sites, l1=recipe.sparsity.l1 > 0)
-    for _, module in sites:
-        module.relufy_observer = meter
+    if recipe.log.sparsity or meter.l1:
+        for _, module in sites:
+            module.relufy_observer = meter
 
     model.train()
     last_good = start_ckpt
@@ -263,7 +269,7 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
             window_losses.append(step_loss)
             done = step + 1
             if done % recipe.log.every == 0 or done == total_steps:
-                sparsity = meter.per_layer()
+                sparsity = meter.per_layer() if recipe.log.sparsity else [float("nan")]
                 record = {
                     "step": done,
                     "tokens": done * tokens_per_step,

@@ -123,6 +123,7 @@ class LogSpec(_Spec):
     every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Held-out perplexity every N steps (0: only at the end).")
     tensorboard: bool = Field(False, description="Also log to TensorBoard through Accelerate's trackers.")
+    sparsity: bool = Field(True, description="Count zeros of the FFN activations (per layer) for the logs.")
 
 
 class CheckpointSpec(_Spec):
