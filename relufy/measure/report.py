@@ -85,14 +85,14 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
             fig.savefig(written[-1], dpi=120)
             plt.close(fig)
     if any(r.topk for r in results):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(8.5, 4))
         for r in results:
             xs = [100 * p["sparsity"] for p in r.topk]
             ax.plot(xs, [p["ppl"] for p in r.topk], marker="o", label=_label(r))
         ax.set(xlabel="top-k sparsity (% of FFN neurons dropped per token)", ylabel="perplexity", yscale="log",
                title="Perplexity vs activation sparsity (paper Eq. 3/4)")  # fmt: skip
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         written.append(folder / "ppl_vs_sparsity.png")
         fig.savefig(written[-1], dpi=120)
