@@ -198,3 +198,37 @@ def test_moe_with_router_aux(base, tmp_path):
     final = train(validate(raw), show_progress=False)
     assert json.loads((final / "config.json").read_text())["model_type"] == "relufy_qwen2_moe"
     assert losses(tmp_path / "out")[-1][3] > 0.3
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }} : {{ m['content'] }} </s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant :{% endif %}"
+)
+
+
+def test_sft_loss_on_assistant_tokens_only(base, tmp_path):
+    from transformers import AutoTokenizer
+
+    from relufy.train.data import chat_example
+
+    model_dir = tmp_path / "chat-model"
+    import shutil
+
+    shutil.copytree(base / "llama-drelu", model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, config=relufy.load(model_dir).config)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(model_dir)
+    convo = [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A mutable sequence."},
+             {"role": "user", "content": "And a tuple?"}, {"role": "assistant", "content": "An immutable one."}]  # fmt: skip
+    ids, labels = chat_example(convo, tok, 160)
+    scored = tok.decode([i for i, l in zip(ids.tolist(), labels.tolist()) if l != -100]).replace(" ", "")
+    assert "Amutablesequence" in scored and "Animmutableone" in scored
+    assert "list" not in scored and "tuple" not in scored and "user" not in scored
+    assert (labels[ids == tok.pad_token_id] == -100).all()
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": convo}) for _ in range(40)))
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=3, model={"path": str(model_dir)},
+                      data={"sources": [{"data": str(tmp_path / "chat.jsonl")}], "seq_len": 160, "chat": True,
+                            "heldout_fraction": 0.1})  # fmt: skip
+    final = train(validate(raw), show_progress=False)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert math.isfinite(summary["heldout_ppl"]) and (final / "config.json").exists()

@@ -6,7 +6,8 @@ with the EOS token between records, and cut into ``seq_len`` sequences; the last
 ``heldout_fraction`` of each source's sequences is held out for evaluation. Draw ``i`` picks a
 source with probability proportional to its weight (from a generator seeded with ``(seed, i)``);
 the ``k``-th draw from a source takes sequence ``perm_e[k mod n]`` of a permutation seeded with
-``(seed, source, e = k div n)``. The state is ``i`` and the per-source draw counts, so resuming
+``(seed, source, e = k div n)``. With ``data.chat`` (SFT) each conversation of a ``.jsonl`` file
+is one sequence rendered with the tokenizer's chat template, loss on assistant tokens only. The state is ``i`` and the per-source draw counts, so resuming
 costs nothing and gives the same sequences as an uninterrupted run.
 """
 
@@ -16,6 +17,51 @@ import torch
 
 from ..data import load_texts
 from ..errors import RelufyError
+
+
+def load_conversations(spec: str) -> list[list[dict]]:
+    """``messages`` lists from a .jsonl file (one conversation per line)."""
+    import json
+    from pathlib import Path
+
+    path = Path(spec)
+    if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
+        raise RelufyError(f"{spec}: chat data must be a .jsonl file of {{'messages': [...]}} lines")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            messages = json.loads(line)["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise RelufyError(f"{path}:{n}: expected a JSON object with 'messages'") from None
+        out.append(messages)
+    return out
+
+
+def chat_example(messages: list[dict], tokenizer, seq_len: int) -> torch.Tensor:
+    """``[2, seq_len]``: token ids and labels, labels on assistant tokens only (-100 elsewhere),
+    right-padded. Assistant spans are found by rendering the conversation up to each assistant
+    turn with and without it, so any chat template works whose rendering grows by appending."""
+    if not tokenizer.chat_template:
+        raise RelufyError("data.chat needs a tokenizer with a chat template")
+
+    def render(msgs, prompt):
+        return list(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=prompt, return_dict=True)["input_ids"])
+
+    ids = render(messages, False)
+    labels = [-100] * len(ids)
+    for i, msg in enumerate(messages):
+        if msg.get("role") != "assistant":
+            continue
+        before, upto = render(messages[:i], True), render(messages[: i + 1], False)
+        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+            raise RelufyError("the chat template does not render conversations by appending turns")
+        labels[len(before) : len(upto)] = ids[len(before) : len(upto)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    ids, labels = ids[:seq_len], labels[:seq_len]
+    fill = seq_len - len(ids)
+    return torch.tensor([ids + [pad] * fill, labels + [-100] * fill], dtype=torch.long)
 
 
 def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -78,7 +124,10 @@ def build(data_spec, tokenizer, seed: int) -> tuple[Mixture, torch.Tensor]:
     """``(training mixture, held-out sequences)``."""
     train, heldout = [], []
     for src in data_spec.sources:
-        seqs = pack(load_texts(src.data), tokenizer, data_spec.seq_len)
+        if data_spec.chat:
+            seqs = torch.stack([chat_example(m, tokenizer, data_spec.seq_len) for m in load_conversations(src.data)])
+        else:
+            seqs = pack(load_texts(src.data), tokenizer, data_spec.seq_len)
         n_held = int(len(seqs) * data_spec.heldout_fraction)
         if len(seqs) - n_held < 1:
             raise RelufyError(f"{src.data}: too little text for one {data_spec.seq_len}-token training sequence")

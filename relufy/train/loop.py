@@ -121,7 +121,10 @@ def heldout_ppl(model, heldout: torch.Tensor, device, batch_size: int = 4) -> fl
     from ..data import Window
     from ..measure.evaluate import score
 
-    wins = [Window(seq, torch.cat([torch.tensor([-100]), seq[1:]])) for seq in heldout]
+    if heldout.dim() == 3:  # chat: (ids, labels) pairs
+        wins = [Window(pair[0], pair[1]) for pair in heldout]
+    else:
+        wins = [Window(seq, torch.cat([torch.tensor([-100]), seq[1:]])) for seq in heldout]
     was_training = model.training
     model.eval()
     nll, count = score(model, wins, batch_size, device)
@@ -242,15 +245,16 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
             meter.reset()
             step_loss = 0.0
             for _ in range(budget.grad_accum):
-                ids = mixture.batch(budget.micro_batch_size).to(accelerator.device)
+                batch = mixture.batch(budget.micro_batch_size).to(accelerator.device)
+                ids, labels = (batch[:, 0], batch[:, 1]) if batch.dim() == 3 else (batch, batch)
                 with accelerator.autocast():
-                    outputs = model(input_ids=ids, labels=ids)
+                    outputs = model(input_ids=ids, labels=labels)
                     loss = outputs.loss
                     if teacher is not None:
                         with torch.no_grad():
                             t_logits = teacher(input_ids=ids).logits
                         d = recipe.sparsity.distill
-                        loss = loss + d.weight * _kl(outputs.logits, t_logits, ids, d.temperature)
+                        loss = loss + d.weight * _kl(outputs.logits, t_logits, labels, d.temperature)
                     if meter.l1:
                         ramp = min(1.0, (step + 1) / recipe.sparsity.l1_warmup_steps) if recipe.sparsity.l1_warmup_steps else 1.0
                         loss = loss + recipe.sparsity.l1 * ramp * torch.stack(meter.l1_terms).mean()

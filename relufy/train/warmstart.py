@@ -24,9 +24,10 @@ def _layers(model):
 
 
 def ffn_warmstart(student, teacher, mixture, spec, device, batch_tokens: int = 1024) -> dict:
-    seq_len = mixture.sources[0].shape[1]
+    seq_len = mixture.sources[0].shape[-1]
     n_seq = max(1, spec.tokens // seq_len)
-    ids = mixture.batch(n_seq)
+    batch = mixture.batch(n_seq)
+    ids = batch[:, 0] if batch.dim() == 3 else batch  # chat data: (ids, labels) pairs
     t_layers, s_layers = _layers(teacher), _layers(student)
     inputs = [[] for _ in t_layers]
     outputs = [[] for _ in t_layers]
