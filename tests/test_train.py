@@ -232,3 +232,26 @@ def test_sft_loss_on_assistant_tokens_only(base, tmp_path):
     final = train(validate(raw), show_progress=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert math.isfinite(summary["heldout_ppl"]) and (final / "config.json").exists()
+
+
+def test_streaming_source_resumes_exactly(base, tmp_path):
+    from transformers import AutoTokenizer
+
+    from relufy.train import data as train_data
+    from relufy.train.recipe import DataSpec
+
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in corpus()[:30_000].split("\n\n") if t))
+    spec = DataSpec(sources=[{"data": str(tmp_path / "s.jsonl"), "streaming": True, "weight": 1.0},
+                             {"data": str(base / "text.txt"), "weight": 1.0}], seq_len=32, heldout_sequences=3)  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(base / "llama")
+    first, held = train_data.build(spec, tok, seed=3)
+    assert held.shape[1] == 32 and len(held) >= 3
+    for _ in range(7):
+        first.batch(4)
+    state = json.loads(json.dumps(first.state_dict()))  # survives serialization
+    expected = [first.batch(4) for _ in range(5)]
+    second, _ = train_data.build(spec, tok, seed=3)
+    second.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(second.batch(4), want)
+    assert first.draws[0] > 0 and first.draws[1] > 0  # both sources drawn

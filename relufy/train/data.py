@@ -76,11 +76,70 @@ def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def open_stream(spec: str):
+    """A ``datasets`` IterableDataset with a ``text`` column, from a local file or the hub."""
+    from pathlib import Path
+
+    import datasets
+
+    path = Path(spec)
+    try:
+        if path.is_file():
+            builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower(), "text")
+            return datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        parts = spec.split(":")
+        name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+        return datasets.load_dataset(name, config, split=parts[2] if len(parts) > 2 else "train", streaming=True)
+    except Exception as e:  # noqa: BLE001 - offline, unknown name: user-facing
+        raise RelufyError(f"{spec}: cannot stream ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+
+
+class StreamSource:
+    """Packed sequences from a streaming dataset, in stream order. Its state (the dataset's own
+    resumable position plus the tokens not yet packed) makes resuming exact without re-reading."""
+
+    def __init__(self, spec: str, tokenizer, seq_len: int):
+        self.spec, self.tokenizer, self.seq_len = spec, tokenizer, seq_len
+        self.dataset = open_stream(spec)
+        self.iterator = None
+        self.buffer: list[int] = []
+        self.epoch = 0
+
+    def _text(self) -> str:
+        while True:
+            if self.iterator is None:
+                self.dataset.set_epoch(self.epoch)
+                self.iterator = iter(self.dataset)
+            try:
+                return next(self.iterator).get("text") or ""
+            except StopIteration:
+                self.iterator, self.epoch = None, self.epoch + 1
+                if self.epoch > 10_000:
+                    raise RelufyError(f"{self.spec}: the stream holds no text") from None
+
+    def next(self) -> torch.Tensor:
+        while len(self.buffer) < self.seq_len:
+            text = self._text()
+            if text:
+                self.buffer.extend(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+                if self.tokenizer.eos_token_id is not None:
+                    self.buffer.append(self.tokenizer.eos_token_id)
+        seq, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
+        return torch.tensor(seq, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {"dataset": self.dataset.state_dict(), "buffer": list(self.buffer), "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state["dataset"])
+        self.buffer, self.epoch, self.iterator = list(state["buffer"]), int(state["epoch"]), None
+
+
 class Mixture:
     """Seeded weighted mixture over packed sources; ``state_dict`` makes its position resumable."""
 
-    def __init__(self, sources: list[torch.Tensor], weights: list[float], seed: int):
-        if any(len(s) == 0 for s in sources):
+    def __init__(self, sources: list, weights: list[float], seed: int):
+        if any(isinstance(s, torch.Tensor) and len(s) == 0 for s in sources):
             raise RelufyError("a data source is shorter than one training sequence")
         self.sources, self.seed = sources, seed
         total = sum(weights)
@@ -103,8 +162,11 @@ class Mixture:
             g = torch.Generator().manual_seed(hash((self.seed, self.position)) & 0x7FFFFFFF)
             s = int(torch.multinomial(self.weights, 1, generator=g))
         k = self.draws[s]
-        n = len(self.sources[s])
-        seq = self.sources[s][self._perm(s, k // n)[k % n]]
+        if isinstance(self.sources[s], StreamSource):
+            seq = self.sources[s].next()
+        else:
+            n = len(self.sources[s])
+            seq = self.sources[s][self._perm(s, k // n)[k % n]]
         self.draws[s] += 1
         self.position += 1
         return seq
@@ -113,17 +175,29 @@ class Mixture:
         return torch.stack([self.next() for _ in range(size)])
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "draws": list(self.draws)}
+        streams = {i: s.state_dict() for i, s in enumerate(self.sources) if isinstance(s, StreamSource)}
+        return {"position": self.position, "draws": list(self.draws), "streams": streams}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
         self.draws = [int(d) for d in state["draws"]]
+        for i, stream_state in (state.get("streams") or {}).items():
+            self.sources[int(i)].load_state_dict(stream_state)
 
 
 def build(data_spec, tokenizer, seed: int) -> tuple[Mixture, torch.Tensor]:
     """``(training mixture, held-out sequences)``."""
     train, heldout = [], []
     for src in data_spec.sources:
+        if src.streaming:
+            if data_spec.chat:
+                raise RelufyError(f"{src.data}: streaming chat data is not supported; drop streaming")
+            stream = StreamSource(src.data, tokenizer, data_spec.seq_len)
+            held = [stream.next() for _ in range(data_spec.heldout_sequences)]
+            if held:
+                heldout.append(torch.stack(held))
+            train.append(stream)
+            continue
         if data_spec.chat:
             seqs = torch.stack([chat_example(m, tokenizer, data_spec.seq_len) for m in load_conversations(src.data)])
         else:
@@ -133,4 +207,6 @@ def build(data_spec, tokenizer, seed: int) -> tuple[Mixture, torch.Tensor]:
             raise RelufyError(f"{src.data}: too little text for one {data_spec.seq_len}-token training sequence")
         train.append(seqs[: len(seqs) - n_held])
         heldout.append(seqs[len(seqs) - n_held :])
-    return Mixture(train, [s.weight for s in data_spec.sources], seed), torch.cat(heldout)
+    return Mixture(train, [s.weight for s in data_spec.sources], seed), (
+        torch.cat(heldout) if heldout else torch.empty(0, data_spec.seq_len, dtype=torch.long)
+    )

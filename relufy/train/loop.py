@@ -11,6 +11,7 @@ RNG states and the data position), ``curves.png`` and ``final/`` (same format as
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -181,8 +182,9 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
     if recipe.sparsity.ffn_warmstart and start_ckpt is None:
         from .warmstart import ffn_warmstart
 
+        before = copy.deepcopy(mixture.state_dict())
         report = ffn_warmstart(model, teacher, mixture, recipe.sparsity.ffn_warmstart, accelerator.device)
-        mixture.load_state_dict({"position": 0, "draws": [0] * len(mixture.sources)})  # warm start data is not consumed
+        mixture.load_state_dict(before)  # the warm start's tokens are not consumed from the training data
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "warmstart.json").write_text(json.dumps(report, indent=2))

@@ -46,12 +46,18 @@ class ModelSpec(_Spec):
 class SourceSpec(_Spec):
     data: str = Field(description="Text file, .jsonl, .parquet or hub NAME:CONFIG:SPLIT (see relufy.data).")
     weight: float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
+    streaming: bool = Field(
+        False,
+        description="Read records lazily with `datasets` streaming (hub datasets too large to download; local "
+        ".txt lines, .jsonl, .parquet); resumable. Held out: the first data.heldout_sequences packed sequences.",
+    )
 
 
 class DataSpec(_Spec):
     sources: list[SourceSpec] = Field(min_length=1, description="Weighted mixture of text sources.")
     seq_len: int = Field(512, ge=8, description="Tokens per packed training sequence.")
     heldout_fraction: float = Field(0.05, ge=0, lt=0.5, description="Last fraction of each source held out for eval.")
+    heldout_sequences: int = Field(16, ge=0, description="Streaming sources: leading packed sequences held out.")
     chat: bool = Field(False, description="SFT: sources are .jsonl with `messages`; loss on assistant tokens only.")
 
 
