@@ -137,3 +137,32 @@ def test_real_process_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"relufy: error: {tmp_path / 'src'}: no safetensors weights found"]
     assert not (tmp_path / "out").exists()
+
+
+def test_overlapping_tensor_data(tmp_path, src, cli):
+    import struct
+
+    shard = src / "model.safetensors"
+    data = shard.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    a, b = header[names[0]], header[names[1]]
+    if a["data_offsets"][1] - a["data_offsets"][0] == b["data_offsets"][1] - b["data_offsets"][0]:
+        b["data_offsets"] = list(a["data_offsets"])  # same size, same bytes: overlap, leaving a gap
+    else:
+        pytest.skip("first two tensors differ in size")
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (n - len(blob)) if len(blob) <= n else b""
+    assert len(blob) == n
+    shard.write_bytes(data[:8] + blob + data[8 + n :])
+    code, err, _ = cli("convert", src, tmp_path / "out")
+    assert_refused(tmp_path, code, err, "overlapping or misplaced")
+
+
+def test_tensor_in_two_shards(tmp_path, src, cli):
+    import shutil
+
+    shutil.copy(src / "model.safetensors", src / "model-copy.safetensors")
+    code, err, _ = cli("convert", src, tmp_path / "out")
+    assert_refused(tmp_path, code, err, "is in both")

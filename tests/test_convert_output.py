@@ -168,3 +168,20 @@ def test_fused_experts_kernels_refused(tmp_path, family):
     model.config._experts_implementation = "sonicmoe"
     with pytest.raises(NotImplementedError, match="sonicmoe"):
         model(torch.tensor([[3, 4, 5]]))
+
+
+def test_output_is_readable_by_others(tmp_path, sharded):
+    old = os.umask(0o022)
+    try:
+        out = relufy.convert(sharded, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+
+
+def test_config_without_activation_key_uses_the_default(tmp_path, sharded):
+    config = json.loads((sharded / "config.json").read_text())
+    del config["hidden_act"]
+    (sharded / "config.json").write_text(json.dumps(config))
+    out = relufy.convert(sharded, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["relufy"]["base_activation"] == "silu"

@@ -22,6 +22,17 @@ def check_target(out: Path, force: bool) -> None:
         raise RelufyError(f"{out} exists and is not a folder")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path: Path, directory: bool) -> None:
+    """mkdtemp/mkstemp create owner-only paths; give the result the usual umask-based mode."""
+    path.chmod((0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, force: bool = False):
     out = Path(out).absolute()
@@ -33,6 +44,7 @@ def atomic_dir(out: Path, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish_mode(tmp, directory=True)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.relufy-old-", dir=out.parent))
         old.rmdir()
@@ -53,6 +65,7 @@ def atomic_file(path: Path):
     tmp = Path(name)
     try:
         yield tmp
+        _publish_mode(tmp, directory=False)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -57,16 +57,23 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict, int]:
     if not isinstance(header, dict):
         raise RelufyError(f"{path}: corrupt safetensors header")
     metadata = header.pop("__metadata__", None) or {}
-    end = 0
+    spans = []
     for name, t in header.items():
         try:
-            begin, stop = t["data_offsets"]
+            begin, stop = (int(x) for x in t["data_offsets"])
+            if not all(isinstance(x, int) for x in (*t["data_offsets"], *t["shape"])):
+                raise TypeError
             nbytes = math.prod(t["shape"]) * DTYPE_BYTES[t["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise RelufyError(f"{path}: corrupt safetensors entry for {name!r}") from None
         if stop - begin != nbytes or begin < 0:
             raise RelufyError(f"{path}: corrupt safetensors entry for {name!r} (size does not match shape)")
-        end = max(end, stop)
+        spans.append((begin, stop, name))
+    end = 0  # the data section must be covered exactly, without gaps or overlaps (as safetensors checks)
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise RelufyError(f"{path}: corrupt safetensors entry for {name!r} (overlapping or misplaced data)")
+        end = stop
     if 8 + n + end != size:
         raise RelufyError(f"{path}: truncated safetensors file ({size} bytes, header describes {8 + n + end})")
     return header, metadata, 8 + n
@@ -100,6 +107,8 @@ class Checkpoint:
             self.files.append(path)
             self.metadata[name] = meta
             for t, info in header.items():
+                if t in self.tensors:
+                    raise RelufyError(f"tensor {t!r} is in both {self.tensors[t].file.name} and {name}")
                 start = data_start + info["data_offsets"][0]
                 self.tensors[t] = TensorInfo(t, info["dtype"], tuple(info["shape"]), path, start)
         if weight_map is not None:

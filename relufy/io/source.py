@@ -71,9 +71,13 @@ def _download(repo_id: str) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+    patterns = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
     try:
-        folder = snapshot_download(repo_id, allow_patterns=patterns)
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        # only the shards the index names (repos such as Mistral's also hold consolidated.safetensors)
+        index = folder / "model.safetensors.index.json"
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        folder = snapshot_download(repo_id, allow_patterns=patterns + shards)
     except RepositoryNotFoundError:
         raise RelufyError(f"{repo_id}: no such model on the Hugging Face Hub (or it is gated)") from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:

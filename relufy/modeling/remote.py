@@ -34,12 +34,17 @@ def relufy_config_dict(
 ) -> dict:
     """The ``config.json`` of a converted checkpoint, from the base model's config dict."""
     out = dict(base)
+    if family.act_key not in out:  # left out of config.json: the config class's default applies
+        import importlib
+
+        module, name = family.config_import
+        out[family.act_key] = getattr(getattr(importlib.import_module(module), name)(), family.act_key)
     out["relufy"] = {
         "activation": activation,
         "threshold": threshold,
         "base_model_type": family.model_type,
         "base_architectures": base.get("architectures") or [],
-        "base_activation": base[family.act_key],
+        "base_activation": out[family.act_key],
         "source": source,
         "relufy_version": __version__,
         **(extra or {}),
