@@ -65,7 +65,8 @@ def losses(out):
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_validate(path):
     recipe = load_recipe(path)
-    assert recipe.name and recipe.budget.max_steps or recipe.budget.max_tokens
+    assert recipe.name == path.stem.removesuffix("-cpu") or recipe.name.startswith(("turbosparse", "ablation", "smollm2"))
+    assert recipe.optim.warmup_steps < (recipe.budget.max_steps or recipe.budget.max_tokens)
 
 
 @pytest.mark.parametrize(
@@ -192,12 +193,39 @@ def test_lora_is_merged(base, tmp_path):
     assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), relufy.load(base / "llama-drelu").parameters()))
 
 
-def test_moe_with_router_aux(base, tmp_path):
-    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, model={"path": str(base / "moe"), "activation": "drelu"},
-                      sparsity={"router_aux_coef": 0.02})  # fmt: skip
-    final = train(validate(raw), show_progress=False)
+def test_moe_router_aux_coefficient_applies(base, tmp_path):
+    """The coefficient reaches the loss: same data and seed, a larger coefficient, a larger loss."""
+    first = {}
+    for coef in (0.0, 5.0):
+        raw = recipe_dict(base, tmp_path / f"out{coef}", budget__max_steps=4,
+                          model={"path": str(base / "moe"), "activation": "drelu"}, sparsity={"router_aux_coef": coef})  # fmt: skip
+        final = train(validate(raw), show_progress=False)
+        first[coef] = losses(tmp_path / f"out{coef}")[0][1]
     assert json.loads((final / "config.json").read_text())["model_type"] == "relufy_qwen2_moe"
-    assert losses(tmp_path / "out")[-1][3] > 0.3
+    assert first[5.0] > first[0.0] + 1.0  # the aux loss is >= 1 (balanced routing) times the coefficient
+    assert losses(tmp_path / "out5.0")[-1][3] > 0.3
+
+
+def test_router_aux_refused_without_aux_loss(base, tmp_path):
+    raw = recipe_dict(base, tmp_path / "out", sparsity={"router_aux_coef": 0.02})  # llama: no router
+    with pytest.raises(RelufyError, match="router auxiliary loss"):
+        train(validate(raw), show_progress=False)
+
+
+def test_two_process_ddp_on_cpu(base, tmp_path):
+    """Two gloo processes on CPU (torchrun + ACCELERATE_USE_CPU): each rank trains on its own slice."""
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, checkpoint__every=2)
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relufy", "train", str(path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer
+    assert rows[-1]["tokens"] == 4 * 2 * 2 * 32 * 2  # steps x micro-batch x accumulation x seq x processes
+    assert (tmp_path / "out" / "final" / "config.json").exists()
 
 
 CHAT_TEMPLATE = (
@@ -226,7 +254,7 @@ def test_sft_loss_on_assistant_tokens_only(base, tmp_path):
     assert "list" not in scored and "tuple" not in scored and "user" not in scored
     assert (labels[ids == tok.pad_token_id] == -100).all()
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": convo}) for _ in range(40)))
-    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=3, model={"path": str(model_dir)},
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, model={"path": str(model_dir)},
                       data={"sources": [{"data": str(tmp_path / "chat.jsonl")}], "seq_len": 160, "chat": True,
                             "heldout_fraction": 0.1})  # fmt: skip
     final = train(validate(raw), show_progress=False)

@@ -30,6 +30,11 @@ class Site:
     params_per_neuron: int  # gate row + up row + down column = 3 * hidden
 
 
+def _shape(param) -> tuple[int, ...]:
+    """The full shape, also of a DeepSpeed ZeRO-3 partitioned parameter (whose .shape is (0,))."""
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
 def ffn_sites(model) -> list[tuple[Site, torch.nn.Module]]:
     config = model.config
     block = getattr(config, "relufy", None) or {}
@@ -41,10 +46,10 @@ def ffn_sites(model) -> list[tuple[Site, torch.nn.Module]]:
         m = _LAYER.search(name + ".")
         layer = int(m.group(1)) if m else -1
         if module.relufy_layout == "experts":
-            experts, hidden, width = module.down_proj.shape  # [E, H, I]
+            experts, hidden, width = _shape(module.down_proj)  # [E, H, I]
             kind = "experts"
         else:
-            hidden, width = module.down_proj.weight.shape
+            hidden, width = _shape(module.down_proj.weight)
             experts = 1
             kind = "shared" if family.shared_attr and name.endswith("." + family.shared_attr) else "dense"
         sites.append((Site(name, layer, kind, width, experts, 3 * hidden), module))

@@ -98,12 +98,14 @@ class StreamSource:
     """Packed sequences from a streaming dataset, in stream order. Its state (the dataset's own
     resumable position plus the tokens not yet packed) makes resuming exact without re-reading."""
 
-    def __init__(self, spec: str, tokenizer, seq_len: int):
+    def __init__(self, spec: str, tokenizer, seq_len: int, skip_on_wrap: int = 0):
         self.spec, self.tokenizer, self.seq_len = spec, tokenizer, seq_len
         self.dataset = open_stream(spec)
         self.iterator = None
         self.buffer: list[int] = []
         self.epoch = 0
+        self.skip_on_wrap = skip_on_wrap  # the held-out head of the stream is skipped on every pass
+        self.to_skip = 0
 
     def _text(self) -> str:
         while True:
@@ -111,13 +113,20 @@ class StreamSource:
                 self.dataset.set_epoch(self.epoch)
                 self.iterator = iter(self.dataset)
             try:
-                return next(self.iterator).get("text") or ""
+                record = next(self.iterator)
             except StopIteration:
-                self.iterator, self.epoch = None, self.epoch + 1
-                if self.epoch > 10_000:
+                if self.epoch == 0 and not self.buffer and self.to_skip == 0 and not getattr(self, "_seen_text", False):
                     raise RelufyError(f"{self.spec}: the stream holds no text") from None
+                self.iterator, self.epoch = None, self.epoch + 1
+                self.buffer, self.to_skip = [], self.skip_on_wrap
+                continue
+            if "text" not in record:
+                raise RelufyError(f"{self.spec}: records have no 'text' field (fields: {', '.join(record)})")
+            if record["text"]:
+                self._seen_text = True
+            return record["text"] or ""
 
-    def next(self) -> torch.Tensor:
+    def _pack(self) -> list[int]:
         while len(self.buffer) < self.seq_len:
             text = self._text()
             if text:
@@ -125,14 +134,22 @@ class StreamSource:
                 if self.tokenizer.eos_token_id is not None:
                     self.buffer.append(self.tokenizer.eos_token_id)
         seq, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
+        return seq
+
+    def next(self) -> torch.Tensor:
+        seq = self._pack()
+        while self.to_skip:  # a new pass began: drop the held-out head again
+            self.to_skip -= 1
+            seq = self._pack()
         return torch.tensor(seq, dtype=torch.long)
 
     def state_dict(self) -> dict:
-        return {"dataset": self.dataset.state_dict(), "buffer": list(self.buffer), "epoch": self.epoch}
+        return {"dataset": self.dataset.state_dict(), "buffer": list(self.buffer), "epoch": self.epoch, "to_skip": self.to_skip}
 
     def load_state_dict(self, state: dict) -> None:
         self.dataset.load_state_dict(state["dataset"])
         self.buffer, self.epoch, self.iterator = list(state["buffer"]), int(state["epoch"]), None
+        self.to_skip = int(state.get("to_skip", 0))
 
 
 class Mixture:
@@ -192,14 +209,18 @@ def build(data_spec, tokenizer, seed: int) -> tuple[Mixture, torch.Tensor]:
         if src.streaming:
             if data_spec.chat:
                 raise RelufyError(f"{src.data}: streaming chat data is not supported; drop streaming")
-            stream = StreamSource(src.data, tokenizer, data_spec.seq_len)
+            stream = StreamSource(src.data, tokenizer, data_spec.seq_len, skip_on_wrap=data_spec.heldout_sequences)
             held = [stream.next() for _ in range(data_spec.heldout_sequences)]
             if held:
                 heldout.append(torch.stack(held))
             train.append(stream)
             continue
         if data_spec.chat:
-            seqs = torch.stack([chat_example(m, tokenizer, data_spec.seq_len) for m in load_conversations(src.data)])
+            examples = [chat_example(m, tokenizer, data_spec.seq_len) for m in load_conversations(src.data)]
+            examples = [e for e in examples if (e[1] != -100).any()]  # truncation can cut every answer
+            if not examples:
+                raise RelufyError(f"{src.data}: no conversation keeps an assistant token within seq_len {data_spec.seq_len}")
+            seqs = torch.stack(examples)
         else:
             seqs = pack(load_texts(src.data), tokenizer, data_spec.seq_len)
         n_held = int(len(seqs) * data_spec.heldout_fraction)

@@ -155,6 +155,7 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
         if not is_tensorboard_available():
             raise RelufyError("log.tensorboard needs TensorBoard: pip install 'relufy[tensorboard]' (or tensorboard)")
     accelerator = Accelerator(
+        gradient_accumulation_steps=recipe.budget.grad_accum,
         mixed_precision="bf16" if recipe.precision == "bf16" else "no",
         log_with=["tensorboard"] if recipe.log.tensorboard else None,
         project_dir=str(out),
@@ -162,13 +163,23 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
     set_seed(recipe.seed)
     model, tokenizer = _load(recipe)
     if recipe.sparsity.router_aux_coef is not None:
+        if not hasattr(model, "router_aux_loss_coef"):
+            raise RelufyError(f"sparsity.router_aux_coef: {type(model).__name__} computes no router auxiliary loss")
         model.config.output_router_logits = True
-        model.config.router_aux_loss_coef = recipe.sparsity.router_aux_coef
+        model.config.router_aux_loss_coef = model.router_aux_loss_coef = recipe.sparsity.router_aux_coef
     mixture, heldout = train_data.build(recipe.data, tokenizer, recipe.seed)
 
     budget = recipe.budget
     tokens_per_step = budget.micro_batch_size * budget.grad_accum * recipe.data.seq_len * accelerator.num_processes
     total_steps = budget.max_steps or max(1, budget.max_tokens // tokens_per_step)
+    if recipe.optim.warmup_steps >= total_steps:
+        raise RelufyError(f"optim.warmup_steps ({recipe.optim.warmup_steps}) must be below the run's {total_steps} steps")
+    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    if sharded and (recipe.sparsity.distill or recipe.sparsity.ffn_warmstart or recipe.lora):
+        raise RelufyError(
+            "distillation, the FFN warm start and LoRA are not supported with FSDP or DeepSpeed yet: use DDP "
+            "(recipes/accelerate/ddp.yaml) for them"
+        )
 
     teacher = None
     if recipe.sparsity.distill or recipe.sparsity.ffn_warmstart:
@@ -183,7 +194,7 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
         from .warmstart import ffn_warmstart
 
         before = copy.deepcopy(mixture.state_dict())
-        report = ffn_warmstart(model, teacher, mixture, recipe.sparsity.ffn_warmstart, accelerator.device)
+        report = ffn_warmstart(model, teacher, mixture, recipe.sparsity.ffn_warmstart, accelerator.device, recipe.data.seq_len)
         mixture.load_state_dict(before)  # the warm start's tokens are not consumed from the training data
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
@@ -211,6 +222,7 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
         optimizer, lambda s: lr_lambda(s, o.warmup_steps, total_steps, o.lr, o.min_lr)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaces parameters in prepare
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(mixture)
     if teacher is not None:
@@ -246,10 +258,14 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
         for step in range(start_step, total_steps):
             meter.reset()
             step_loss = 0.0
+            rank, world = accelerator.process_index, accelerator.num_processes
             for _ in range(budget.grad_accum):
-                batch = mixture.batch(budget.micro_batch_size).to(accelerator.device)
+                # every rank draws the same global batch (one mixture state) and keeps its slice
+                full = mixture.batch(budget.micro_batch_size * world)
+                batch = full[rank * budget.micro_batch_size : (rank + 1) * budget.micro_batch_size].to(accelerator.device)
                 ids, labels = (batch[:, 0], batch[:, 1]) if batch.dim() == 3 else (batch, batch)
-                with accelerator.autocast():
+                meter.l1_terms = []
+                with accelerator.accumulate(model), accelerator.autocast():
                     outputs = model(input_ids=ids, labels=labels)
                     loss = outputs.loss
                     if teacher is not None:
@@ -260,10 +276,11 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
                     if meter.l1:
                         ramp = min(1.0, (step + 1) / recipe.sparsity.l1_warmup_steps) if recipe.sparsity.l1_warmup_steps else 1.0
                         loss = loss + recipe.sparsity.l1 * ramp * torch.stack(meter.l1_terms).mean()
-                        meter.l1_terms = []
-                accelerator.backward(loss / budget.grad_accum)
+                    accelerator.backward(loss)  # divided by grad_accum inside
+                meter.l1_terms = []
                 step_loss += float(loss.detach()) / budget.grad_accum
-            if not math.isfinite(step_loss):
+            finite = torch.tensor([1.0 if math.isfinite(step_loss) else 0.0], device=accelerator.device)
+            if float(accelerator.gather(finite).min()) == 0:  # every rank stops together
                 raise TrainingDiverged(
                     f"loss became {step_loss} at step {step + 1}; stopped"
                     + (f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint saved yet)")

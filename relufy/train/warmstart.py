@@ -23,8 +23,7 @@ def _layers(model):
     raise ValueError("no decoder layer list found")
 
 
-def ffn_warmstart(student, teacher, mixture, spec, device, batch_tokens: int = 1024) -> dict:
-    seq_len = mixture.sources[0].shape[-1]
+def ffn_warmstart(student, teacher, mixture, spec, device, seq_len: int, batch_tokens: int = 1024) -> dict:
     n_seq = max(1, spec.tokens // seq_len)
     batch = mixture.batch(n_seq)
     ids = batch[:, 0] if batch.dim() == 3 else batch  # chat data: (ids, labels) pairs
