@@ -6,7 +6,7 @@ STAMP := $(VENV)/.relufy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench-convert bench-eval bench-train eval-smollm2 clean
+.PHONY: install test demo bench-convert bench-eval bench-train eval-smollm2 recovery-smollm2 clean
 
 install: $(STAMP)
 
@@ -54,6 +54,22 @@ eval-smollm2: $(STAMP)
 	$(BIN)/relufy eval "$$SMOL" $(RUNS)/eval-smollm2/drelu $(RUNS)/eval-smollm2/reglu --data $(WIKITEXT) \
 	  --seq-len 512 --max-tokens $(EVAL_TOKENS) --topk 0,0.5,0.8,0.85,0.9 --batch-size 4 \
 	  --json $(RUNS)/eval-smollm2/eval.json --plot $(RUNS)/eval-smollm2/plots
+
+# Recovery of the untrained SmolLM2 dReLU conversion on this CPU, three variants with the same
+# data, seed and step budget: plain LM loss; FFN-local warm start; warm start + KL distillation
+# from the original. Results: runs/recovery/*/summary.json (docs/results.md).
+RECOVERY_STEPS ?= 60
+RECOVERY_ARGS ?= budget.max_steps=$(RECOVERY_STEPS) checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0
+recovery-smollm2: $(STAMP)
+	@mkdir -p $(RUNS)/recovery
+	@SMOL=$$($(BIN)/python -m relufy.embedded) && \
+	[ -f $(RUNS)/demo/drelu/config.json ] || $(BIN)/relufy convert "$$SMOL" $(RUNS)/demo/drelu
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/plain model.path=$(RUNS)/demo/drelu \
+	  $(RECOVERY_ARGS) sparsity.distill=null sparsity.ffn_warmstart=null
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart model.path=$(RUNS)/demo/drelu \
+	  $(RECOVERY_ARGS) sparsity.distill=null
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart-kd model.path=$(RUNS)/demo/drelu \
+	  $(RECOVERY_ARGS)
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

@@ -116,11 +116,15 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def heldout_ppl(model, heldout: torch.Tensor, device, batch_size: int = 4) -> float | None:
+def heldout_eval(model, heldout: torch.Tensor, device, batch_size: int = 4) -> tuple[float | None, float | None]:
+    """Held-out perplexity and mean per-layer FFN sparsity (the counters of relufy eval).
+    Leaves every FFN without an observer: callers reinstall theirs."""
     if len(heldout) == 0:
-        return None
+        return None, None
     from ..data import Window
     from ..measure.evaluate import score
+    from ..measure.sites import ActivationCounter, observing
+    from ..measure.stats import Stats
 
     if heldout.dim() == 3:  # chat: (ids, labels) pairs
         wins = [Window(pair[0], pair[1]) for pair in heldout]
@@ -128,9 +132,11 @@ def heldout_ppl(model, heldout: torch.Tensor, device, batch_size: int = 4) -> fl
         wins = [Window(seq, torch.cat([torch.tensor([-100]), seq[1:]])) for seq in heldout]
     was_training = model.training
     model.eval()
-    nll, count = score(model, wins, batch_size, device)
+    with observing(model, ActivationCounter) as counter:
+        nll, count = score(model, wins, batch_size, device)
     model.train(was_training)
-    return math.exp(nll / count)
+    per_layer = Stats(counter.result(), 0, {}).layer_sparsity()
+    return math.exp(nll / count), sum(per_layer) / len(per_layer)
 
 
 def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> Path:
@@ -244,10 +250,15 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
     unwrapped = accelerator.unwrap_model(model)
     sites = ffn_sites(unwrapped.get_base_model() if recipe.lora else unwrapped)
     meter = SparsityMeter(sites, l1=recipe.sparsity.l1 > 0)
-    if recipe.log.sparsity or meter.l1:
-        for _, module in sites:
-            module.relufy_observer = meter
 
+    def install_meter():
+        if recipe.log.sparsity or meter.l1:
+            for _, module in sites:
+                module.relufy_observer = meter
+
+    base = unwrapped.get_base_model() if recipe.lora else unwrapped
+    before = heldout_eval(base, heldout, accelerator.device) if start_step == 0 and accelerator.is_main_process else (None, None)
+    install_meter()
     model.train()
     last_good = start_ckpt
     window_losses: list[float] = []
@@ -304,7 +315,8 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
                     "tokens_per_second": (done * tokens_per_step - tokens_at_t0) / (time.perf_counter() - t0),
                 }
                 if recipe.log.eval_every and done % recipe.log.eval_every == 0:
-                    record["heldout_ppl"] = heldout_ppl(model, heldout, accelerator.device)
+                    record["heldout_ppl"], record["heldout_sparsity"] = heldout_eval(base, heldout, accelerator.device)
+                    install_meter()
                 window_losses = []
                 if accelerator.is_main_process:
                     with open(metrics_path, "a") as f:
@@ -323,7 +335,7 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
         for _, module in sites:
             module.relufy_observer = None
 
-    final_ppl = heldout_ppl(model, heldout, accelerator.device)
+    final_ppl, final_sparsity = heldout_eval(base, heldout, accelerator.device)
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
@@ -332,7 +344,15 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
             state_dict = None
         note = f"Trained by `relufy train` ({recipe.name}): {total_steps} steps, {total_steps * tokens_per_step:,} tokens."
         save_relufy(unwrapped, out / "final", tokenizer=tokenizer, state_dict=state_dict, card_note=note)
-        summary = {"steps": total_steps, "tokens": total_steps * tokens_per_step, "heldout_ppl": final_ppl}
+        summary = {
+            "steps": total_steps,
+            "tokens": total_steps * tokens_per_step,
+            "heldout_tokens": int(heldout.numel() if heldout.dim() == 2 else heldout[:, 0].numel()),
+            "heldout_ppl_before": before[0],
+            "heldout_sparsity_before": before[1],
+            "heldout_ppl": final_ppl,
+            "heldout_sparsity": final_sparsity,
+        }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         from .plots import plot_curves
 
