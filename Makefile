@@ -59,7 +59,8 @@ eval-smollm2: $(STAMP)
 # data, seed and step budget: plain LM loss; FFN-local warm start; warm start + KL distillation
 # from the original. Results: runs/recovery/*/summary.json (docs/results.md).
 RECOVERY_STEPS ?= 60
-RECOVERY_ARGS ?= budget.max_steps=$(RECOVERY_STEPS) checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0
+RECOVERY_ARGS ?= budget.max_steps=$(RECOVERY_STEPS) checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0 \
+  sparsity.ffn_warmstart.steps=60 sparsity.ffn_warmstart.tokens=8192
 recovery-smollm2: $(STAMP)
 	@mkdir -p $(RUNS)/recovery
 	@SMOL=$$($(BIN)/python -m relufy.embedded) && \
