@@ -143,7 +143,7 @@ def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _model_card(config: dict, family: Family, spec: ActivationSpec, source: str, found: int) -> str:
+def model_card(config: dict, family: Family, spec: ActivationSpec, source: str, found: int) -> str:
     formula = {
         "drelu": "down(relu(x W_gate) * relu(x W_up))",
         "reglu": "down(relu(x W_gate) * (x W_up))",
@@ -225,7 +225,7 @@ def _convert_folder(
         (tmp / "config.json").write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
         if not is_identity(spec.activation):
             (tmp / MODELING_FILE).write_text(render_modeling(family))
-        (tmp / "README.md").write_text(_model_card(new, family, spec, label, found))
+        (tmp / "README.md").write_text(model_card(new, family, spec, label, found))
     return out
 
 

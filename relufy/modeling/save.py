@@ -13,7 +13,7 @@ from .remote import MODELING_FILE, base_config_dict, is_identity, relufy_config_
 def save_relufy(model, out: str | Path, tokenizer=None, state_dict=None, force: bool = True, card_note: str = "") -> Path:
     """Write ``model`` (activation swapped by relufy.load / swap_activation) to ``out``:
     safetensors + relufy ``config.json`` + remote code + model card (+ tokenizer)."""
-    from ..conversion import ActivationSpec, _model_card
+    from ..conversion import ActivationSpec, model_card
 
     config = model.config
     block = dict(getattr(config, "relufy", None) or {})
@@ -35,6 +35,6 @@ def save_relufy(model, out: str | Path, tokenizer=None, state_dict=None, force: 
         if not is_identity(block["activation"]):
             (tmp / MODELING_FILE).write_text(render_modeling(family))
         spec = ActivationSpec(activation=block["activation"], threshold=block.get("threshold"))
-        card = _model_card(new, family, spec, block.get("source", ""), found=0)
+        card = model_card(new, family, spec, block.get("source", ""), found=0)
         (tmp / "README.md").write_text(card + (f"\n{card_note}\n" if card_note else ""))
     return out

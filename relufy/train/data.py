@@ -106,6 +106,7 @@ class StreamSource:
         self.epoch = 0
         self.skip_on_wrap = skip_on_wrap  # the held-out head of the stream is skipped on every pass
         self.to_skip = 0
+        self.seen_text = False
 
     def _text(self) -> str:
         while True:
@@ -115,7 +116,7 @@ class StreamSource:
             try:
                 record = next(self.iterator)
             except StopIteration:
-                if self.epoch == 0 and not self.buffer and self.to_skip == 0 and not getattr(self, "_seen_text", False):
+                if not self.seen_text:
                     raise RelufyError(f"{self.spec}: the stream holds no text") from None
                 self.iterator, self.epoch = None, self.epoch + 1
                 self.buffer, self.to_skip = [], self.skip_on_wrap
@@ -123,7 +124,7 @@ class StreamSource:
             if "text" not in record:
                 raise RelufyError(f"{self.spec}: records have no 'text' field (fields: {', '.join(record)})")
             if record["text"]:
-                self._seen_text = True
+                self.seen_text = True
             return record["text"] or ""
 
     def _pack(self) -> list[int]:
