@@ -71,7 +71,7 @@ def write_safetensors(
     with open(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
-        for name, dtype, shape in entries:
+        for name, _, _ in entries:
             written = sum(f.write(chunk) for chunk in produce(name))
             expected = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
             if written != expected:

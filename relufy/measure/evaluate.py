@@ -65,7 +65,10 @@ class ModelEval(BaseModel):
 
 
 def _device_dtype(options: EvalOptions) -> tuple[torch.device, torch.dtype]:
-    device = torch.device("cuda" if options.device == "auto" and torch.cuda.is_available() else options.device if options.device != "auto" else "cpu")
+    if options.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(options.device)
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if options.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32

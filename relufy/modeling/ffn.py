@@ -42,7 +42,7 @@ class RelufyFFN:
 
     def relufy_combine(self, gate, up, expert=None):
         if self.relufy_activation == "swiglu":  # the module's own gated activation
-            act = getattr(self, "act_fn", None) or getattr(self, "activation_fn")
+            act = getattr(self, "act_fn", None) or self.activation_fn
             out = act(gate) * up
         else:
             out = GATED_ACTIVATIONS[self.relufy_activation](gate, up, self.relufy_threshold)

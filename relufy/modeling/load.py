@@ -77,4 +77,4 @@ def load(
     return swap_activation(model, spec.activation, spec.threshold, source=source.label)
 
 
-__all__ = ["load", "swap_activation", "family_for"]
+__all__ = ["load", "swap_activation"]
