@@ -128,8 +128,6 @@ def eval_(
     stats_out: Annotated[Path | None, typer.Option(help="Write activation counts (.safetensors).")] = None,
 ):
     """Perplexity, activation sparsity and the top-k curve of one or more models."""
-    from pydantic import ValidationError
-
     from .measure.evaluate import EvalOptions, evaluate
     from .measure.report import print_table, write_json, write_plots
 
@@ -137,14 +135,10 @@ def eval_(
         levels = tuple(float(x) for x in topk.split(",") if x.strip())
     except ValueError:
         raise RelufyError(f"--topk must be comma-separated numbers, got {topk!r}") from None
-    try:
-        options = EvalOptions(
-            data=data, seq_len=seq_len, stride=stride, max_tokens=max_tokens, bos=bos, topk=levels,
-            batch_size=batch_size, device=device, dtype=dtype,
-        )  # fmt: skip
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise RelufyError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
+    options = _options(
+        EvalOptions, data=data, seq_len=seq_len, stride=stride, max_tokens=max_tokens, bos=bos, topk=levels,
+        batch_size=batch_size, device=device, dtype=dtype,
+    )  # fmt: skip
     results = evaluate(models, options)
     print_table([r for r, _ in results])
     if json_out:
@@ -157,6 +151,64 @@ def eval_(
             target = stats_out if len(results) == 1 else stats_out.with_name(f"{stats_out.stem}.{i}{stats_out.suffix}")
             stats.save(target)
             typer.echo(f"wrote {target}", err=True)
+
+
+class Layout(str, Enum):
+    hf = "hf"
+    powerinfer = "powerinfer"
+
+
+@app.command("export")
+def export_(
+    model: Annotated[str, typer.Argument(help="A relufy checkpoint (converted, usually trained).")],
+    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    stats: Annotated[str | None, typer.Option(help="Statistics from relufy eval --stats-out.")] = None,
+    data: Annotated[str | None, typer.Option(help="Calibration text: profiles (without --stats) and trains predictors.")] = None,
+    layout: Annotated[Layout, typer.Option(help="hf, or powerinfer (PowerInfer's converter input).")] = Layout.hf,
+    dtype: Annotated[DType, typer.Option(help="Weight dtype of OUT.")] = DType.keep,
+    reorder: Annotated[bool, typer.Option("--reorder", help="Permute neurons hottest first (function unchanged).")] = False,
+    predictors: Annotated[bool, typer.Option("--predictors", help="Train a predictor per FFN (per expert).")] = False,
+    predictor_rank: Annotated[int | None, typer.Option(help="Rank of every predictor (default: per layer from its sparsity).")] = None,
+    predictor_threshold: Annotated[float, typer.Option(help="Neuron computed when its score >= this.")] = 0.0,
+    predictor_input: Annotated[str, typer.Option(help="residual (before the FFN norm) or ffn (the FFN input).")] = "residual",
+    predictor_steps: Annotated[int, typer.Option(help="Adam steps per predictor.")] = 300,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    max_tokens: Annotated[int | None, typer.Option(help="Calibration tokens read from --data.")] = 32768,
+    eval_json: Annotated[str | None, typer.Option(help="relufy eval --json output to quote in the card.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    report: Annotated[Path | None, typer.Option(help="Write the export summary (JSON) here.")] = None,
+):
+    """Export MODEL for sparse inference: statistics, reordering, predictors, engine layout."""
+    from .export.export import export as run
+    from .export.options import ExportOptions
+
+    options = _options(
+        ExportOptions, layout=layout.value, dtype=dtype.value, stats=stats, data=data, reorder=reorder,
+        predictors=predictors, predictor_rank=predictor_rank, predictor_threshold=predictor_threshold,
+        predictor_input=predictor_input, predictor_steps=predictor_steps, seq_len=seq_len,
+        max_tokens=max_tokens, eval_json=eval_json, device=device,
+    )  # fmt: skip
+    result = run(model, out, options, force=force)
+    if result.predictors:
+        typer.echo(
+            f"held-out perplexity {result.ppl_dense:.2f} dense, {result.ppl_predicted:.2f} with predicted neurons "
+            f"({result.predicted_kept:.1%} computed, {result.missed_active:.1%} of active neurons missed)"
+        )
+    if report:
+        report.write_text(json.dumps(result.summary(), indent=2) + "\n")
+    typer.echo(f"wrote {result.out} (overall sparsity {result.sparsity['overall']:.1%})")
+
+
+def _options(cls, **values):
+    """Build a pydantic options object; a bad value becomes one line naming the option."""
+    from pydantic import ValidationError
+
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise RelufyError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 @app.command(context_settings={"allow_extra_args": False})

@@ -43,6 +43,9 @@ class Family:
     top_k: Callable | None = None
     moe_ffn_size: Callable | None = None
     shared_attr: str | None = None  # in memory: the MoE block's attribute holding the shared expert(s)
+    # in memory: the decoder layer's norm in front of the FFN; its input is the residual stream
+    # that sparsity predictors read (relufy.export.calibration)
+    ffn_norm: str = "post_attention_layernorm"
 
     @property
     def is_moe(self) -> bool:
@@ -95,8 +98,15 @@ FAMILIES: dict[str, Family] = {
         _dense("qwen2", "Qwen2"),
         _dense("qwen3", "Qwen3"),
         _dense("gemma", "Gemma"),
-        _dense("gemma2", "Gemma2", act_key="hidden_activation"),
-        _dense("gemma3_text", "Gemma3", act_key="hidden_activation", module="gemma3", config_class="Gemma3TextConfig"),
+        _dense("gemma2", "Gemma2", act_key="hidden_activation", ffn_norm="pre_feedforward_layernorm"),
+        _dense(
+            "gemma3_text",
+            "Gemma3",
+            act_key="hidden_activation",
+            module="gemma3",
+            config_class="Gemma3TextConfig",
+            ffn_norm="pre_feedforward_layernorm",
+        ),
         _dense("phi3", "Phi3", layout="fused"),
         Family(
             "mixtral",

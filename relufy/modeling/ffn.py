@@ -33,12 +33,14 @@ class RelufyFFN:
 
     ``relufy_observer``, when set, is called as ``observer(module, combined, expert)`` and returns
     the combined activation to use (measurement reads it, top-k masking replaces it); ``expert``
-    is the expert index inside an experts module on the eager path, else None.
+    is the expert index inside an experts module on the eager path, else None. On that path
+    ``relufy_rows`` holds the rows of the flattened input (token positions) routed to ``expert``.
     """
 
     relufy_activation = "swiglu"
     relufy_threshold = None
     relufy_observer = None
+    relufy_rows = None
 
     def relufy_combine(self, gate, up, expert=None):
         if self.relufy_activation == "swiglu":  # the module's own gated activation
@@ -91,9 +93,11 @@ class RelufyExperts(RelufyFFN):
             if expert == num_experts:
                 continue
             pos, tok = torch.where(mask[expert])
+            self.relufy_rows = tok
             h = self._apply_gate(F.linear(hidden_states[tok], self.gate_up_proj[expert]), int(expert))
             h = F.linear(h, self.down_proj[expert]) * top_k_weights[tok, pos, None]
             out.index_add_(0, tok, h.to(out.dtype))
+        self.relufy_rows = None
         return out
 
 

@@ -103,6 +103,8 @@ class RelufyConfig(_BaseConfig):
 
 class RelufyForCausalLM(_BaseForCausalLM):
     config_class = RelufyConfig
+    # sparsity predictors exported beside the weights (relufy export); engines read them
+    _keys_to_ignore_on_load_unexpected = [r"\.predictor\."]
 
     def __init__(self, config, *args, **kwargs):
         block = config.relufy

@@ -12,7 +12,15 @@ from .remote import MODELING_FILE, base_config_dict, is_identity, relufy_config_
 
 def save_relufy(model, out: str | Path, tokenizer=None, state_dict=None, force: bool = True, card_note: str = "") -> Path:
     """Write ``model`` (activation swapped by relufy.load / swap_activation) to ``out``:
-    safetensors + relufy ``config.json`` + remote code + model card (+ tokenizer)."""
+    safetensors + relufy ``config.json`` + remote code + model card (+ tokenizer), atomically."""
+    out = Path(out)
+    with atomic_dir(out, force=force) as tmp:
+        write_relufy(model, tmp, tokenizer, state_dict, card_note)
+    return out
+
+
+def write_relufy(model, tmp: Path, tokenizer=None, state_dict=None, card_note: str = "", max_shard_size="5GB") -> dict:
+    """``save_relufy`` into an existing (temporary) folder; returns the written ``config.json``."""
     from ..conversion import ActivationSpec, model_card
 
     config = model.config
@@ -20,21 +28,20 @@ def save_relufy(model, out: str | Path, tokenizer=None, state_dict=None, force: 
     if not block:
         raise ValueError("the model carries no relufy block: load it with relufy.load or swap_activation")
     family = family_for(block["base_model_type"])
-    out = Path(out)
-    with atomic_dir(out, force=force) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        written = json.loads((tmp / "config.json").read_text())
-        written["relufy"] = block
-        base = base_config_dict(written)
-        extra = {k: v for k, v in block.items() if k not in ("activation", "threshold", "base_model_type",
-                 "base_architectures", "base_activation", "source", "relufy_version")}  # fmt: skip
-        new = relufy_config_dict(base, family, block["activation"], block.get("threshold"), block.get("source", ""), extra)
-        (tmp / "config.json").write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-        if not is_identity(block["activation"]):
-            (tmp / MODELING_FILE).write_text(render_modeling(family))
-        spec = ActivationSpec(activation=block["activation"], threshold=block.get("threshold"))
-        card = model_card(new, family, spec, block.get("source", ""), found=0)
-        (tmp / "README.md").write_text(card + (f"\n{card_note}\n" if card_note else ""))
-    return out
+    tmp = Path(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    written = json.loads((tmp / "config.json").read_text())
+    written["relufy"] = block
+    base = base_config_dict(written)
+    extra = {k: v for k, v in block.items() if k not in ("activation", "threshold", "base_model_type",
+             "base_architectures", "base_activation", "source", "relufy_version")}  # fmt: skip
+    new = relufy_config_dict(base, family, block["activation"], block.get("threshold"), block.get("source", ""), extra)
+    (tmp / "config.json").write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    if not is_identity(block["activation"]):
+        (tmp / MODELING_FILE).write_text(render_modeling(family))
+    spec = ActivationSpec(activation=block["activation"], threshold=block.get("threshold"))
+    card = model_card(new, family, spec, block.get("source", ""), found=0)
+    (tmp / "README.md").write_text(card + (f"\n{card_note}\n" if card_note else ""))
+    return new

@@ -1,0 +1,110 @@
+"""The model card (README.md) and plots of an exported checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .. import __version__
+
+
+def _plots(tmp: Path, result) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    per_layer = result.sparsity["per_layer"]
+    fig, ax = plt.subplots(figsize=(max(6, len(per_layer) * 0.25), 3.5))
+    ax.bar(range(len(per_layer)), [100 * s for s in per_layer], color="tab:blue", label="zeros (measured)")
+    if result.predictors:
+        layers = sorted({p["layer"] for p in result.predictors})
+        pred = [_mean([p["predicted_sparsity"] for p in result.predictors if p["layer"] == L and "predicted_sparsity" in p]) for L in layers]
+        recall = [_mean([p["recall"] for p in result.predictors if p["layer"] == L and "recall" in p]) for L in layers]
+        ax.plot(layers, [100 * v for v in pred], "o-", color="tab:orange", label="predicted sparsity")
+        ax.plot(layers, [100 * v for v in recall], "s-", color="tab:green", label="predictor recall")
+    ax.set(xlabel="layer", ylabel="%", ylim=(0, 100), title=f"FFN activation sparsity (overall {result.sparsity['overall']:.1%})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(tmp / "sparsity.png", dpi=120)
+    plt.close(fig)
+    names.append("sparsity.png")
+    return names
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _layer_table(result) -> str:
+    rows = ["| layer | zeros | predictor rank | recall | precision | predicted sparsity |", "|---:|---:|---:|---:|---:|---:|"]
+    for layer, s in enumerate(result.sparsity["per_layer"]):
+        preds = [p for p in result.predictors if p["layer"] == layer]
+        if preds:
+            rank = "/".join(sorted({str(p["rank"]) for p in preds}))
+            cells = [f"{_mean([p.get(k) for p in preds]):.3f}" for k in ("recall", "precision", "predicted_sparsity")]
+        else:
+            rank, cells = "-", ["-", "-", "-"]
+        rows.append(f"| {layer} | {s:.1%} | {rank} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _load_snippet(options, family) -> str:
+    if options.layout == "powerinfer" and not family.is_moe:
+        return """This folder is PowerInfer's converter input (checked against SJTU-IPADS/PowerInfer d3ebd7c):
+
+```bash
+python convert.py --outfile model.powerinfer.gguf --outtype f16 --vocabtype bpe THIS_FOLDER THIS_FOLDER/predictor
+# activation/ must sit beside the GGUF for PowerInfer's GPU/CPU neuron split
+```
+
+`--vocabtype spm` when the folder holds `tokenizer.model`. It also loads in transformers as a
+plain dReLU Llama only through relufy (`relufy.load`), since `bamboo` is not a transformers type."""
+    return """```python
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or relufy.load(path)
+```
+
+Predictors (if any) are in `predictors.safetensors` (listed in the index; transformers skips them):
+`relufy.export.load_predictors(path)`."""
+
+
+def write_card(tmp: Path, config: dict, family, options, result) -> None:
+    plots = _plots(tmp, result)
+    block = config["relufy"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"tags: [relufy, {block['activation']}, sparse-activation]",
+        "---",
+        f"# Sparsity-ready {block['activation']} export of `{block.get('source', '')}`",
+        "",
+        f"Exported by relufy {__version__} (Turbo Sparse, arXiv 2406.05955), layout `{options.layout}`, "
+        f"family `{family.model_type}`.",
+        "",
+        "## What was done",
+        f"- Activation statistics from {'`' + options.stats + '`' if options.stats else '`' + str(options.data) + '`'}: "
+        f"{result.sparsity['overall']:.1%} of FFN neurons are exactly zero per token (mean over layers {result.sparsity['mean']:.1%}).",
+        f"- Neurons {'reordered hottest first per FFN' + (' and expert' if family.is_moe else '') + ' (permutation in sparsity.safetensors); the function is unchanged' if result.reordered else 'in their original order'}.",
+    ]
+    if result.predictors:
+        recalls = [p["recall"] for p in result.predictors if "recall" in p]
+        lines += [
+            f"- Predictors `fc2(relu(fc1(x)))` per FFN{' and expert' if family.is_moe else ''}, input: "
+            f"{'the residual stream entering the FFN norm' if options.predictor_input == 'residual' else 'the FFN input'}; "
+            f"a neuron is computed when its score >= {options.predictor_threshold}.",
+            f"- Held-out ({result.heldout_tokens} tokens): mean recall {_mean(recalls):.3f}; the model computes "
+            f"{result.predicted_kept:.1%} of neurons and drops {result.missed_active:.1%} of the active ones; "
+            f"perplexity {result.ppl_dense:.2f} dense -> {result.ppl_predicted:.2f} with predicted neurons only.",
+        ]
+    if options.eval_json:
+        models = json.loads(Path(options.eval_json).read_text())["models"]
+        lines += ["", "## Evaluation (`relufy eval`)", "", "| model | ppl | FFN zeros | top-k ppl |", "|---|---:|---:|---|"]
+        for m in models:
+            topk = ", ".join(f"{p['sparsity']:.0%}: {p['ppl']:.2f}" for p in m.get("topk", []))
+            lines.append(f"| `{Path(m['model']).name}` | {m['ppl']:.2f} | {m['sparsity']['overall']:.1%} | {topk} |")
+    lines += ["", "## Sparsity per layer", "", *(f"![{p}]({p})" for p in plots), "", _layer_table(result), "",
+              "## How to load", "", _load_snippet(options, family), ""]  # fmt: skip
+    (tmp / "README.md").write_text("\n".join(lines))

@@ -1,0 +1,191 @@
+"""What ``relufy export`` writes: the ``hf`` and ``powerinfer`` layouts (docs/formats.md).
+
+Both layouts carry ``sparsity.safetensors``: a relufy stats file (``relufy.measure.stats``:
+``layers.{L}.{kind}.counts`` / ``.tokens``, in the exported neuron order) plus, per site,
+``.frequency`` (float32 ``[experts, width]``, counts / tokens), ``.permutation`` (int64
+``[experts, width]``, exported neuron j = original neuron ``permutation[j]``; the identity
+without ``--reorder``) and, with predictors, ``.predictor_rank`` (int64 ``[experts]``); metadata
+adds ``predictor_threshold`` and ``predictor_input``.
+
+``hf``: ``relufy convert``'s format (safetensors shards, relufy ``config.json`` whose ``relufy``
+block gains an ``export`` entry, ``modeling_relufy.py``) plus ``predictors.safetensors`` listed in
+``model.safetensors.index.json``: ``{ffn}.predictor.fc1.weight`` ``[rank, hidden]`` and
+``{ffn}.predictor.fc2.weight`` ``[width, rank]``, ``{ffn}`` the FFN's module path
+(``model.layers.3.mlp``; ``model.layers.3.mlp.experts.{E}`` per expert;
+``model.layers.3.mlp.shared_expert(s)``).
+
+``powerinfer`` (dense Llama/Mistral dReLU): the model folder PowerInfer's ``convert.py`` reads
+(bamboo config, explicit ``lm_head.weight``, ``vocab.json`` + ``merges.txt`` for BPE vocabularies),
+``predictor/model_{i}.pt`` (fp16 ``fc1.weight`` / ``fc2.weight``) with ``predictor/config.json``
+``{"sparse_threshold": T}``, and ``activation/activation_{i}.pt`` (float32 per-neuron activation
+counts). MoE models, for which no engine format exists yet, get the ``hf`` model folder and the
+same files per expert: ``predictor/model_{i}.expert_{e}.pt``, ``predictor/model_{i}.shared.pt``,
+``activation/activation_{i}.expert_{e}.pt``, ``activation/activation_{i}.shared.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..modeling.remote import base_config_dict
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+INDEX = "model.safetensors.index.json"
+PREDICTORS_FILE = "predictors.safetensors"
+
+
+def target_dtype(option: str, config: dict) -> torch.dtype:
+    if option != "keep":
+        return DTYPES[option]
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
+    return DTYPES[_CONFIG_DTYPES.get(name, "fp32")]
+
+
+def predictor_prefix(site, expert: int) -> str:
+    return f"{site.name}.{expert}" if site.kind == "experts" else site.name
+
+
+def _file_stem(site, expert: int) -> str:
+    """``{layer}`` dense, ``{layer}.expert_{e}`` routed, ``{layer}.shared`` shared expert(s)."""
+    if site.kind == "experts":
+        return f"{site.layer}.expert_{expert}"
+    return f"{site.layer}.shared" if site.kind == "shared" else f"{site.layer}"
+
+
+def write_sparsity(path: Path, stats, perms: dict, predictors: dict, options) -> None:
+    from safetensors.torch import save_file
+
+    tensors, ppn = {}, {}
+    for site, (counts, tokens) in stats.sites.items():
+        key = f"layers.{site.layer}.{site.kind}"
+        tensors[f"{key}.counts"] = counts.contiguous()
+        tensors[f"{key}.tokens"] = tokens.contiguous()
+        tensors[f"{key}.frequency"] = (counts.double() / tokens.clamp_min(1).double()[:, None]).float()
+        perm = perms.get(site)
+        tensors[f"{key}.permutation"] = (perm if perm is not None else torch.arange(site.width).expand(site.experts, -1)).contiguous().long()
+        if predictors:
+            tensors[f"{key}.predictor_rank"] = torch.tensor([predictors[(site, e)].fc1.weight.shape[0] for e in range(site.experts)])
+        ppn[key] = site.params_per_neuron
+    meta = {k: str(v) for k, v in stats.meta.items()}
+    meta.update(format="relufy-stats", version="1", positions=str(stats.positions), params_per_neuron=json.dumps(ppn))
+    if predictors:
+        meta.update(predictor_threshold=str(options.predictor_threshold), predictor_input=options.predictor_input)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _export_block(options, result) -> dict:
+    block = {
+        "layout": options.layout,
+        "reordered": result.reordered,
+        "sparsity": {"overall": result.sparsity["overall"], "per_layer": result.sparsity["per_layer"]},
+        "sparsity_file": "sparsity.safetensors",
+    }
+    if result.predictors:
+        recalls = [p["recall"] for p in result.predictors if "recall" in p]
+        block["predictors"] = {
+            "input": options.predictor_input,
+            "threshold": options.predictor_threshold,
+            "mean_recall": sum(recalls) / len(recalls) if recalls else None,
+            "heldout_ppl_dense": result.ppl_dense,
+            "heldout_ppl_predicted": result.ppl_predicted,
+        }
+    return block
+
+
+def _write_hf_predictors(tmp: Path, predictors: dict, dtype) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for (site, e), p in predictors.items():
+        prefix = predictor_prefix(site, e)
+        tensors[f"{prefix}.predictor.fc1.weight"] = p.fc1.weight.detach().to("cpu", dtype).contiguous()
+        tensors[f"{prefix}.predictor.fc2.weight"] = p.fc2.weight.detach().to("cpu", dtype).contiguous()
+    save_file(tensors, str(tmp / PREDICTORS_FILE), metadata={"format": "pt"})
+    index_path = tmp / INDEX
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+    else:  # one shard: make the index that lists both files
+        from safetensors import safe_open
+
+        with safe_open(str(tmp / "model.safetensors"), "pt") as f:
+            names = list(f.keys())
+        index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model.safetensors")}
+    index["weight_map"].update(dict.fromkeys(tensors, PREDICTORS_FILE))
+    index["metadata"]["total_size"] = sum((tmp / f).stat().st_size for f in set(index["weight_map"].values()))
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_bpe_files(tmp: Path) -> None:
+    """``vocab.json`` + ``merges.txt`` from ``tokenizer.json`` for a BPE vocabulary (PowerInfer's
+    gguf writer reads merges only from ``merges.txt``)."""
+    path = tmp / "tokenizer.json"
+    if not path.exists() or (tmp / "tokenizer.model").exists():
+        return
+    model = json.loads(path.read_text()).get("model", {})
+    if model.get("type") != "BPE":
+        return
+    if not (tmp / "vocab.json").exists():
+        (tmp / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    if not (tmp / "merges.txt").exists():
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def _bamboo_config(written: dict) -> dict:
+    """A PowerInfer bamboo config (dReLU Llama) from the saved relufy llama/mistral config."""
+    base = base_config_dict(written)
+    rope = base.pop("rope_parameters", None) or {}
+    out = {k: v for k, v in base.items() if k not in ("auto_map",)}
+    out.update(model_type="bamboo", architectures=["BambooForCausalLM"], hidden_act="relu", tie_word_embeddings=False)
+    out["rope_theta"] = rope.get("rope_theta", base.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        out["rope_scaling"] = {"type": rope_type, **{k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}}
+    out["relufy"] = written["relufy"]
+    return out
+
+
+def _untie(model) -> None:
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head.weight is embed or head.weight.data_ptr() == embed.data_ptr():
+        head.weight = torch.nn.Parameter(embed.detach().clone())
+    model.config.tie_word_embeddings = False
+    if hasattr(model, "_tied_weights_keys"):
+        model._tied_weights_keys = {}
+
+
+def write_layout(tmp: Path, model, tokenizer, family, options, result, stats, perms, predictors, source_config) -> None:
+    from ..modeling.save import write_relufy
+    from .card import write_card
+
+    dtype = target_dtype(options.dtype, source_config)
+    model.to(dtype)
+    model.config.relufy = {**model.config.relufy, "export": _export_block(options, result)}
+    powerinfer_dense = options.layout == "powerinfer" and not family.is_moe
+    if powerinfer_dense:
+        _untie(model)
+    written = write_relufy(model, tmp, tokenizer, max_shard_size=options.max_shard_size)
+    if options.layout == "hf" and predictors:
+        _write_hf_predictors(tmp, predictors, dtype)
+    if options.layout == "powerinfer":
+        if powerinfer_dense:
+            (tmp / "config.json").write_text(json.dumps(_bamboo_config(written), indent=2, sort_keys=True) + "\n")
+            (tmp / "modeling_relufy.py").unlink(missing_ok=True)
+            _write_bpe_files(tmp)
+        (tmp / "predictor").mkdir()
+        (tmp / "activation").mkdir()
+        for (site, e), p in predictors.items():
+            state = {"fc1.weight": p.fc1.weight.detach().to("cpu", torch.float16).contiguous(),
+                     "fc2.weight": p.fc2.weight.detach().to("cpu", torch.float16).contiguous()}  # fmt: skip
+            torch.save(state, tmp / "predictor" / f"model_{_file_stem(site, e)}.pt")
+        (tmp / "predictor" / "config.json").write_text(json.dumps({"sparse_threshold": options.predictor_threshold}) + "\n")
+        for site, (counts, _) in stats.sites.items():
+            for e in range(site.experts):
+                torch.save(counts[e].float().contiguous(), tmp / "activation" / f"activation_{_file_stem(site, e)}.pt")
+    write_sparsity(tmp / "sparsity.safetensors", stats, perms, predictors, options)
+    write_card(tmp, written, family, options, result)
