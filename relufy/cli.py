@@ -102,13 +102,14 @@ def generate(
     prompt: Annotated[str, typer.Option(help="The user message.")] = "What is the capital of France?",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate (greedy).")] = 32,
     chat: Annotated[bool, typer.Option(help="Apply the tokenizer's chat template.")] = True,
+    sparse: Annotated[str, typer.Option(help="off; exact (sparse FFNs, same output); predictor (predicted neurons only).")] = "off",
 ):
     """Greedy generation from MODEL; prints the text and tokens/s."""
     from .generate import generate as run
 
-    result = run(model, prompt, max_new_tokens=max_new_tokens, chat=chat)
+    result = run(model, prompt, max_new_tokens=max_new_tokens, chat=chat, sparse=sparse)
     typer.echo(result.text)
-    typer.echo(f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s]", err=True)
+    typer.echo(f"[{result.new_tokens} tokens, {result.tokens_per_second:.1f} tokens/s, sparse {sparse}]", err=True)
 
 
 @app.command("eval")
@@ -209,6 +210,26 @@ def _options(cls, **values):
     except ValidationError as e:
         err = e.errors()[0]
         raise RelufyError(f"--{'-'.join(map(str, err['loc'])).replace('_', '-')}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+@app.command()
+def bench(
+    model: Annotated[str | None, typer.Argument(help="A relufy model: its FFN shape, its sparsity (--stats) and generation speed.")] = None,
+    stats: Annotated[str | None, typer.Option(help="Statistics (relufy eval --stats-out, or an export's sparsity.safetensors).")] = None,
+    sparsities: Annotated[str, typer.Option(help="Fixed sparsity levels.")] = "0.5,0.8,0.9,0.95",
+    shapes: Annotated[str, typer.Option(help="FFN shapes: 7b (4096x14336), model, or HxI.")] = "model,7b",
+    dtypes: Annotated[str, typer.Option(help="fp32, bf16.")] = "fp32,bf16",
+    threads: Annotated[str, typer.Option(help="Thread counts.")] = "1,2",
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per variant (median).")] = 10,
+    generation: Annotated[bool, typer.Option(help="Also time end-to-end generation of MODEL (off / exact / predictor).")] = True,
+    new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per mode.")] = 32,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write the speedup-vs-sparsity PNG here.")] = None,
+):
+    """FFN decode latency dense vs exact-sparse vs predictor-sparse, and generation tokens/s."""
+    from .sparse.run_bench import run_bench
+
+    run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, generation, new_tokens, json_out, plot)
 
 
 @app.command(context_settings={"allow_extra_args": False})

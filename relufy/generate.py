@@ -32,8 +32,36 @@ def load_tokenizer(path: str | Path):
     return AutoTokenizer.from_pretrained(source.folder, config=config)
 
 
-def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool = True, model=None) -> Generation:
-    """Greedy generation; ``chat`` wraps the prompt in the tokenizer's chat template if it has one."""
+def sparse_context(model, path: str | Path, sparse: str):
+    """The ``relufy.sparse.engine.sparse_decoding`` context for ``--sparse off|exact|predictor``."""
+    import contextlib
+
+    from .errors import RelufyError
+    from .sparse.engine import MODES, sparse_decoding
+
+    if sparse not in MODES:
+        raise RelufyError(f"--sparse must be one of {', '.join(MODES)}, got {sparse!r}")
+    if sparse == "off":
+        return contextlib.nullcontext({})
+    block = getattr(model.config, "relufy", None) or {}
+    activation = block.get("activation", "swiglu")
+    from .sparse.ffn import EXACT_ACTIVATIONS
+
+    if activation not in EXACT_ACTIVATIONS:
+        raise RelufyError(f"{path}: --sparse needs a ReLU-family model with exact zeros; this one computes {activation}")
+    if sparse == "exact":
+        return sparse_decoding(model, "exact")
+    if not (Path(path) / "predictors.safetensors").is_file():
+        raise RelufyError(f"{path}: no predictors.safetensors (make them with relufy export --predictors)")
+    from .export import load_predictors
+
+    info = (block.get("export") or {}).get("predictors") or {}
+    return sparse_decoding(model, "predictor", load_predictors(path), info.get("threshold", 0.0), info.get("input", "residual"))
+
+
+def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool = True, model=None, sparse: str = "off") -> Generation:
+    """Greedy generation; ``chat`` wraps the prompt in the tokenizer's chat template if it has one;
+    ``sparse`` (off, exact, predictor) decodes new tokens through the sparse CPU FFNs."""
     import torch
 
     from .modeling.load import load
@@ -47,7 +75,7 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), sparse_context(model, path, sparse):
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1] :]

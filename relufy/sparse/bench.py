@@ -1,0 +1,189 @@
+"""``relufy bench``: FFN decode latency dense vs exact-sparse vs predictor-sparse, and end-to-end
+generation tokens/s.
+
+FFN cases are synthetic, so any sparsity can be set exactly: random weights of the shape, one
+random token ``x``, and the rows' signs flipped so that for ``x`` the gate is positive on a
+fraction ``sqrt(1 - s)`` of neurons and the up projection positive on a fraction ``1 - s`` of
+all neurons, inside those: dReLU's combined activation is then non-zero on exactly ``1 - s``.
+The exact path pays a dense gate, the up projection on the gate-active rows and the down
+projection on the active ones; the predictor path pays its predictor (rank from
+``relufy.export.predictors.auto_rank``) and gate, up and down on the ``1 - s`` neurons it selects
+(its threshold is set at that quantile: a predictor as sparse as the model).
+
+Dense is the faster of PyTorch's ``F.linear`` and relufy's kernel over all rows, in the same
+dtype and thread count. Variants run interleaved, ``repeats`` times each; medians are reported.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..export.predictors import Predictor, auto_rank
+from . import kernels
+from .ffn import SparseFFN
+
+SHAPES = {"7b": (4096, 14336)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class FFNCase:
+    shape: str
+    hidden: int
+    width: int
+    dtype: str
+    threads: int
+    sparsity: float
+    measured: bool  # the model's own measured sparsity (else a fixed level)
+    dense_ms: float
+    dense_torch_ms: float
+    dense_kernel_ms: float
+    exact_ms: float
+    predictor_ms: float
+    predictor_rank: int
+    gate_active: float
+
+    @property
+    def exact_speedup(self) -> float:
+        return self.dense_ms / self.exact_ms
+
+    @property
+    def predictor_speedup(self) -> float:
+        return self.dense_ms / self.predictor_ms
+
+    @property
+    def limit(self) -> float:
+        return 1 / (1 - self.sparsity)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "exact_speedup": self.exact_speedup, "predictor_speedup": self.predictor_speedup, "limit": self.limit}
+
+
+def _signed(w: torch.Tensor, x: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Flip rows of ``w`` so that ``w @ x`` is positive exactly on ``positive``."""
+    sign = torch.sign(w @ x)
+    sign[sign == 0] = 1
+    want = torch.where(positive, 1.0, -1.0)
+    return w * (sign * want)[:, None]
+
+
+def make_case(hidden: int, width: int, sparsity: float, seed: int = 0):
+    """Weights (fp32), token and index sets for one synthetic dReLU FFN at ``sparsity``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(hidden, generator=g)
+    gate_frac = math.sqrt(1 - sparsity)
+    order = torch.randperm(width, generator=g)
+    gate_pos = torch.zeros(width, dtype=torch.bool)
+    gate_pos[order[: max(1, round(gate_frac * width))]] = True
+    both = torch.zeros(width, dtype=torch.bool)
+    both[order[: max(1, round((1 - sparsity) * width))]] = True
+    up_pos = both | (~gate_pos & (torch.rand(width, generator=g) < 0.5))
+    scale = hidden**-0.5
+    gate = _signed(torch.randn(width, hidden, generator=g) * scale, x, gate_pos)
+    up = _signed(torch.randn(width, hidden, generator=g) * scale, x, up_pos)
+    down = torch.randn(hidden, width, generator=g) * width**-0.5
+    return gate, up, down, x[None], gate_frac
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def bench_ffn(shape: str, hidden: int, width: int, dtype: str, threads: int, sparsity: float, measured: bool = False,
+              repeats: int = 10, seed: int = 0) -> FFNCase:  # fmt: skip
+    gate, up, down, x, gate_frac = make_case(hidden, width, sparsity, seed)
+    dt = DTYPES[dtype]
+    ffn = SparseFFN(gate.to(dt), up.to(dt), down.to(dt), "drelu")
+    del gate, up, down
+    rank = auto_rank(hidden, width, sparsity)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        predictor = Predictor(hidden, width, rank).to(dt).requires_grad_(False)
+    with torch.no_grad():
+        scores = predictor(x.to(dt)).float()
+    keep = max(1, round((1 - sparsity) * width))
+    ffn.predictor = predictor
+    ffn.predictor_threshold = float(scores.topk(keep).values[0, -1])
+    all_rows = torch.arange(width)
+
+    def dense_kernel():
+        h = torch.relu(kernels.rows_dot(ffn.gate, x, all_rows)) * torch.relu(kernels.rows_dot(ffn.up, x, all_rows))
+        return kernels.rows_axpy(ffn.down_t, h, all_rows)
+
+    variants = {
+        "dense_torch": lambda: ffn.dense(x),
+        "dense_kernel": dense_kernel,
+        "exact": lambda: ffn.exact(x),
+        "predictor": lambda: ffn.predicted(x, x),
+    }
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            for fn in variants.values():  # warm up
+                fn()
+            times = {k: [] for k in variants}
+            for _ in range(repeats):
+                for k, fn in variants.items():
+                    times[k].append(_time(fn))
+    finally:
+        torch.set_num_threads(previous)
+    ms = {k: statistics.median(v) for k, v in times.items()}
+    return FFNCase(shape, hidden, width, dtype, threads, sparsity, measured, min(ms["dense_torch"], ms["dense_kernel"]),
+                   ms["dense_torch"], ms["dense_kernel"], ms["exact"], ms["predictor"], rank, gate_frac)  # fmt: skip
+
+
+def bench_generation(path: str, modes: list[str], new_tokens: int = 32, prompt: str = "Write a short story about a lighthouse.",
+                     threads: int | None = None) -> list[dict]:  # fmt: skip
+    """End-to-end greedy generation tokens/s of one model per sparse mode (same prompt, same length)."""
+    from ..generate import generate
+    from ..modeling.load import load
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load(path, dtype=torch.float32).eval()
+    rows = []
+    texts = {}
+    for mode in modes:
+        generate(path, prompt, max_new_tokens=4, model=model, sparse=mode)  # warm up
+        result = generate(path, prompt, max_new_tokens=new_tokens, model=model, sparse=mode)
+        texts[mode] = result.text
+        rows.append({"mode": mode, "new_tokens": result.new_tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second})
+    for row in rows:
+        row["same_text_as_off"] = texts[row["mode"]] == texts.get("off")
+    return rows
+
+
+def write_plot(cases: list[FFNCase], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(c.shape, c.dtype, c.threads) for c in cases})
+    fig, axes = plt.subplots(1, len({(c.shape) for c in cases}), figsize=(6 * len({c.shape for c in cases}), 4), squeeze=False)
+    shapes = sorted({c.shape for c in cases})
+    for ax, shape in zip(axes[0], shapes, strict=True):
+        fixed = sorted({c.sparsity for c in cases if c.shape == shape})
+        ax.plot(fixed, [1 / (1 - s) for s in fixed], "k--", label="limit 1/(1-s)")
+        for (sh, dtype, threads) in groups:
+            if sh != shape:
+                continue
+            rows = sorted((c for c in cases if (c.shape, c.dtype, c.threads) == (sh, dtype, threads)), key=lambda c: c.sparsity)
+            s = [c.sparsity for c in rows]
+            ax.plot(s, [c.exact_speedup for c in rows], "o-", label=f"exact {dtype} {threads}t")
+            ax.plot(s, [c.predictor_speedup for c in rows], "s:", label=f"predictor {dtype} {threads}t")
+        ax.set(xlabel="sparsity s", ylabel="speedup over dense", yscale="log", title=f"FFN decode, {shape} ({rows[0].hidden}x{rows[0].width})")
+        ax.axhline(1, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

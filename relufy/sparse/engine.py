@@ -1,0 +1,118 @@
+"""Run a loaded relufy model with sparse FFNs while decoding.
+
+``sparse_decoding(model, "exact")`` makes every FFN (every routed and shared expert) compute
+through ``SparseFFN`` whenever a forward pass carries at most ``max_tokens`` tokens (decoding);
+longer passes (the prompt) stay dense. ``"predictor"`` computes only the neurons that the
+exported predictors select, reading their input as the export recorded it (residual stream or
+FFN input). MoE layers run the routed experts only, each with its own sparse FFN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+
+from ..measure.sites import ffn_sites
+from .ffn import SparseFFN
+
+MODES = ("off", "exact", "predictor")
+
+
+def _weights(module, site, expert):
+    layout = module.relufy_layout
+    if layout == "gated":
+        return module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight
+    if layout == "fused":
+        gate, up = module.gate_up_proj.weight.chunk(2, dim=0)
+        return gate, up, module.down_proj.weight
+    gate, up = module.gate_up_proj[expert].chunk(2, dim=0)
+    return gate, up, module.down_proj[expert]
+
+
+def build(model, predictors: dict | None = None, predictor_threshold: float = 0.0) -> dict:
+    """``{(site, expert): SparseFFN}`` for every FFN of ``model``; ``predictors`` maps
+    ``(ffn module path, expert or None)`` to a predictor (``relufy.export.load_predictors``)."""
+    block = model.config.relufy
+    out = {}
+    for site, module in ffn_sites(model):
+        for e in range(site.experts):
+            predictor = None
+            if predictors is not None:
+                key = (site.name, e if site.kind == "experts" else None)
+                if key not in predictors:
+                    raise ValueError(f"no predictor for {site.name}" + (f" expert {e}" if site.kind == "experts" else ""))
+                predictor = predictors[key].float()
+            out[(site, e)] = SparseFFN(*_weights(module, site, e), block["activation"], block.get("threshold"), predictor, predictor_threshold)
+    return out
+
+
+@contextlib.contextmanager
+def sparse_decoding(model, mode: str = "exact", predictors: dict | None = None, predictor_threshold: float = 0.0,
+                    predictor_input: str = "residual", max_tokens: int = 8):  # fmt: skip
+    """Patch ``model``'s FFN modules for sparse decoding inside the block; yields the SparseFFNs."""
+    if mode not in MODES:
+        raise ValueError(f"sparse mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "off":
+        yield {}
+        return
+    if mode == "predictor" and predictors is None:
+        raise ValueError("sparse mode predictor needs predictors (relufy export --predictors)")
+    ffns = build(model, predictors if mode == "predictor" else None, predictor_threshold)
+    sites = ffn_sites(model)
+    tap = None
+    if mode == "predictor":
+        from ..export.calibration import InputTap
+
+        tap = InputTap(model, sites, predictor_input)
+
+    def run(ffn, x, x_pred):
+        return ffn.predicted(x, x_pred) if mode == "predictor" else ffn.exact(x)
+
+    def dense_forward(site, module):
+        original = type(module).forward
+
+        def forward(self, x):
+            flat = x.reshape(-1, x.shape[-1])
+            if flat.shape[0] > max_tokens:
+                return original(self, x)
+            x_pred = tap.rows(self, None) if tap is not None else None
+            y = run(ffns[(site, 0)], flat.float().contiguous(), x_pred)
+            return y.to(x.dtype).reshape(x.shape)
+
+        return forward
+
+    def experts_forward(site, module):
+        original = type(module).forward
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            if hidden_states.shape[0] > max_tokens:
+                return original(self, hidden_states, top_k_index, top_k_weights)
+            x_all = hidden_states.float()
+            pred_all = tap.current[id(self)] if tap is not None else None
+            out = torch.zeros_like(x_all)
+            for t in range(hidden_states.shape[0]):
+                for slot in range(top_k_index.shape[1]):
+                    e = int(top_k_index[t, slot])
+                    if e >= site.experts:  # expert-parallel sentinel
+                        continue
+                    x_pred = pred_all[t : t + 1] if pred_all is not None else None
+                    y = run(ffns[(site, e)], x_all[t : t + 1].contiguous(), x_pred)
+                    out[t] += top_k_weights[t, slot].float() * y[0]
+            return out.to(hidden_states.dtype)
+
+        return forward
+
+    patched = []
+    for site, module in sites:
+        make = experts_forward if site.kind == "experts" else dense_forward
+        module.forward = types.MethodType(make(site, module), module)
+        patched.append(module)
+    try:
+        yield ffns
+    finally:
+        for module in patched:
+            del module.forward
+        if tap is not None:
+            tap.close()

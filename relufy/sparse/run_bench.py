@@ -1,0 +1,113 @@
+"""The ``relufy bench`` command: parse options, run the cases, print / write the results."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from ..errors import RelufyError
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RelufyError(f"--{what} must be comma-separated numbers, got {text!r}") from None
+    return values
+
+
+def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, generation, new_tokens, json_out, plot) -> dict:
+    import torch
+
+    from ..progress import console
+    from .bench import DTYPES, SHAPES, bench_ffn, bench_generation, write_plot
+
+    levels = _floats(sparsities, "sparsities")
+    if any(not 0 <= s < 1 for s in levels):
+        raise RelufyError(f"--sparsities must lie in [0, 1), got {sparsities!r}")
+    thread_counts = [int(t) for t in _floats(threads, "threads")]
+    if any(t < 1 for t in thread_counts):
+        raise RelufyError(f"--threads must be positive, got {threads!r}")
+    dtype_names = [d.strip() for d in dtypes.split(",") if d.strip()]
+    for d in dtype_names:
+        if d not in DTYPES:
+            raise RelufyError(f"--dtypes: unknown dtype {d!r} (fp32, bf16)")
+    measured = None
+    config = None
+    if model is not None:
+        from ..conversion import base_config
+        from ..io.source import resolve
+
+        config = resolve(model).config_dict()
+        block = config.get("relufy") or {}
+        if block.get("activation") not in ("drelu", "reglu", "relu2", "fatrelu"):
+            raise RelufyError(f"{model}: not a ReLU-family relufy model (sparse decoding needs exact zeros)")
+        base_config(config)
+    if stats is not None:
+        from ..measure.stats import Stats
+
+        measured = Stats.load(Path(stats)).overall_sparsity()
+    named = {}
+    for shape in (s.strip() for s in shapes.split(",") if s.strip()):
+        if shape == "model":
+            if config is None:
+                continue
+            named["model"] = (config["hidden_size"], config.get("intermediate_size") or config.get("moe_intermediate_size"))
+        elif shape in SHAPES:
+            named[shape] = SHAPES[shape]
+        else:
+            try:
+                h, i = (int(v) for v in shape.lower().split("x"))
+            except ValueError:
+                raise RelufyError(f"--shapes: {shape!r} is not 7b, model or HxI") from None
+            named[shape] = (h, i)
+    if not named:
+        raise RelufyError("no FFN shape to measure (--shapes model needs MODEL)")
+
+    from .kernels import backend
+
+    cases = []
+    plan = [(name, h, i, d, t, s, False) for name, (h, i) in named.items() for d in dtype_names for t in thread_counts for s in levels]
+    if measured is not None:
+        plan += [(name, h, i, d, t, measured, True) for name, (h, i) in named.items() for d in dtype_names for t in thread_counts]
+    from ..progress import token_progress
+
+    with token_progress() as progress:
+        task = progress.add_task(f"FFN cases ({backend()} kernels)", total=len(plan))
+        for name, h, i, d, t, s, is_measured in plan:
+            cases.append(bench_ffn(name, h, i, d, t, s, is_measured, repeats))
+            progress.advance(task, 1)
+    gen = []
+    if model is not None and generation:
+        modes = ["off", "exact"] + (["predictor"] if (Path(model) / "predictors.safetensors").is_file() else [])
+        gen = bench_generation(model, modes, new_tokens)
+
+    from rich.table import Table
+
+    table = Table(title=f"FFN decode latency (ms, median of {repeats}); {backend()} kernels")
+    for col in ("shape", "dtype", "threads", "sparsity", "dense", "exact", "predictor", "exact x", "predictor x", "limit"):
+        table.add_column(col, justify="right")
+    for c in cases:
+        table.add_row(f"{c.shape} {c.hidden}x{c.width}", c.dtype, str(c.threads), f"{c.sparsity:.1%}" + (" (measured)" if c.measured else ""),
+                      f"{c.dense_ms:.2f}", f"{c.exact_ms:.2f}", f"{c.predictor_ms:.2f}", f"{c.exact_speedup:.2f}",
+                      f"{c.predictor_speedup:.2f}", f"{c.limit:.1f}")  # fmt: skip
+    console.print(table)
+    for row in gen:
+        console.print(f"generation {row['mode']}: {row['tokens_per_second']:.1f} tokens/s ({row['new_tokens']} tokens)"
+                      + ("" if row["mode"] == "off" else f", same text as dense: {row['same_text_as_off']}"))  # fmt: skip
+    result = {
+        "relufy_bench": 1,
+        "backend": backend(),
+        "torch": torch.__version__,
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads()},
+        "model": model,
+        "measured_sparsity": measured,
+        "ffn": [c.as_dict() for c in cases],
+        "generation": gen,
+    }
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    if plot:
+        write_plot(cases, plot)
+    return result
