@@ -6,7 +6,7 @@ STAMP := $(VENV)/.relufy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench-convert bench-eval bench-train eval-smollm2 recovery-smollm2 clean
+.PHONY: install test demo bench-convert bench-eval bench-train bench-sparse eval-smollm2 recovery-smollm2 export-smollm2 clean
 
 install: $(STAMP)
 
@@ -72,6 +72,22 @@ recovery-smollm2: $(STAMP)
 	  $(RECOVERY_ARGS) sparsity.distill=null
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart-kd model.path=$(RUNS)/demo/drelu \
 	  $(RECOVERY_ARGS)
+
+# Export the recovered SmolLM2 (recovery-smollm2's warm start + distillation run): statistics and
+# predictors on WikiText-2 validation, neurons reordered; per-layer recall and the perplexity with
+# predicted neurons only land in $(RUNS)/export/smollm2.json and the folder's README.md.
+EXPORT_MODEL ?= $(RUNS)/recovery/warmstart-kd/final
+export-smollm2: $(STAMP)
+	$(BIN)/relufy export $(EXPORT_MODEL) $(RUNS)/export/smollm2 --data $(WIKITEXT) --reorder --predictors \
+	  --report $(RUNS)/export/smollm2.json --force
+
+# Sparse FFN decode latency (dense vs exact vs predictor; SmolLM2's shape and a 7B shape; fp32 and
+# bf16; 1 and 2 threads) and SmolLM2 generation tokens/s; numbers in docs/benchmarks.md.
+BENCH_MODEL ?= $(RUNS)/export/smollm2
+bench-sparse: $(STAMP)
+	@mkdir -p $(RUNS)/bench
+	$(BIN)/relufy bench $(BENCH_MODEL) --stats $(BENCH_MODEL)/sparsity.safetensors \
+	  --json $(RUNS)/bench/sparse.json --plot $(RUNS)/bench/sparse.png
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

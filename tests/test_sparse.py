@@ -36,6 +36,13 @@ def test_kernels_match_torch(backend, dtype, activation):
     torch.testing.assert_close(kernels.rows_dot(w, x, idx), x @ w.float()[idx].T, rtol=1e-5, atol=1e-5)
     v = torch.randn(3, 5, generator=g)
     torch.testing.assert_close(kernels.rows_axpy(w, v, idx), v @ w.float()[idx], rtol=1e-5, atol=1e-5)
+    wu = torch.randn(300, 130, generator=g).to(dtype)
+    gate, up = kernels.gate_up(w, wu, x, 0.1)
+    torch.testing.assert_close(gate, x @ w.float().T, rtol=1e-5, atol=1e-5)
+    computed = (gate > 0.1).any(0)
+    assert 0 < computed.sum() < 300
+    torch.testing.assert_close(up[:, computed], (x @ wu.float().T)[:, computed], rtol=1e-5, atol=1e-5)
+    assert (up[:, ~computed] == 0).all()
     empty = torch.zeros(0, dtype=torch.long)
     assert kernels.rows_axpy(w, torch.zeros(3, 0), empty).abs().sum() == 0
     # one FFN, exact path against the dense one (fp32 weights: fp32 tolerance)

@@ -112,11 +112,12 @@ def bench_ffn(shape: str, hidden: int, width: int, dtype: str, threads: int, spa
     keep = max(1, round((1 - sparsity) * width))
     ffn.predictor = predictor
     ffn.predictor_threshold = float(scores.topk(keep).values[0, -1])
-    all_rows = torch.arange(width)
+    all_rows, all_out = torch.arange(width), torch.arange(hidden)
+    down_rows = ffn.down_t.t().contiguous()  # [hidden, width]: a plain dense GEMV for the baseline
 
-    def dense_kernel():
+    def dense_kernel():  # relufy's kernel over every row, no zero is skipped
         h = torch.relu(kernels.rows_dot(ffn.gate, x, all_rows)) * torch.relu(kernels.rows_dot(ffn.up, x, all_rows))
-        return kernels.rows_axpy(ffn.down_t, h, all_rows)
+        return kernels.rows_dot(down_rows, h, all_out)
 
     variants = {
         "dense_torch": lambda: ffn.dense(x),

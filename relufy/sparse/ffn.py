@@ -42,6 +42,7 @@ class SparseFFN:
         self.predictor = predictor
         self.predictor_threshold = predictor_threshold
         self._all_rows = None
+        self._pred_rows = None
 
     @property
     def width(self) -> int:
@@ -64,6 +65,11 @@ class SparseFFN:
 
     def exact(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: float32 ``[batch, hidden]``; returns float32 ``[batch, hidden]``."""
+        if kernels.extension() is not None:  # one pass: gate everywhere, up right after active gates
+            gate, up = kernels.gate_up(self.gate, self.up, x, self.threshold if self.activation == "fatrelu" else 0.0)
+            combined = self.combine(gate, up, self.threshold)
+            idx = (combined != 0).any(0).nonzero().squeeze(1)
+            return kernels.rows_axpy(self.down_t, combined[:, idx].contiguous(), idx)
         gate = self._gate_all(x)
         idx = _gate_active(gate, self.activation, self.threshold).any(0).nonzero().squeeze(1)
         up = kernels.rows_dot(self.up, x, idx)
@@ -72,8 +78,15 @@ class SparseFFN:
         return kernels.rows_axpy(self.down_t, combined[:, keep].contiguous(), idx[keep].contiguous())
 
     def select(self, x_pred: torch.Tensor) -> torch.Tensor:
+        p = self.predictor
         with torch.no_grad():
-            scores = self.predictor(x_pred.to(self.predictor.fc1.weight.dtype))
+            if p.fc1.weight.dtype == torch.float32 or kernels.extension() is None:
+                scores = p(x_pred.to(p.fc1.weight.dtype))
+            else:  # bf16 predictor: relufy's kernel reads it faster than F.linear on CPU
+                if self._pred_rows is None:
+                    self._pred_rows = (torch.arange(p.fc1.weight.shape[0]), torch.arange(p.fc2.weight.shape[0]))
+                h = torch.relu(kernels.rows_dot(p.fc1.weight, x_pred.float().contiguous(), self._pred_rows[0]))
+                scores = kernels.rows_dot(p.fc2.weight, h, self._pred_rows[1])
         return (scores >= self.predictor_threshold).any(0).nonzero().squeeze(1)
 
     def predicted(self, x: torch.Tensor, x_pred: torch.Tensor) -> torch.Tensor:

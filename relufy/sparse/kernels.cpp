@@ -4,6 +4,7 @@
 //
 //   rows_dot(W, x, idx)   -> y[b, j] = dot(W[idx[j]], x[b])        (gate / up for chosen neurons)
 //   rows_axpy(W, v, idx)  -> y[b]    = sum_j v[b, j] * W[idx[j]]   (down for chosen neurons)
+//   gate_up(Wg, Wu, x, t) -> (g, u)  g = x Wg^T for all neurons; u = x Wu^T where any g > t, else 0
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -63,6 +64,53 @@ inline float dot(const T* __restrict w, const float* __restrict x, int64_t n) {
   return s;
 }
 
+// two rows against one x: two memory streams in flight, x loaded once
+template <typename T>
+inline void dot2(const T* __restrict w0, const T* __restrict w1, const float* __restrict x, int64_t n, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);
+    a0 = _mm512_fmadd_ps(load16(w0 + i), x0, a0);
+    b0 = _mm512_fmadd_ps(load16(w1 + i), x0, b0);
+    a1 = _mm512_fmadd_ps(load16(w0 + i + 16), x1, a1);
+    b1 = _mm512_fmadd_ps(load16(w1 + i + 16), x1, b1);
+  }
+  float s0 = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)), s1 = _mm512_reduce_add_ps(_mm512_add_ps(b0, b1));
+  for (; i < n; ++i) {
+    s0 += to_float(w0[i]) * x[i];
+    s1 += to_float(w1[i]) * x[i];
+  }
+  out[0] = s0;
+  out[1] = s1;
+}
+#define RELUFY_HAVE_DOT2 1
+
+template <typename T>
+inline void dot4(const T* __restrict w, int64_t stride, const float* __restrict x, int64_t n, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  const T* w0 = w;
+  const T* w1 = w + stride;
+  const T* w2 = w + 2 * stride;
+  const T* w3 = w + 3 * stride;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    a0 = _mm512_fmadd_ps(load16(w0 + i), xv, a0);
+    a1 = _mm512_fmadd_ps(load16(w1 + i), xv, a1);
+    a2 = _mm512_fmadd_ps(load16(w2 + i), xv, a2);
+    a3 = _mm512_fmadd_ps(load16(w3 + i), xv, a3);
+  }
+  float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
+  for (; i < n; ++i) {
+    s[0] += to_float(w0[i]) * x[i];
+    s[1] += to_float(w1[i]) * x[i];
+    s[2] += to_float(w2[i]) * x[i];
+    s[3] += to_float(w3[i]) * x[i];
+  }
+  for (int r = 0; r < 4; ++r) out[r] = s[r];
+}
+
 template <typename T>
 inline void axpy(float a, const T* __restrict w, float* __restrict y, int64_t n) {
   const __m512 va = _mm512_set1_ps(a);
@@ -83,9 +131,19 @@ inline void axpy(float a, const T* __restrict w, float* __restrict y, int64_t n)
 template <typename T>
 void rows_dot_impl(const T* w, const float* x, const int64_t* idx, float* y, int64_t batch, int64_t k, int64_t hidden) {
   at::parallel_for(0, k, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
+    int64_t j = begin;
+#ifdef RELUFY_HAVE_DOT2
+    for (; j + 2 <= end; j += 2) {
+      for (int64_t b = 0; b < batch; ++b) {
+        float out[2];
+        dot2(w + idx[j] * hidden, w + idx[j + 1] * hidden, x + b * hidden, hidden, out);
+        y[b * k + j] = out[0];
+        y[b * k + j + 1] = out[1];
+      }
+    }
+#endif
+    for (; j < end; ++j) {
       const T* row = w + idx[j] * hidden;
-      if (j + 2 < end) __builtin_prefetch(w + idx[j + 2] * hidden);
       for (int64_t b = 0; b < batch; ++b) y[b * k + j] = dot(row, x + b * hidden, hidden);
     }
   });
@@ -93,8 +151,9 @@ void rows_dot_impl(const T* w, const float* x, const int64_t* idx, float* y, int
 
 template <typename T>
 void rows_axpy_impl(const T* w, const float* v, const int64_t* idx, float* y, int64_t batch, int64_t k, int64_t hidden) {
-  // threads own slices of the output; each streams the slice of every selected row
-  const int64_t grain = 256;
+  // threads own slices of the output, one slice each (long contiguous reads of every selected row)
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(64, ((hidden + threads - 1) / threads + 15) / 16 * 16);
   at::parallel_for(0, (hidden + grain - 1) / grain, 1, [&](int64_t begin, int64_t end) {
     const int64_t h0 = begin * grain, h1 = std::min(hidden, end * grain);
     for (int64_t j = 0; j < k; ++j) {
@@ -103,6 +162,45 @@ void rows_axpy_impl(const T* w, const float* v, const int64_t* idx, float* y, in
         const float a = v[b * k + j];
         if (a != 0.0f) axpy(a, row, y + b * hidden + h0, h1 - h0);
       }
+    }
+  });
+}
+
+// gate for every neuron; up only for neurons whose gate exceeds `threshold` for some token of the
+// batch, in the same pass (the up row is read right after its gate row); other up entries are 0
+template <typename T>
+void gate_up_impl(const T* wg, const T* wu, const float* x, float* g, float* u, int64_t batch, int64_t n, int64_t hidden,
+                  float threshold) {
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    int64_t j = begin;
+#ifdef RELUFY_HAVE_DOT2
+    if (batch == 1) {  // decoding: gate rows in pairs, then the up rows of the active ones
+      for (; j + 4 <= end; j += 4) {
+        dot4(wg + j * hidden, hidden, x, hidden, g + j);
+        int64_t act[4], na = 0;
+        for (int r = 0; r < 4; ++r) {
+          if (g[j + r] > threshold) act[na++] = j + r;
+          else u[j + r] = 0.0f;
+        }
+        int64_t q = 0;
+        for (; q + 2 <= na; q += 2) {
+          float uv[2];
+          dot2(wu + act[q] * hidden, wu + act[q + 1] * hidden, x, hidden, uv);
+          u[act[q]] = uv[0];
+          u[act[q + 1]] = uv[1];
+        }
+        if (q < na) u[act[q]] = dot(wu + act[q] * hidden, x, hidden);
+      }
+    }
+#endif
+    for (; j < end; ++j) {
+      bool active = false;
+      for (int64_t b = 0; b < batch; ++b) {
+        const float v = dot(wg + j * hidden, x + b * hidden, hidden);
+        g[b * n + j] = v;
+        active = active || v > threshold;
+      }
+      for (int64_t b = 0; b < batch; ++b) u[b * n + j] = active ? dot(wu + j * hidden, x + b * hidden, hidden) : 0.0f;
     }
   });
 }
@@ -139,7 +237,23 @@ torch::Tensor rows_axpy(torch::Tensor w, torch::Tensor v, torch::Tensor idx) {
   return y;
 }
 
+std::vector<torch::Tensor> gate_up(torch::Tensor wg, torch::Tensor wu, torch::Tensor x, double threshold) {
+  TORCH_CHECK(wg.sizes() == wu.sizes() && wg.scalar_type() == wu.scalar_type() && wu.is_contiguous(), "gate/up: same shape and dtype");
+  check(wg, x, torch::empty({0}, torch::kInt64), wg.size(1));
+  const int64_t batch = x.size(0), n = wg.size(0), hidden = wg.size(1);
+  auto g = torch::empty({batch, n}, x.options());
+  auto u = torch::empty({batch, n}, x.options());
+  if (wg.scalar_type() == torch::kFloat32)
+    gate_up_impl(wg.data_ptr<float>(), wu.data_ptr<float>(), x.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(), batch, n, hidden,
+                 static_cast<float>(threshold));
+  else
+    gate_up_impl(wg.data_ptr<at::BFloat16>(), wu.data_ptr<at::BFloat16>(), x.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(),
+                 batch, n, hidden, static_cast<float>(threshold));
+  return {g, u};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rows_dot", &rows_dot, "y[b, j] = dot(W[idx[j]], x[b])");
   m.def("rows_axpy", &rows_axpy, "y[b] = sum_j v[b, j] * W[idx[j]]");
+  m.def("gate_up", &gate_up, "gate for all neurons, up where some token's gate > threshold (else 0)");
 }

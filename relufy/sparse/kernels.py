@@ -8,6 +8,8 @@ the gathers copy the selected rows, so they are slower.
 
 - ``rows_dot(W, x, idx) -> [batch, k]``: ``y[b, j] = W[idx[j]] . x[b]``
 - ``rows_axpy(W, v, idx) -> [batch, hidden]``: ``y[b] = sum_j v[b, j] * W[idx[j]]``
+- ``gate_up(Wg, Wu, x, t) -> (g, u)``: the gate for every neuron and, in the same pass, the up
+  projection only where some token's gate exceeds ``t`` (0 elsewhere)
 
 ``W`` is ``[neurons, hidden]`` (fp32 or bf16, contiguous), ``x``/``v`` fp32, ``idx`` int64.
 """
@@ -69,6 +71,19 @@ def rows_dot(w: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tenso
     if ext is not None and w.device.type == "cpu":
         return ext.rows_dot(w, x, idx)
     return F.linear(x, w.index_select(0, idx).to(x.dtype))
+
+
+def gate_up(wg: torch.Tensor, wu: torch.Tensor, x: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate for every neuron, up only where some token's gate > ``threshold`` (0 elsewhere)."""
+    ext = extension()
+    if ext is not None and wg.device.type == "cpu":
+        g, u = ext.gate_up(wg, wu, x, float(threshold))
+        return g, u
+    g = rows_dot(wg, x, torch.arange(wg.shape[0], device=wg.device))
+    idx = (g > threshold).any(0).nonzero().squeeze(1)
+    u = torch.zeros_like(g)
+    u[:, idx] = rows_dot(wu, x, idx)
+    return g, u
 
 
 def rows_axpy(w: torch.Tensor, v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
