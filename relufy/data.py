@@ -6,7 +6,9 @@
 - a local ``.jsonl`` file: the ``text`` field of every line;
 - a local ``.parquet`` file: its ``text`` column;
 - a hub dataset ``NAME[:CONFIG][:SPLIT]`` (split defaults to ``test``), its ``text`` column,
-  loaded with ``datasets`` (needs network), e.g. ``wikitext:wikitext-2-raw-v1:test``.
+  loaded with ``datasets`` (needs network), e.g. ``wikitext:wikitext-2-raw-v1:test``;
+- ``builtin:pydoc``: the English help topics of Python's own ``pydoc_data`` (about 0.5 MB, on
+  every machine; sorted by topic name), the default text of the demo and the tests.
 
 Records are joined with ``"\\n\\n"`` (as in transformers' perplexity guide) and tokenized once
 without special tokens. The token stream is cut to ``max_tokens`` and into windows of
@@ -32,7 +34,18 @@ from .errors import RelufyError
 JOIN = "\n\n"
 
 
+BUILTIN = "builtin:pydoc"
+
+
+def builtin_texts() -> list[str]:
+    import pydoc_data.topics
+
+    return [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+
+
 def load_texts(spec: str) -> list[str]:
+    if spec == BUILTIN:
+        return builtin_texts()
     path = Path(spec).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()

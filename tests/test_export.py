@@ -4,6 +4,7 @@ documented names and shapes, bad input fails cleanly."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -205,6 +206,10 @@ def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["ppl_dense"] > 1 and report["ppl_predicted"] > 1
     assert all(0 <= p["recall"] <= 1 for p in report["predictors"] if "recall" in p)
+    old = os.umask(0o022)
+    os.umask(old)
+    if old == 0o022:  # files get the usual mode, not the writers' owner-only one
+        assert {oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {"0o644"}
     card = (out / "README.md").read_text()
     assert "| layer | zeros |" in card and "sparsity.png" in card and (out / "sparsity.png").stat().st_size > 1000
 
@@ -258,7 +263,7 @@ def test_powerinfer_moe_layout_per_expert(cli, tmp_path, converted):
 
 def test_export_from_stats_file(cli, tmp_path, converted):
     stats = tmp_path / "stats.safetensors"
-    code, err, _ = cli("eval", converted["llama"], "--data", converted["data"], "--seq-len", "64", "--max-tokens", "1024", "--stats-out", stats)
+    code, err, _ = cli("eval", converted["llama"], "--data", "builtin:pydoc", "--seq-len", "64", "--max-tokens", "1024", "--stats-out", stats)
     assert code == 0, err
     code, err, _ = cli("export", converted["llama"], tmp_path / "out", "--stats", stats, "--reorder", "--dtype", "fp16")
     assert code == 0, err

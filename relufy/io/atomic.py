@@ -29,8 +29,18 @@ def _umask() -> int:
 
 
 def _publish_mode(path: Path, directory: bool) -> None:
-    """mkdtemp/mkstemp create owner-only paths; give the result the usual umask-based mode."""
-    path.chmod((0o777 if directory else 0o666) & ~_umask())
+    """mkdtemp/mkstemp (and some writers, e.g. safetensors) create owner-only paths; give the
+    result, and for a folder everything in it, the usual umask-based mode."""
+    mask = _umask()
+    path.chmod((0o777 if directory else 0o666) & ~mask)
+    if directory:
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                file = os.path.join(root, name)
+                if os.stat(file).st_nlink == 1:  # hard links (convert --link) share the source's inode
+                    os.chmod(file, 0o666 & ~mask)
 
 
 @contextlib.contextmanager
