@@ -6,7 +6,8 @@ STAMP := $(VENV)/.relufy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench-convert bench-eval bench-train bench-sparse eval-smollm2 recovery-smollm2 export-smollm2 clean
+.PHONY: install test demo ablation bench-convert bench-eval bench-train bench-sparse eval-smollm2 recovery-smollm2 export-smollm2 clean \
+  $(addprefix turbosparse-,mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b)
 
 install: $(STAMP)
 
@@ -22,15 +23,56 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Demo on the embedded SmolLM2-135M-Instruct (Q4_1 GGUF): convert to dReLU, describe, generate.
-demo: $(STAMP)
-	@mkdir -p $(RUNS)/demo
-	@SMOL=$$($(BIN)/python -m relufy.embedded) && \
-	if [ ! -f $(RUNS)/demo/drelu/config.json ]; then $(BIN)/relufy convert "$$SMOL" $(RUNS)/demo/drelu --activation drelu; fi && \
-	$(BIN)/relufy info $(RUNS)/demo/drelu && \
-	echo "--- original (SwiGLU):" && $(BIN)/relufy generate "$$SMOL" --max-new-tokens 24 && \
-	echo "--- converted (dReLU, untrained: expect garbage until relufy train):" && \
-	$(BIN)/relufy generate $(RUNS)/demo/drelu --max-new-tokens 24
+# The demo, end to end on the embedded SmolLM2-135M-Instruct (Q4_1 GGUF) and Python's own help
+# text (builtin:pydoc): convert -> eval -> train (DEMO_STEPS) -> eval -> export -> bench -> report.
+# Each step is a file target: a second run reuses finished steps; another DEMO_STEPS trains anew.
+DEMO := $(RUNS)/demo
+DEMO_STEPS ?= 20
+DEMO_DATA ?= builtin:pydoc
+DEMO_EVAL_TOKENS ?= 4096
+DEMO_RUN := $(DEMO)/steps-$(DEMO_STEPS)
+# extra arguments per step (the tests shrink the demo with these)
+DEMO_TRAIN_ARGS ?=
+DEMO_EXPORT_ARGS ?= --max-tokens 8192 --predictor-steps 150
+DEMO_BENCH_ARGS ?= --shapes model,7b --threads 1,2 --repeats 5 --new-tokens 16
+SMOL = $$($(BIN)/python -m relufy.embedded)
+
+demo: $(DEMO)/report.md
+	@echo "== done: $(DEMO)/report.md"
+
+$(DEMO)/drelu/config.json: | $(STAMP)
+	@echo "== 1/7 convert SmolLM2-135M-Instruct to dReLU"
+	$(BIN)/relufy convert "$(SMOL)" $(DEMO)/drelu
+
+$(DEMO)/eval-before.json: $(DEMO)/drelu/config.json
+	@echo "== 2/7 evaluate the original and the converted model"
+	$(BIN)/relufy eval "$(SMOL)" $(DEMO)/drelu --data $(DEMO_DATA) --seq-len 512 --max-tokens $(DEMO_EVAL_TOKENS) \
+	  --topk 0,0.5,0.8,0.9 --batch-size 4 --json $@ --plot $(DEMO)/plots-before
+
+$(DEMO_RUN)/train/final/config.json: $(DEMO)/drelu/config.json
+	@echo "== 3/7 recover on this CPU: $(DEMO_STEPS) steps (warm start + distillation)"
+	$(BIN)/relufy train recipes/demo-smollm2-cpu.yaml output_dir=$(DEMO_RUN)/train model.path=$(DEMO)/drelu \
+	  budget.max_steps=$(DEMO_STEPS) $(DEMO_TRAIN_ARGS)
+
+$(DEMO_RUN)/eval-after.json: $(DEMO_RUN)/train/final/config.json
+	@echo "== 4/7 evaluate the trained model"
+	$(BIN)/relufy eval $(DEMO_RUN)/train/final --data $(DEMO_DATA) --seq-len 512 --max-tokens $(DEMO_EVAL_TOKENS) \
+	  --topk 0,0.5,0.8,0.9 --batch-size 4 --json $@ --stats-out $(DEMO_RUN)/stats.safetensors
+
+$(DEMO_RUN)/export.json: $(DEMO_RUN)/eval-after.json
+	@echo "== 5/7 export: statistics, reordering, predictors"
+	$(BIN)/relufy export $(DEMO_RUN)/train/final $(DEMO_RUN)/export --stats $(DEMO_RUN)/stats.safetensors \
+	  --data $(DEMO_DATA) --seq-len 256 $(DEMO_EXPORT_ARGS) --reorder --predictors \
+	  --eval-json $(DEMO_RUN)/eval-after.json --report $@ --force
+
+$(DEMO_RUN)/bench.json: $(DEMO_RUN)/export.json
+	@echo "== 6/7 sparse CPU decoding benchmark"
+	$(BIN)/relufy bench $(DEMO_RUN)/export --stats $(DEMO_RUN)/export/sparsity.safetensors --dtypes fp32 \
+	  $(DEMO_BENCH_ARGS) --json $@ --plot $(DEMO_RUN)/bench.png
+
+$(DEMO)/report.md: $(DEMO)/eval-before.json $(DEMO_RUN)/bench.json
+	@echo "== 7/7 report"
+	$(BIN)/python -m relufy.pipelines.report demo $(DEMO) $(DEMO_RUN)
 
 BENCH_GIB ?= 6
 bench-convert: $(STAMP)
@@ -88,6 +130,54 @@ bench-sparse: $(STAMP)
 	@mkdir -p $(RUNS)/bench
 	$(BIN)/relufy bench $(BENCH_MODEL) --stats $(BENCH_MODEL)/sparsity.safetensors \
 	  --json $(RUNS)/bench/sparse.json --plot $(RUNS)/bench/sparse.png
+
+# The paper's section 3.2 ablation: dReLU vs SwiGLU trained from scratch with the same data,
+# budget and seed; then loss curves, held-out perplexity and the top-k curve side by side
+# ($(RUNS)/ablation-<ABLATION>/report.md). ABLATION=mini: a CPU miniature (minutes);
+# ABLATION=300m: the paper's 300M pair, under accelerate launch (NPROC GPUs, ACCELERATE_CONFIG).
+ABLATION ?= mini
+ABLATION_STEPS ?= 600
+ABLATION_DATA ?= $(if $(wildcard ../shared/data/tinyshakespeare/input.txt),../shared/data/tinyshakespeare/input.txt,builtin:pydoc)
+ABLATION_EVAL ?= $(if $(wildcard $(WIKITEXT)),$(WIKITEXT),builtin:pydoc)
+ABLATION_TOKENIZER ?= $(DEMO)/drelu
+ABLATION_EVAL_TOKENS ?= 16384
+ABL := $(RUNS)/ablation-$(ABLATION)
+ABL_ARGS = output_dir=$(ABL)/$* model.tokenizer=$(ABLATION_TOKENIZER) 'data.sources=[{data: "$(ABLATION_DATA)"}]'
+ifeq ($(ABLATION),mini)
+ABL_TRAIN = $(BIN)/relufy train recipes/ablation-mini-$*-cpu.yaml $(ABL_ARGS) budget.max_steps=$(ABLATION_STEPS)
+else
+ABL_TRAIN = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) -m relufy train \
+  recipes/ablation-300m-$*.yaml $(ABL_ARGS)
+endif
+
+ablation: $(ABL)/report.md
+	@echo "== done: $(ABL)/report.md"
+
+# the SmolLM2 tokenizer comes with the demo's conversion; another ABLATION_TOKENIZER is used as is
+ABL_TOKENIZER_DEP := $(if $(filter $(DEMO)/drelu,$(ABLATION_TOKENIZER)),$(DEMO)/drelu/config.json,$(STAMP))
+
+$(ABL)/%/final/config.json: | $(ABL_TOKENIZER_DEP)
+	@echo "== train $* from scratch ($(ABLATION))"
+	$(ABL_TRAIN)
+
+$(ABL)/eval.json: $(ABL)/drelu/final/config.json $(ABL)/swiglu/final/config.json
+	@echo "== evaluate both, with the top-k curve"
+	$(BIN)/relufy eval $(ABL)/drelu/final $(ABL)/swiglu/final --data $(ABLATION_EVAL) --seq-len 128 \
+	  --max-tokens $(ABLATION_EVAL_TOKENS) --topk 0,0.5,0.8,0.85,0.9 --batch-size 8 --json $@
+
+$(ABL)/report.md: $(ABL)/eval.json
+	$(BIN)/python -m relufy.pipelines.report ablation $(ABL)
+
+# Cluster pipelines for the paper's recipes: convert -> accelerate launch train -> eval -> export
+# (relufy/pipelines/cluster.py). DRY_RUN=1 checks the recipe, the accelerate config and the
+# tools on this machine and prints the commands.
+ACCELERATE_CONFIG ?= recipes/accelerate/fsdp2.yaml
+NPROC ?= 8
+EVAL_DATA ?= wikitext:wikitext-2-raw-v1:test
+TURBOSPARSE := mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b
+$(addprefix turbosparse-,$(TURBOSPARSE)): turbosparse-%: | $(STAMP)
+	$(BIN)/python -m relufy.pipelines.cluster $* --out $(RUNS)/turbosparse-$* --nproc $(NPROC) \
+	  --accelerate-config $(ACCELERATE_CONFIG) --eval-data $(EVAL_DATA) $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

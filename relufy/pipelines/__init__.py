@@ -1,0 +1,1 @@
+"""The Makefile pipelines' own pieces: reports that tie the steps' outputs together."""
