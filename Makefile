@@ -142,7 +142,8 @@ ABLATION_EVAL ?= $(if $(wildcard $(WIKITEXT)),$(WIKITEXT),builtin:pydoc)
 ABLATION_TOKENIZER ?= $(DEMO)/drelu
 ABLATION_EVAL_TOKENS ?= 16384
 ABL := $(RUNS)/ablation-$(ABLATION)
-ABL_ARGS = output_dir=$(ABL)/$* model.tokenizer=$(ABLATION_TOKENIZER) 'data.sources=[{data: "$(ABLATION_DATA)"}]'
+ABLATION_ARGS ?=
+ABL_ARGS = output_dir=$(ABL)/$* model.tokenizer=$(ABLATION_TOKENIZER) 'data.sources=[{data: "$(ABLATION_DATA)"}]' $(ABLATION_ARGS)
 ifeq ($(ABLATION),mini)
 ABL_TRAIN = $(BIN)/relufy train recipes/ablation-mini-$*-cpu.yaml $(ABL_ARGS) budget.max_steps=$(ABLATION_STEPS)
 else

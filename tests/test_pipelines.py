@@ -62,7 +62,8 @@ def test_ablation_miniature(tmp_path):
     save_tiny_with_tokenizer("llama", tmp_path / "tok")
     runs = tmp_path / "runs"
     proc = make("ablation", f"RUNS={runs}", "ABLATION_STEPS=12", f"ABLATION_TOKENIZER={tmp_path / 'tok'}",
-                "ABLATION_DATA=builtin:pydoc", "ABLATION_EVAL=builtin:pydoc", "ABLATION_EVAL_TOKENS=1024")  # fmt: skip
+                "ABLATION_DATA=builtin:pydoc", "ABLATION_EVAL=builtin:pydoc", "ABLATION_EVAL_TOKENS=1024",
+                "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = runs / "ablation-mini"
     evals = {m["activation"]: m for m in json.loads((folder / "eval.json").read_text())["models"]}
@@ -78,7 +79,8 @@ def test_ablation_miniature(tmp_path):
     assert (folder / "report-img" / "loss.png").stat().st_size > 1000 and (folder / "report-img" / "topk.png").exists()
     # a second run reuses every finished step
     again = make("ablation", f"RUNS={runs}", "ABLATION_STEPS=12", f"ABLATION_TOKENIZER={tmp_path / 'tok'}",
-                 "ABLATION_DATA=builtin:pydoc", "ABLATION_EVAL=builtin:pydoc", "ABLATION_EVAL_TOKENS=1024")  # fmt: skip
+                 "ABLATION_DATA=builtin:pydoc", "ABLATION_EVAL=builtin:pydoc", "ABLATION_EVAL_TOKENS=1024",
+                "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01")  # fmt: skip
     assert again.returncode == 0 and "relufy train" not in again.stdout and "relufy eval" not in again.stdout
 
 
@@ -87,7 +89,7 @@ def test_demo_pipeline_shrunk(tmp_path):
     runs = tmp_path / "runs"
     args = [
         f"RUNS={runs}", "DEMO_STEPS=2", "DEMO_EVAL_TOKENS=600",
-        "DEMO_TRAIN_ARGS=sparsity.ffn_warmstart.steps=2 sparsity.ffn_warmstart.tokens=512 data.heldout_fraction=0.01 log.every=1",
+        "DEMO_TRAIN_ARGS=sparsity.ffn_warmstart.steps=2 sparsity.ffn_warmstart.tokens=512 data.heldout_fraction=0.01 log.every=1 optim.warmup_steps=1",
         "DEMO_EXPORT_ARGS=--max-tokens 1024 --predictor-steps 5",
         "DEMO_BENCH_ARGS=--shapes model --threads 1 --repeats 2 --new-tokens 4 --sparsities 0.9",
     ]  # fmt: skip
