@@ -136,7 +136,7 @@ bench-sparse: $(STAMP)
 # ($(RUNS)/ablation-<ABLATION>/report.md). ABLATION=mini: a CPU miniature (minutes);
 # ABLATION=300m: the paper's 300M pair, under accelerate launch (NPROC GPUs, ACCELERATE_CONFIG).
 ABLATION ?= mini
-ABLATION_STEPS ?= 600
+ABLATION_STEPS ?= 300
 ABLATION_DATA ?= $(if $(wildcard ../shared/data/tinyshakespeare/input.txt),../shared/data/tinyshakespeare/input.txt,builtin:pydoc)
 ABLATION_EVAL ?= $(if $(wildcard $(WIKITEXT)),$(WIKITEXT),builtin:pydoc)
 ABLATION_TOKENIZER ?= $(DEMO)/drelu

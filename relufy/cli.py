@@ -194,7 +194,8 @@ def export_(
     if result.predictors:
         typer.echo(
             f"held-out perplexity {result.ppl_dense:.2f} dense, {result.ppl_predicted:.2f} with predicted neurons "
-            f"({result.predicted_kept:.1%} computed, {result.missed_active:.1%} of active neurons missed)"
+            f"({result.predicted_kept:.1%} computed, {result.missed_active:.1%} of active neurons missed, "
+            f"top-1 agreement {result.top1_agreement:.1%})"
         )
     if report:
         report.write_text(json.dumps(result.summary(), indent=2) + "\n")

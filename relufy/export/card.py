@@ -97,7 +97,8 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
             f"a neuron is computed when its score >= {options.predictor_threshold}.",
             f"- Held-out ({result.heldout_tokens} tokens): mean recall {_mean(recalls):.3f}; the model computes "
             f"{result.predicted_kept:.1%} of neurons and drops {result.missed_active:.1%} of the active ones; "
-            f"perplexity {result.ppl_dense:.2f} dense -> {result.ppl_predicted:.2f} with predicted neurons only.",
+            f"perplexity {result.ppl_dense:.2f} dense -> {result.ppl_predicted:.2f} with predicted neurons only; "
+            f"the next-token argmax agrees with dense at {result.top1_agreement:.1%} of positions.",
         ]
     if options.eval_json:
         models = json.loads(Path(options.eval_json).read_text())["models"]

@@ -43,6 +43,7 @@ class ExportResult:
     ppl_predicted: float | None = None
     predicted_kept: float | None = None  # fraction of neurons computed with predictors
     missed_active: float | None = None  # fraction of active neurons the predictors dropped
+    top1_agreement: float | None = None  # next-token argmax equal with predicted neurons only vs dense
     heldout_tokens: int = 0
     seconds: float = 0.0
 
@@ -95,6 +96,12 @@ def _read_eval(path: str) -> list[dict]:
     if not isinstance(data, dict) or data.get("relufy_eval") != 1:
         raise RelufyError(f"{path}: not a relufy eval JSON (relufy eval --json FILE)")
     return data["models"]
+
+
+def _argmax(model, wins, device) -> list:
+    """Next-token argmax at every position of every window."""
+    with torch.inference_mode():
+        return [model(input_ids=w.input_ids[None].to(device)).logits[0].argmax(-1).cpu() for w in wins]
 
 
 def _skeleton(config: dict):
@@ -229,8 +236,12 @@ def export(path: str, out: str | Path, options: ExportOptions, force: bool = Fal
                 with observing(model, lambda s: Collector(s, tap, options.predictor_tokens)) as collector:
                     nll, count = score(model, held_wins, options.batch_size, device, task("held-out dense", held_wins))
                 held = collector.data()
+                dense_top1 = _argmax(model, held_wins, device)
                 with observing(model, lambda s: PredictedOnly(s, tap, predictors, options.predictor_threshold)) as masked:
                     nll_p, _ = score(model, held_wins, options.batch_size, device, task("held-out predicted", held_wins))
+                    predicted_top1 = _argmax(model, held_wins, device)
+            same = sum(int((a == b).sum()) for a, b in zip(dense_top1, predicted_top1, strict=True))
+            result.top1_agreement = same / sum(a.numel() for a in dense_top1)
             result.ppl_dense, result.ppl_predicted = math.exp(nll / count), math.exp(nll_p / count)
             result.predicted_kept = masked.kept / max(masked.total, 1)
             result.missed_active = masked.missed / max(masked.active, 1)

@@ -92,6 +92,7 @@ def _export_block(options, result) -> dict:
             "mean_recall": sum(recalls) / len(recalls) if recalls else None,
             "heldout_ppl_dense": result.ppl_dense,
             "heldout_ppl_predicted": result.ppl_predicted,
+            "heldout_top1_agreement": result.top1_agreement,
         }
     return block
 
