@@ -33,7 +33,7 @@ DEMO_EVAL_TOKENS ?= 4096
 DEMO_RUN := $(DEMO)/steps-$(DEMO_STEPS)
 # extra arguments per step (the tests shrink the demo with these)
 DEMO_TRAIN_ARGS ?=
-DEMO_EXPORT_ARGS ?= --max-tokens 8192 --predictor-steps 150
+DEMO_EXPORT_ARGS ?= --max-tokens 8192 --predictor-steps 150 --predictor-threshold -1
 DEMO_BENCH_ARGS ?= --shapes model,7b --threads 1,2 --repeats 5 --new-tokens 16
 SMOL = $$($(BIN)/python -m relufy.embedded)
 

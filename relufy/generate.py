@@ -59,7 +59,8 @@ def sparse_context(model, path: str | Path, sparse: str):
     return sparse_decoding(model, "predictor", load_predictors(path), info.get("threshold", 0.0), info.get("input", "residual"))
 
 
-def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool = True, model=None, sparse: str = "off") -> Generation:
+def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool = True, model=None, sparse: str = "off",
+             min_new_tokens: int = 0) -> Generation:  # fmt: skip
     """Greedy generation; ``chat`` wraps the prompt in the tokenizer's chat template if it has one;
     ``sparse`` (off, exact, predictor) decodes new tokens through the sparse CPU FFNs."""
     import torch
@@ -76,7 +77,8 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     start = time.perf_counter()
     with torch.no_grad(), sparse_context(model, path, sparse):
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.eos_token_id)  # fmt: skip
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1] :]
     return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds)

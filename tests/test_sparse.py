@@ -179,6 +179,7 @@ def test_bench_command(cli, models, tmp_path):
         assert c["limit"] == pytest.approx(1 / (1 - c["sparsity"]))
     modes = {g["mode"]: g for g in result["generation"]}
     assert set(modes) == {"off", "exact", "predictor"} and modes["exact"]["same_text_as_off"] is True
+    assert all(g["new_tokens"] == 4 and g["decode_tokens_per_second"] > 0 for g in modes.values())  # EOS cannot cut it short
     assert png.stat().st_size > 1000
 
 

@@ -155,9 +155,12 @@ def bench_generation(path: str, modes: list[str], new_tokens: int = 32, prompt: 
     texts = {}
     for mode in modes:
         generate(path, prompt, max_new_tokens=4, model=model, sparse=mode)  # warm up
-        result = generate(path, prompt, max_new_tokens=new_tokens, model=model, sparse=mode)
+        first = generate(path, prompt, max_new_tokens=1, min_new_tokens=1, model=model, sparse=mode)  # prefill + 1 token
+        result = generate(path, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, model=model, sparse=mode)
         texts[mode] = result.text
-        rows.append({"mode": mode, "new_tokens": result.new_tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second})
+        decode = result.seconds - first.seconds
+        rows.append({"mode": mode, "new_tokens": result.new_tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                     "decode_tokens_per_second": (result.new_tokens - 1) / decode if decode > 0 else float("nan")})  # fmt: skip
     for row in rows:
         row["same_text_as_off"] = texts[row["mode"]] == texts.get("off")
     return rows

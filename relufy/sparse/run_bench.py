@@ -94,7 +94,8 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
                       f"{c.predictor_speedup:.2f}", f"{c.limit:.1f}")  # fmt: skip
     console.print(table)
     for row in gen:
-        console.print(f"generation {row['mode']}: {row['tokens_per_second']:.1f} tokens/s ({row['new_tokens']} tokens)"
+        console.print(f"generation {row['mode']}: {row['decode_tokens_per_second']:.1f} tokens/s decoding, {row['tokens_per_second']:.1f} "
+                      f"with the prompt ({row['new_tokens']} tokens)"
                       + ("" if row["mode"] == "off" else f", same text as dense: {row['same_text_as_off']}"))  # fmt: skip
     result = {
         "relufy_bench": 1,
