@@ -138,7 +138,7 @@ bench-sparse: $(STAMP)
 ABLATION ?= mini
 ABLATION_STEPS ?= 300
 ABLATION_DATA ?= $(if $(wildcard ../shared/data/tinyshakespeare/input.txt),../shared/data/tinyshakespeare/input.txt,builtin:pydoc)
-ABLATION_EVAL ?= $(if $(wildcard $(WIKITEXT)),$(WIKITEXT),builtin:pydoc)
+ABLATION_EVAL ?= $(ABLATION_DATA)
 ABLATION_TOKENIZER ?= $(DEMO)/drelu
 ABLATION_EVAL_TOKENS ?= 16384
 ABL := $(RUNS)/ablation-$(ABLATION)
