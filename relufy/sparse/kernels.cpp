@@ -86,6 +86,23 @@ inline void dot2(const T* __restrict w0, const T* __restrict w1, const float* __
 }
 #define RELUFY_HAVE_DOT2 1
 
+// eight consecutive rows against one x: eight memory streams in flight
+template <typename T>
+inline void dot8(const T* __restrict w, int64_t stride, const float* __restrict x, int64_t n, float* out) {
+  __m512 a[8];
+  for (int r = 0; r < 8; ++r) a[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    for (int r = 0; r < 8; ++r) a[r] = _mm512_fmadd_ps(load16(w + r * stride + i), xv, a[r]);
+  }
+  for (int r = 0; r < 8; ++r) {
+    float s = _mm512_reduce_add_ps(a[r]);
+    for (int64_t t = i; t < n; ++t) s += to_float(w[r * stride + t]) * x[t];
+    out[r] = s;
+  }
+}
+
 template <typename T>
 inline void dot4(const T* __restrict w, int64_t stride, const float* __restrict x, int64_t n, float* out) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
@@ -175,10 +192,10 @@ void gate_up_impl(const T* wg, const T* wu, const float* x, float* g, float* u, 
     int64_t j = begin;
 #ifdef RELUFY_HAVE_DOT2
     if (batch == 1) {  // decoding: gate rows in pairs, then the up rows of the active ones
-      for (; j + 4 <= end; j += 4) {
-        dot4(wg + j * hidden, hidden, x, hidden, g + j);
-        int64_t act[4], na = 0;
-        for (int r = 0; r < 4; ++r) {
+      for (; j + 8 <= end; j += 8) {
+        dot8(wg + j * hidden, hidden, x, hidden, g + j);
+        int64_t act[8], na = 0;
+        for (int r = 0; r < 8; ++r) {
           if (g[j + r] > threshold) act[na++] = j + r;
           else u[j + r] = 0.0f;
         }
