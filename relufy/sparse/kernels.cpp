@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -101,31 +102,6 @@ inline void dot8(const T* __restrict w, int64_t stride, const float* __restrict 
     for (int64_t t = i; t < n; ++t) s += to_float(w[r * stride + t]) * x[t];
     out[r] = s;
   }
-}
-
-template <typename T>
-inline void dot4(const T* __restrict w, int64_t stride, const float* __restrict x, int64_t n, float* out) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-  const T* w0 = w;
-  const T* w1 = w + stride;
-  const T* w2 = w + 2 * stride;
-  const T* w3 = w + 3 * stride;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 xv = _mm512_loadu_ps(x + i);
-    a0 = _mm512_fmadd_ps(load16(w0 + i), xv, a0);
-    a1 = _mm512_fmadd_ps(load16(w1 + i), xv, a1);
-    a2 = _mm512_fmadd_ps(load16(w2 + i), xv, a2);
-    a3 = _mm512_fmadd_ps(load16(w3 + i), xv, a3);
-  }
-  float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};
-  for (; i < n; ++i) {
-    s[0] += to_float(w0[i]) * x[i];
-    s[1] += to_float(w1[i]) * x[i];
-    s[2] += to_float(w2[i]) * x[i];
-    s[3] += to_float(w3[i]) * x[i];
-  }
-  for (int r = 0; r < 4; ++r) out[r] = s[r];
 }
 
 template <typename T>
@@ -222,6 +198,15 @@ void gate_up_impl(const T* wg, const T* wu, const float* x, float* g, float* u, 
   });
 }
 
+// call f with a typed null pointer for w's dtype (float32 or bfloat16; check() refuses others)
+template <typename F>
+void by_dtype(const torch::Tensor& w, F f) {
+  if (w.scalar_type() == torch::kFloat32)
+    f(static_cast<float*>(nullptr));
+  else
+    f(static_cast<at::BFloat16*>(nullptr));
+}
+
 void check(const torch::Tensor& w, const torch::Tensor& x, const torch::Tensor& idx, int64_t cols) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(), "weights: contiguous 2-D CPU tensor");
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 || w.scalar_type() == torch::kBFloat16, "weights: float32 or bfloat16");
@@ -236,10 +221,10 @@ torch::Tensor rows_dot(torch::Tensor w, torch::Tensor x, torch::Tensor idx) {
   check(w, x, idx, w.size(1));
   const int64_t batch = x.size(0), k = idx.size(0), hidden = w.size(1);
   auto y = torch::empty({batch, k}, x.options());
-  if (w.scalar_type() == torch::kFloat32)
-    rows_dot_impl(w.data_ptr<float>(), x.data_ptr<float>(), idx.data_ptr<int64_t>(), y.data_ptr<float>(), batch, k, hidden);
-  else
-    rows_dot_impl(w.data_ptr<at::BFloat16>(), x.data_ptr<float>(), idx.data_ptr<int64_t>(), y.data_ptr<float>(), batch, k, hidden);
+  by_dtype(w, [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    rows_dot_impl(w.data_ptr<T>(), x.data_ptr<float>(), idx.data_ptr<int64_t>(), y.data_ptr<float>(), batch, k, hidden);
+  });
   return y;
 }
 
@@ -247,10 +232,10 @@ torch::Tensor rows_axpy(torch::Tensor w, torch::Tensor v, torch::Tensor idx) {
   check(w, v, idx, idx.size(0));
   const int64_t batch = v.size(0), k = idx.size(0), hidden = w.size(1);
   auto y = torch::zeros({batch, hidden}, v.options());
-  if (w.scalar_type() == torch::kFloat32)
-    rows_axpy_impl(w.data_ptr<float>(), v.data_ptr<float>(), idx.data_ptr<int64_t>(), y.data_ptr<float>(), batch, k, hidden);
-  else
-    rows_axpy_impl(w.data_ptr<at::BFloat16>(), v.data_ptr<float>(), idx.data_ptr<int64_t>(), y.data_ptr<float>(), batch, k, hidden);
+  by_dtype(w, [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    rows_axpy_impl(w.data_ptr<T>(), v.data_ptr<float>(), idx.data_ptr<int64_t>(), y.data_ptr<float>(), batch, k, hidden);
+  });
   return y;
 }
 
@@ -260,12 +245,11 @@ std::vector<torch::Tensor> gate_up(torch::Tensor wg, torch::Tensor wu, torch::Te
   const int64_t batch = x.size(0), n = wg.size(0), hidden = wg.size(1);
   auto g = torch::empty({batch, n}, x.options());
   auto u = torch::empty({batch, n}, x.options());
-  if (wg.scalar_type() == torch::kFloat32)
-    gate_up_impl(wg.data_ptr<float>(), wu.data_ptr<float>(), x.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(), batch, n, hidden,
+  by_dtype(wg, [&](auto* t) {
+    using T = std::remove_pointer_t<decltype(t)>;
+    gate_up_impl(wg.data_ptr<T>(), wu.data_ptr<T>(), x.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(), batch, n, hidden,
                  static_cast<float>(threshold));
-  else
-    gate_up_impl(wg.data_ptr<at::BFloat16>(), wu.data_ptr<at::BFloat16>(), x.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(),
-                 batch, n, hidden, static_cast<float>(threshold));
+  });
   return {g, u};
 }
 
