@@ -104,15 +104,13 @@ eval-smollm2: $(STAMP)
 RECOVERY_STEPS ?= 60
 RECOVERY_ARGS ?= budget.max_steps=$(RECOVERY_STEPS) checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0 \
   sparsity.ffn_warmstart.steps=60 sparsity.ffn_warmstart.tokens=8192
-recovery-smollm2: $(STAMP)
+recovery-smollm2: $(DEMO)/drelu/config.json
 	@mkdir -p $(RUNS)/recovery
-	@SMOL=$$($(BIN)/python -m relufy.embedded) && \
-	[ -f $(RUNS)/demo/drelu/config.json ] || $(BIN)/relufy convert "$$SMOL" $(RUNS)/demo/drelu
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/plain model.path=$(RUNS)/demo/drelu \
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/plain model.path=$(DEMO)/drelu \
 	  $(RECOVERY_ARGS) sparsity.distill=null sparsity.ffn_warmstart=null
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart model.path=$(RUNS)/demo/drelu \
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart model.path=$(DEMO)/drelu \
 	  $(RECOVERY_ARGS) sparsity.distill=null
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart-kd model.path=$(RUNS)/demo/drelu \
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart-kd model.path=$(DEMO)/drelu \
 	  $(RECOVERY_ARGS)
 
 # Export the recovered SmolLM2 (recovery-smollm2's warm start + distillation run): statistics and

@@ -3,7 +3,7 @@ the fraction of neurons computed, of active neurons missed, perplexity and next-
 agreement with the dense model, for each threshold.
 
     python benchmarks/predictor_fidelity.py runs/export/smollm2 --data ../shared/data/wikitext-2-raw/wiki.valid.raw \
-        [--thresholds -2,-1,-0.5,0,0.5] [--seq-len 512 --max-tokens 32768 --heldout-fraction 0.1]
+        [--thresholds=-2,-1,-0.5,0,0.5] [--seq-len 512 --max-tokens 32768 --heldout-fraction 0.1]
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import json
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def main() -> None:
@@ -44,16 +43,13 @@ def main() -> None:
 
     import contextlib
 
+    from relufy.measure.evaluate import score
+
     def run(observer_factory=None):
-        nll, count, tops = 0.0, 0, []
+        tops = []
         ctx = observing(model, observer_factory) if observer_factory else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
-            for w in held:
-                logits = model(input_ids=w.input_ids[None]).logits[0]
-                target = w.labels[1:]
-                nll += float(F.cross_entropy(logits[:-1], target, ignore_index=-100, reduction="sum"))
-                count += int((target != -100).sum())
-                tops.append(logits.argmax(-1))
+        with ctx:
+            nll, count = score(model, held, 1, torch.device("cpu"), top1=tops)
         return math.exp(nll / count), tops, count
 
     ppl, dense_tops, count = run()

@@ -46,6 +46,9 @@ class Family:
     # in memory: the decoder layer's norm in front of the FFN; its input is the residual stream
     # that sparsity predictors read (relufy.export.calibration)
     ffn_norm: str = "post_attention_layernorm"
+    # the PowerInfer architecture a dense dReLU model of this family converts to (relufy export
+    # --layout powerinfer); None: no engine layout for the family
+    powerinfer_arch: str | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -93,8 +96,8 @@ def _experts(prefix: str, size: Callable) -> tuple[Container, ...]:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        _dense("llama", "Llama"),
-        _dense("mistral", "Mistral"),
+        _dense("llama", "Llama", powerinfer_arch="bamboo"),
+        _dense("mistral", "Mistral", powerinfer_arch="bamboo"),
         _dense("qwen2", "Qwen2"),
         _dense("qwen3", "Qwen3"),
         _dense("gemma", "Gemma"),

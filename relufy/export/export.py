@@ -25,10 +25,9 @@ from pathlib import Path
 import torch
 
 from ..errors import RelufyError
-from ..families import family_for
+from ..families import FAMILIES, family_for
 from .options import ZERO_ACTIVATIONS, ExportOptions
 
-POWERINFER_DENSE = ("llama", "mistral")
 POWERINFER_ROPE = ("default", "linear", "yarn")
 
 
@@ -74,9 +73,10 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
         if not options.predictors:
             raise RelufyError("layout powerinfer needs predictors (PowerInfer's converter takes a predictor folder): add --predictors")
         if not family.is_moe:
-            if family.model_type not in POWERINFER_DENSE or activation != "drelu":
+            if family.powerinfer_arch is None or activation != "drelu":
+                takes = "/".join(f.model_type for f in FAMILIES.values() if f.powerinfer_arch)
                 raise RelufyError(
-                    f"layout powerinfer takes dense dReLU models of {'/'.join(POWERINFER_DENSE)} (PowerInfer's bamboo "
+                    f"layout powerinfer takes dense dReLU models of {takes} (PowerInfer's bamboo "
                     f"architecture); this is a {activation} {family.model_type} model: use --layout hf"
                 )
             rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -96,12 +96,6 @@ def _read_eval(path: str) -> list[dict]:
     if not isinstance(data, dict) or data.get("relufy_eval") != 1:
         raise RelufyError(f"{path}: not a relufy eval JSON (relufy eval --json FILE)")
     return data["models"]
-
-
-def _argmax(model, wins, device) -> list:
-    """Next-token argmax at every position of every window."""
-    with torch.inference_mode():
-        return [model(input_ids=w.input_ids[None].to(device)).logits[0].argmax(-1).cpu() for w in wins]
 
 
 def _skeleton(config: dict):
@@ -233,13 +227,12 @@ def export(path: str, out: str | Path, options: ExportOptions, force: bool = Fal
             del data
             # held-out: predictor metrics, dense and predicted-only perplexity
             with tapped(model, sites, options.predictor_input) as tap:
+                dense_top1, predicted_top1 = [], []
                 with observing(model, lambda s: Collector(s, tap, options.predictor_tokens)) as collector:
-                    nll, count = score(model, held_wins, options.batch_size, device, task("held-out dense", held_wins))
+                    nll, count = score(model, held_wins, options.batch_size, device, task("held-out dense", held_wins), dense_top1)
                 held = collector.data()
-                dense_top1 = _argmax(model, held_wins, device)
                 with observing(model, lambda s: PredictedOnly(s, tap, predictors, options.predictor_threshold)) as masked:
-                    nll_p, _ = score(model, held_wins, options.batch_size, device, task("held-out predicted", held_wins))
-                    predicted_top1 = _argmax(model, held_wins, device)
+                    nll_p, _ = score(model, held_wins, options.batch_size, device, task("held-out predicted", held_wins), predicted_top1)
             same = sum(int((a == b).sum()) for a, b in zip(dense_top1, predicted_top1, strict=True))
             result.top1_agreement = same / sum(a.numel() for a in dense_top1)
             result.ppl_dense, result.ppl_predicted = math.exp(nll / count), math.exp(nll_p / count)

@@ -57,24 +57,17 @@ def _file_stem(site, expert: int) -> str:
 
 
 def write_sparsity(path: Path, stats, perms: dict, predictors: dict, options) -> None:
-    from safetensors.torch import save_file
-
-    tensors, ppn = {}, {}
+    """``stats`` saved as a stats file, plus frequencies, permutations and predictor ranks."""
+    extra = {}
     for site, (counts, tokens) in stats.sites.items():
         key = f"layers.{site.layer}.{site.kind}"
-        tensors[f"{key}.counts"] = counts.contiguous()
-        tensors[f"{key}.tokens"] = tokens.contiguous()
-        tensors[f"{key}.frequency"] = (counts.double() / tokens.clamp_min(1).double()[:, None]).float()
+        extra[f"{key}.frequency"] = (counts.double() / tokens.clamp_min(1).double()[:, None]).float()
         perm = perms.get(site)
-        tensors[f"{key}.permutation"] = (perm if perm is not None else torch.arange(site.width).expand(site.experts, -1)).contiguous().long()
+        extra[f"{key}.permutation"] = (perm if perm is not None else torch.arange(site.width).expand(site.experts, -1)).contiguous().long()
         if predictors:
-            tensors[f"{key}.predictor_rank"] = torch.tensor([predictors[(site, e)].fc1.weight.shape[0] for e in range(site.experts)])
-        ppn[key] = site.params_per_neuron
-    meta = {k: str(v) for k, v in stats.meta.items()}
-    meta.update(format="relufy-stats", version="1", positions=str(stats.positions), params_per_neuron=json.dumps(ppn))
-    if predictors:
-        meta.update(predictor_threshold=str(options.predictor_threshold), predictor_input=options.predictor_input)
-    save_file(tensors, str(path), metadata=meta)
+            extra[f"{key}.predictor_rank"] = torch.tensor([predictors[(site, e)].fc1.weight.shape[0] for e in range(site.experts)])
+    meta = {"predictor_threshold": options.predictor_threshold, "predictor_input": options.predictor_input} if predictors else {}
+    stats.save(path, extra, meta)
 
 
 def _export_block(options, result) -> dict:
@@ -136,12 +129,13 @@ def _write_bpe_files(tmp: Path) -> None:
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def _bamboo_config(written: dict) -> dict:
-    """A PowerInfer bamboo config (dReLU Llama) from the saved relufy llama/mistral config."""
+def _powerinfer_config(written: dict, arch: str) -> dict:
+    """The config PowerInfer's converter reads for ``arch`` (bamboo: a dReLU Llama) from the saved
+    relufy config."""
     base = base_config_dict(written)
     rope = base.pop("rope_parameters", None) or {}
     out = {k: v for k, v in base.items() if k not in ("auto_map",)}
-    out.update(model_type="bamboo", architectures=["BambooForCausalLM"], hidden_act="relu", tie_word_embeddings=False)
+    out.update(model_type=arch, architectures=[f"{arch.capitalize()}ForCausalLM"], hidden_act="relu", tie_word_embeddings=False)
     out["rope_theta"] = rope.get("rope_theta", base.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
@@ -175,7 +169,7 @@ def write_layout(tmp: Path, model, tokenizer, family, options, result, stats, pe
         _write_hf_predictors(tmp, predictors, dtype)
     if options.layout == "powerinfer":
         if powerinfer_dense:
-            (tmp / "config.json").write_text(json.dumps(_bamboo_config(written), indent=2, sort_keys=True) + "\n")
+            (tmp / "config.json").write_text(json.dumps(_powerinfer_config(written, family.powerinfer_arch), indent=2, sort_keys=True) + "\n")
             (tmp / "modeling_relufy.py").unlink(missing_ok=True)
             _write_bpe_files(tmp)
         (tmp / "predictor").mkdir()

@@ -88,8 +88,9 @@ def check_model(path: str, options: EvalOptions) -> None:
         raise RelufyError(f"--seq-len {options.seq_len} exceeds the model's context of {limit} tokens ({path})")
 
 
-def score(model, wins: list[Window], batch_size: int, device, advance=None) -> tuple[float, int]:
-    """Sum of token NLL and number of scored tokens; ``advance(positions)`` reports progress."""
+def score(model, wins: list[Window], batch_size: int, device, advance=None, top1: list | None = None) -> tuple[float, int]:
+    """Sum of token NLL and number of scored tokens; ``advance(positions)`` reports progress;
+    ``top1``, when given, receives each batch's next-token argmax (same order for the same windows)."""
     nll, count = 0.0, 0
     groups: dict[int, list[Window]] = {}
     for w in wins:
@@ -101,6 +102,8 @@ def score(model, wins: list[Window], batch_size: int, device, advance=None) -> t
                 ids = torch.stack([w.input_ids for w in batch]).to(device)
                 labels = torch.stack([w.labels for w in batch]).to(device)
                 logits = model(input_ids=ids).logits[:, :-1].float()
+                if top1 is not None:
+                    top1.append(logits.argmax(-1).cpu())
                 target = labels[:, 1:]
                 nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
                 count += int((target != -100).sum())

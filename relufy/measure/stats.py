@@ -91,18 +91,20 @@ class Stats:
         return {"layers": layers, "per_expert": per_expert, "router_share": share, "shared": shared_sparsity}
 
     # ---- file ------------------------------------------------------------------------------
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, extra_tensors: dict | None = None, extra_meta: dict | None = None) -> None:
+        """Write the stats file; ``extra_tensors`` / ``extra_meta`` ride along (export's
+        ``sparsity.safetensors`` adds frequencies, permutations and predictor figures)."""
         from safetensors.torch import save_file
 
         from ..io.atomic import atomic_file
 
-        tensors, ppn = {}, {}
+        tensors, ppn = dict(extra_tensors or {}), {}
         for site, (counts, tokens) in self.sites.items():
             key = f"layers.{site.layer}.{site.kind}"
             tensors[f"{key}.counts"] = counts.contiguous()
             tensors[f"{key}.tokens"] = tokens.contiguous()
             ppn[key] = site.params_per_neuron
-        meta = {k: str(v) for k, v in self.meta.items()}
+        meta = {k: str(v) for k, v in {**self.meta, **(extra_meta or {})}.items()}
         meta.update(format=FORMAT, version="1", positions=str(self.positions), params_per_neuron=json.dumps(ppn))
         with atomic_file(Path(path)) as tmp:
             save_file(tensors, tmp, metadata=meta)

@@ -70,7 +70,8 @@ def demo(folder: Path, run: Path | None = None) -> Path:
     (train/, eval-after.json, export/, export.json, bench.json, bench.png)."""
     folder = Path(folder)
     run = Path(run) if run is not None else folder
-    before = _models(_read(folder / "eval-before.json"))
+    before_json = _read(folder / "eval-before.json")
+    before = _models(before_json)
     after = _models(_read(run / "eval-after.json"))
     train_dir = run / "train"
     summary = _read(train_dir / "summary.json")
@@ -130,7 +131,7 @@ benchmarked with the sparse CPU FFN. Every number below is read from the step's 
 
 ## 1. Perplexity and sparsity (`eval-before.json`, `eval-after.json`)
 
-Text: `{original['model'] and _read(folder / 'eval-before.json')['options']['data']}`, first {original['tokens']:,} scored tokens (the recovery
+Text: `{before_json['options']['data']}`, first {original['tokens']:,} scored tokens (the recovery
 trained on most of it: these are sparsity and top-k figures, the held-out ones are in section 2).
 
 | model | ppl | FFN zeros | """ + " | ".join(f"ppl @{s:.0%}" for s in levels) + """ |
@@ -178,9 +179,9 @@ small part of a decoding step; the 7B rows show where the kernels pay off.
 def ablation(folder: Path) -> Path:
     folder = Path(folder)
     runs = {act: folder / act for act in ("drelu", "swiglu")}
-    for act, path in runs.items():
-        _read(path / "summary.json")
-    evals = {m["activation"]: m for m in _models(_read(folder / "eval.json"))}
+    summaries = {act: _read(path / "summary.json") for act, path in runs.items()}
+    eval_json = _read(folder / "eval.json")
+    evals = {m["activation"]: m for m in _models(eval_json)}
     img = folder / "report-img"
     img.mkdir(exist_ok=True)
     curves = {act: [(r["tokens"], r["loss"]) for r in _metrics(path / "metrics.jsonl")] for act, path in runs.items()}
@@ -188,7 +189,6 @@ def ablation(folder: Path) -> Path:
     levels = sorted({p["sparsity"] for m in evals.values() for p in m["topk"]})
     _plot_curves({act: [(100 * p["sparsity"], p["ppl"]) for p in m["topk"]] for act, m in evals.items()},
                  img / "topk.png", "top-k sparsity (%)", "perplexity", "Perplexity vs top-k sparsity (paper Table 3)")  # fmt: skip
-    summaries = {act: _read(path / "summary.json") for act, path in runs.items()}
     final_loss = {act: sum(loss for _, loss in c[-5:]) / len(c[-5:]) for act, c in curves.items()}
     rows2 = "\n".join(
         f"| {act} | {final_loss[act]:.3f} | {summaries[act]['heldout_ppl']:,.2f} | {evals[act]['ppl']:,.2f} | {evals[act]['sparsity']['overall']:.1%} | {PAPER_TABLE2[act]['loss']} | {PAPER_TABLE2[act]['ppl']} |"
@@ -199,7 +199,7 @@ def ablation(folder: Path) -> Path:
         if act in PAPER_TABLE3:
             paper = PAPER_TABLE3[act]
             rows3 += f"\n| {act} (paper, 300M) | " + " | ".join(f"{paper[round(s, 2)]:.2f}" if round(s, 2) in paper else "-" for s in levels) + " |"
-    data = _read(folder / "eval.json")["options"]["data"]
+    data = eval_json["options"]["data"]
     text = f"""# Ablation: dReLU vs SwiGLU trained from scratch (paper section 3.2)
 
 Both models: same architecture apart from the FFN activation, same data, budget and seed

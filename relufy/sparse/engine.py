@@ -20,7 +20,7 @@ from .ffn import SparseFFN
 MODES = ("off", "exact", "predictor")
 
 
-def _weights(module, site, expert):
+def _weights(module, expert):
     layout = module.relufy_layout
     if layout == "gated":
         return module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight
@@ -44,7 +44,7 @@ def build(model, predictors: dict | None = None, predictor_threshold: float = 0.
                 if key not in predictors:
                     raise ValueError(f"no predictor for {site.name}" + (f" expert {e}" if site.kind == "experts" else ""))
                 predictor = predictors[key].float()
-            out[(site, e)] = SparseFFN(*_weights(module, site, e), block["activation"], block.get("threshold"), predictor, predictor_threshold)
+            out[(site, e)] = SparseFFN(*_weights(module, e), block["activation"], block.get("threshold"), predictor, predictor_threshold)
     return out
 
 
