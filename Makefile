@@ -6,7 +6,7 @@ STAMP := $(VENV)/.relufy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install test demo ablation bench-convert bench-eval bench-train bench-sparse eval-smollm2 recovery-smollm2 export-smollm2 clean \
+.PHONY: install test demo ablation bench-convert bench-eval bench-train bench-sparse eval-smollm2 recovery-smollm2 recovery-smollm2-hour export-smollm2 clean \
   $(addprefix turbosparse-,mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b)
 
 install: $(STAMP)
@@ -112,6 +112,17 @@ recovery-smollm2: $(DEMO)/drelu/config.json
 	  $(RECOVERY_ARGS) sparsity.distill=null
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart-kd model.path=$(DEMO)/drelu \
 	  $(RECOVERY_ARGS)
+
+# The one-hour recovery on this CPU: warm start with an L1 hold + distillation + L1 ("full"),
+# against plain LM training on the same tokens ("plain"). Results: runs/recovery-hour/*/summary.json.
+RECOVERY_HOUR_STEPS ?= 180
+RECOVERY_HOUR_ARGS ?= budget.max_steps=$(RECOVERY_HOUR_STEPS) checkpoint.every=30 data.heldout_fraction=0.02 log.eval_every=0
+recovery-smollm2-hour: $(DEMO)/drelu/config.json
+	@mkdir -p $(RUNS)/recovery-hour
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery-hour/full model.path=$(DEMO)/drelu \
+	  $(RECOVERY_HOUR_ARGS) sparsity.ffn_warmstart.l1=20 sparsity.l1=5
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery-hour/plain model.path=$(DEMO)/drelu \
+	  $(RECOVERY_HOUR_ARGS) sparsity.distill=null sparsity.ffn_warmstart=null
 
 # Export the recovered SmolLM2 (recovery-smollm2's warm start + distillation run): statistics and
 # predictors on WikiText-2 validation, neurons reordered; per-layer recall and the perplexity with

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -252,7 +253,8 @@ def train(
     from .train.loop import train as run
 
     final = run(spec, resume=resume)
-    typer.echo(f"wrote {final}")
+    if os.environ.get("RANK", "0") == "0":  # one line for a multi-process launch
+        typer.echo(f"wrote {final}")
 
 
 def main() -> None:

@@ -182,6 +182,35 @@ def test_l1_raises_sparsity(base, tmp_path):
     assert losses(plain.parent)[-1][3] < losses(l1.parent)[-1][3]
 
 
+def test_warmstart_l1_holds_zeros(capsys):
+    """The per-layer fit with the L1 term ends with more FFN zeros than the plain fit, in every
+    layer, and the report's before/after figures are the ones measured on the student."""
+    from tiny import tiny_model
+
+    from relufy.modeling.load import swap_activation
+    from relufy.train.recipe import WarmstartSpec
+    from relufy.train.warmstart import ffn_warmstart
+
+    class Mixture:  # the one method the warm start uses
+        def batch(self, n):
+            return torch.randint(0, 64, (n, 32), generator=torch.Generator().manual_seed(1))
+
+    teacher = tiny_model("llama").eval()
+    reports, students = {}, {}
+    for l1 in (0.0, 1.0):
+        students[l1] = swap_activation(tiny_model("llama"), "drelu")
+        spec = WarmstartSpec(tokens=512, steps=40, lr=1e-2, l1=l1)
+        reports[l1] = ffn_warmstart(students[l1], teacher, Mixture(), spec, torch.device("cpu"), seq_len=32, show_progress=l1 > 0)
+    plain, held = reports[0.0]["layers"], reports[1.0]["layers"]
+    assert [r["zeros_before"] for r in plain] == [r["zeros_before"] for r in held]
+    assert all(h["zeros_after"] > p["zeros_after"] for p, h in zip(plain, held)), (plain, held)
+    assert all(p["mse_after"] < p["mse_before"] for p in plain)
+    assert reports[1.0]["zeros_after"] > reports[0.0]["zeros_after"]
+    assert "warm start: layer" in capsys.readouterr().err  # the progress bar
+    # the observers are put back: none was installed before
+    assert all(getattr(m, "relufy_observer", None) is None for m in students[1.0].modules())
+
+
 def test_lora_is_merged(base, tmp_path):
     raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, lora={"r": 4, "alpha": 8})
     final = train(validate(raw), show_progress=False)
@@ -225,7 +254,27 @@ def test_two_process_ddp_on_cpu(base, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer
     assert rows[-1]["tokens"] == 4 * 2 * 2 * 32 * 2  # steps x micro-batch x accumulation x seq x processes
+    assert proc.stdout.count("wrote ") == 1, proc.stdout
     assert (tmp_path / "out" / "final" / "config.json").exists()
+
+
+def test_processes_accelerate_does_not_join_are_refused(base, tmp_path):
+    """FSDP asked for on a machine without GPUs: Accelerate leaves each launched process alone
+    (distributed type NO). Two independent runs would write one folder; relufy stops both."""
+    path = write_recipe(tmp_path / "r.yaml", recipe_dict(base, tmp_path / "out", budget__max_steps=2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    env.pop("ACCELERATE_USE_CPU", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relufy", "train", str(path)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("relufy: error:")]
+    assert errors and "2 processes were launched" in errors[0] and "FSDP" in errors[0], proc.stderr[-2000:]
+    # no traceback from relufy's processes (torchrun prints its own for the failed children)
+    out = proc.stdout + proc.stderr
+    assert not re.search(r"^\[rank\d\]: Traceback", out, re.M) and "RelufyError" not in out
+    assert not (tmp_path / "out" / "metrics.jsonl").exists() and not (tmp_path / "out" / "final").exists()
 
 
 CHAT_TEMPLATE = (

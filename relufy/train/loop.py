@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -166,6 +167,13 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
         log_with=["tensorboard"] if recipe.log.tensorboard else None,
         project_dir=str(out),
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:  # each process would train alone, into the same folder
+        raise RelufyError(
+            f"{launched} processes were launched but Accelerate runs each on its own (distributed type "
+            f"{accelerator.distributed_type.value}): FSDP and DeepSpeed need GPUs; on CPU use DDP "
+            "(ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m relufy train ...)"
+        )
     set_seed(recipe.seed)
     model, tokenizer = _load(recipe)
     if recipe.sparsity.router_aux_coef is not None:
@@ -200,7 +208,10 @@ def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> P
         from .warmstart import ffn_warmstart
 
         before = copy.deepcopy(mixture.state_dict())
-        report = ffn_warmstart(model, teacher, mixture, recipe.sparsity.ffn_warmstart, accelerator.device, recipe.data.seq_len)
+        report = ffn_warmstart(
+            model, teacher, mixture, recipe.sparsity.ffn_warmstart, accelerator.device, recipe.data.seq_len,
+            show_progress=show_progress and accelerator.is_main_process,
+        )
         mixture.load_state_dict(before)  # the warm start's tokens are not consumed from the training data
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)

@@ -100,6 +100,9 @@ class WarmstartSpec(_Spec):
     tokens: int = Field(16384, ge=64, description="Training tokens whose hidden states the FFN fits use.")
     steps: int = Field(200, ge=1, description="Adam steps per layer.")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the per-layer fit.")
+    l1: float = Field(
+        0.0, ge=0, description="L1 penalty on each FFN's combined activation during the fit (holds sparsity); 0: off."
+    )
 
 
 class SparsitySpec(_Spec):
