@@ -81,8 +81,10 @@ bench-convert: $(STAMP)
 bench-eval: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py
 
+# BENCH_TRAIN_ARGS: e.g. --precision bf16 --batch 16 on a GPU (MFU printed for known GPUs)
+BENCH_TRAIN_ARGS ?=
 bench-train: $(STAMP)
-	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_train.py $(BENCH_TRAIN_ARGS)
 
 # The numbers in docs/results.md: SmolLM2-135M original vs its untrained dReLU / ReGLU conversions
 # on WikiText-2 validation (../shared/data), with the paper's top-k curve.

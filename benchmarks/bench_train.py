@@ -1,14 +1,20 @@
 """Throughput of ``relufy train`` against a bare PyTorch loop, and the cost of sparsity logging.
 
 Same model (the embedded SmolLM2-135M converted to dReLU), same packed batches, same AdamW,
-micro-batch, accumulation and precision (fp32, CPU). Variants, interleaved and repeated, median
-tokens/s over the steps after the first (warm-up):
+micro-batch, accumulation and precision (fp32 by default; ``--precision bf16`` is autocast, as
+Accelerate's mixed precision), on the GPU when there is one. Variants, interleaved and repeated,
+median tokens/s over the steps after the first (warm-up):
 
 - ``bare loop``: forward, backward, clip, AdamW step; nothing else;
 - ``relufy train, no sparsity logging`` (``log.sparsity=false``);
 - ``relufy train`` (default: per-layer zero counts every step).
 
-    python benchmarks/bench_train.py [--steps 6] [--seq-len 256] [--batch 4] [--repeats 2]
+    python benchmarks/bench_train.py [--steps 6] [--seq-len 256] [--batch 4] [--repeats 2] [--precision bf16]
+
+Model FLOPs utilisation (MFU) is printed when the device's peak is known (``--peak-tflops``, or
+the bf16 dense peak of a recognised GPU): training FLOPs per token ``6 N + 12 L d T`` (N: the
+parameters every token multiplies with, the tied embedding counted once as the LM head; L
+layers, d hidden size, T sequence length: the attention scores) times tokens/s over the peak.
 """
 
 from __future__ import annotations
@@ -40,8 +46,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--peak-tflops", type=float, help="the device's peak for --precision (MFU); default: known GPUs")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scratch = Path(tempfile.mkdtemp())
     model_path = relufy.convert(smollm2_gguf(), scratch / "drelu")
     text = TEXT if TEXT.exists() else None
@@ -58,6 +67,7 @@ def main() -> None:
             "data": {"sources": [{"data": str(text)}], "seq_len": args.seq_len, "heldout_fraction": 0.0},
             "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 0},
             "budget": {"max_steps": args.steps, "micro_batch_size": args.batch, "grad_accum": 1},
+            "precision": args.precision,
             "log": {"every": 1, "sparsity": sparsity_log},
         })  # fmt: skip
 
@@ -75,18 +85,21 @@ def main() -> None:
 
     def bare(i):
         torch.manual_seed(0)
-        model = relufy.load(model_path, dtype=torch.float32).train()
+        model = relufy.load(model_path, dtype=torch.float32).to(device).train()
         mixture, _ = train_data.build(recipe(scratch / "x", True).data, load_tokenizer(model_path), 0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
         times = []
         for _ in range(args.steps):
-            ids = mixture.batch(args.batch)
+            ids = mixture.batch(args.batch).to(device)
+            sync(device)
             start = time.perf_counter()
-            loss = model(input_ids=ids, labels=ids).loss
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            sync(device)
             times.append(time.perf_counter() - start)
         return tokens_per_step * (args.steps - 1) / sum(times[1:])
 
@@ -96,17 +109,59 @@ def main() -> None:
         for name, fn in variants.items():
             results[name].append(fn(i))
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"SmolLM2-135M dReLU, fp32, CPU ({torch.get_num_threads()} threads), seq {args.seq_len} x batch {args.batch}, "
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"SmolLM2-135M dReLU, {args.precision}, {where}, seq {args.seq_len} x batch {args.batch}, "
           f"{args.steps} steps (first excluded), {args.repeats} repeats")  # fmt: skip
-    print("| variant | tokens/s (median) | vs bare loop |\n|---|---:|---:|")
+    flops = train_flops_per_token(model_path, args.seq_len)
+    peak = args.peak_tflops or (known_peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
+    print("| variant | tokens/s (median) | vs bare loop |" + (" MFU |" if peak else "") + "\n|---|---:|---:|" + ("---:|" if peak else ""))
     for k, v in med.items():
-        print(f"| {k} | {v:,.0f} | {v / med['bare loop']:.3f}x |")
+        mfu = f" {v * flops / (peak * 1e12):.1%} |" if peak else ""
+        print(f"| {k} | {v:,.0f} | {v / med['bare loop']:.3f}x |{mfu}")
     ratio = med["relufy train"] / med["bare loop"]
     cost = 1 - med["relufy train"] / med["relufy train, no sparsity logging"]
     print(f"relufy train / bare = {ratio:.3f} (target >= 0.9): {'met' if ratio >= 0.9 else 'MISSED'}")
     print(f"sparsity logging cost = {cost:.1%} (target <= 5%): {'met' if cost <= 0.05 else 'MISSED'}")
     if args.json:
-        args.json.write_text(json.dumps({"tokens_per_second": med, "runs": results}, indent=2))
+        report = {"tokens_per_second": med, "runs": results, "precision": args.precision, "device": where,
+                  "train_flops_per_token": flops, "peak_tflops": peak}  # fmt: skip
+        if peak:
+            report["mfu"] = {k: v * flops / (peak * 1e12) for k, v in med.items()}
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# bf16 dense tensor-core peaks (TFLOP/s), from the vendors' data sheets (SXM parts).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def known_peak_tflops(name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def train_flops_per_token(model_path, seq_len: int) -> float:
+    """``6 N + 12 L d T``: N the parameters each token multiplies with (input embedding lookups
+    excluded, the LM head included, a tied embedding counted once as the head)."""
+    from safetensors import safe_open
+
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+
+    n = 0
+    for f in Path(model_path).glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                if "embed_tokens" in key and not cfg.get("tie_word_embeddings", False):
+                    continue  # a lookup; the untied head has its own weight
+                n += count
+    return 6 * n + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq_len
 
 
 if __name__ == "__main__":
