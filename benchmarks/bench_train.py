@@ -112,7 +112,7 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"SmolLM2-135M dReLU, {args.precision}, {where}, seq {args.seq_len} x batch {args.batch}, "
           f"{args.steps} steps (first excluded), {args.repeats} repeats")  # fmt: skip
-    flops = train_flops_per_token(model_path, args.seq_len)
+    flops = train_flops_per_token(relufy.load(model_path, dtype=torch.float32), args.seq_len)
     peak = args.peak_tflops or (known_peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
     print("| variant | tokens/s (median) | vs bare loop |" + (" MFU |" if peak else "") + "\n|---|---:|---:|" + ("---:|" if peak else ""))
     for k, v in med.items():
@@ -143,25 +143,12 @@ def known_peak_tflops(name: str) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def train_flops_per_token(model_path, seq_len: int) -> float:
+def train_flops_per_token(model, seq_len: int) -> float:
     """``6 N + 12 L d T``: N the parameters each token multiplies with (input embedding lookups
     excluded, the LM head included, a tied embedding counted once as the head)."""
-    from safetensors import safe_open
-
-    cfg = json.loads((Path(model_path) / "config.json").read_text())
-
-    n = 0
-    for f in Path(model_path).glob("*.safetensors"):
-        with safe_open(f, "pt") as st:
-            for key in st.keys():
-                shape = st.get_slice(key).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                if "embed_tokens" in key and not cfg.get("tie_word_embeddings", False):
-                    continue  # a lookup; the untied head has its own weight
-                n += count
-    return 6 * n + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * seq_len
+    cfg = model.config
+    n = model.num_parameters(exclude_embeddings=not cfg.tie_word_embeddings)
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
 
 
 if __name__ == "__main__":

@@ -211,6 +211,27 @@ def test_warmstart_l1_holds_zeros(capsys):
     assert all(getattr(m, "relufy_observer", None) is None for m in students[1.0].modules())
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_warmstart_fits_moe_blocks(family):
+    """MoE blocks (routed experts, shared experts, a dense first layer for deepseek_v3) take the
+    recorded tokens as one sequence; every layer's fit lowers its error."""
+    from tiny import tiny_model
+
+    from relufy.modeling.load import swap_activation
+    from relufy.train.recipe import WarmstartSpec
+    from relufy.train.warmstart import ffn_warmstart
+
+    class Mixture:
+        def batch(self, n):
+            return torch.randint(0, 64, (n, 32), generator=torch.Generator().manual_seed(1))
+
+    student = swap_activation(tiny_model(family), "drelu")
+    spec = WarmstartSpec(tokens=512, steps=20, lr=1e-2, l1=1.0)
+    report = ffn_warmstart(student, tiny_model(family).eval(), Mixture(), spec, torch.device("cpu"), seq_len=32)
+    assert len(report["layers"]) == student.config.num_hidden_layers
+    assert all(r["mse_after"] < r["mse_before"] and 0 < r["zeros_after"] < 1 for r in report["layers"]), report
+
+
 def test_lora_is_merged(base, tmp_path):
     raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, lora={"r": 4, "alpha": 8})
     final = train(validate(raw), show_progress=False)

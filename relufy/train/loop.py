@@ -64,8 +64,12 @@ class SparsityMeter:
             self.l1_terms.append(combined.abs().mean())
         return combined
 
+    def fraction(self, layer: int) -> float:
+        """Zero fraction of ``layer`` since the last reset (nan if it ran no FFN)."""
+        return float(self.zeros[layer]) / self.total[layer] if self.total.get(layer) else float("nan")
+
     def per_layer(self) -> list[float]:
-        return [float(self.zeros[layer]) / self.total[layer] if self.total.get(layer) else float("nan") for layer in self.layers]
+        return [self.fraction(layer) for layer in self.layers]
 
 
 def _load(recipe: Recipe):

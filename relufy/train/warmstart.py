@@ -28,31 +28,24 @@ def _layers(model):
     raise ValueError("no decoder layer list found")
 
 
-class _Tap:
-    """Observer on the FFNs of one layer: zero count (no grad) and the L1 terms (in the graph)."""
-
-    def __init__(self):
-        self.terms, self.zeros, self.total = [], 0, 0
-
-    def __call__(self, module, combined, expert):
-        with torch.no_grad():
-            self.zeros += int((combined == 0).sum())
-            self.total += combined.numel()
-        self.terms.append(combined.abs().mean())
-        return combined
+def _ffn(mlp, x):
+    """The FFN block on recorded tokens ``[N, H]``, as one sequence (MoE blocks take 3-D input)."""
+    return mlp(x[None])[0]
 
 
-def _measure(mlp, tap, x, y) -> tuple[float, float]:
-    """MSE to the recorded outputs and the FFN zero fraction on ``x``."""
-    tap.terms, tap.zeros, tap.total = [], 0, 0
+def _measure(mlp, meter, layer: int, x, y) -> tuple[float, float]:
+    """MSE to the recorded outputs and the layer's FFN zero fraction on ``x``."""
+    meter.reset()
     with torch.no_grad():
-        mse = float(F.mse_loss(mlp(x), y))
-    return mse, tap.zeros / max(1, tap.total)
+        mse = float(F.mse_loss(_ffn(mlp, x), y))
+    return mse, meter.fraction(layer)
 
 
 def ffn_warmstart(
     student, teacher, mixture, spec, device, seq_len: int, batch_tokens: int = 1024, show_progress: bool = False
 ) -> dict:
+    from ..progress import token_progress
+
     n_seq = max(1, spec.tokens // seq_len)
     batch = mixture.batch(n_seq)
     ids = batch[:, 0] if batch.dim() == 3 else batch  # chat data: (ids, labels) pairs
@@ -69,13 +62,7 @@ def ffn_warmstart(
 
     hooks = [layer.mlp.register_forward_hook(record(i)) for i, layer in enumerate(t_layers)]
     teacher.to(device)
-    if show_progress:
-        from ..progress import token_progress
-
-        bars = token_progress()
-    else:
-        bars = contextlib.nullcontext()
-    with bars as progress:
+    with token_progress() if show_progress else contextlib.nullcontext() as progress:
         if progress:
             record_task = progress.add_task("warm start: teacher pass", total=int(ids.numel()))
             fit_task = progress.add_task("warm start: layer fits", total=len(s_layers))
@@ -92,44 +79,52 @@ def ffn_warmstart(
                 desc = f"warm start: layer {row['layer']} mse {row['mse_after']:.3g} zeros {row['zeros_after']:.1%}"
                 progress.update(fit_task, advance=1, description=desc)
 
-        report = {"tokens": int(ids.numel()), **_fit_layers(s_layers, inputs, outputs, spec, device, batch_tokens, done)}
+        report = {"tokens": int(ids.numel()), **_fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, done)}
     return report
 
 
-def _fit_layers(s_layers, inputs, outputs, spec, device, batch_tokens, done) -> dict:
-    """Fit each student layer's FFNs to the recorded teacher outputs; ``done(row)`` per layer."""
+def _fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, done) -> dict:
+    """Fit each student layer's FFNs to the recorded teacher outputs; ``done(row)`` per layer.
+    The training loop's sparsity meter counts zeros and carries the L1 terms; the FFNs' own
+    observers are put back afterwards."""
+    from ..measure.sites import ffn_sites
+    from .loop import SparsityMeter
+
+    sites = ffn_sites(student)
+    meter = SparsityMeter(sites, l1=spec.l1 > 0)
+    kept = [m.relufy_observer for _, m in sites]
+    for _, m in sites:
+        m.relufy_observer = meter
     g = torch.Generator().manual_seed(0)
     report = {"layers": []}
-    for i, layer in enumerate(s_layers):
-        x, y = torch.cat(inputs[i]), torch.cat(outputs[i])
-        mlp = layer.mlp.to(device)
-        ffns = [m for m in mlp.modules() if isinstance(m, RelufyFFN)]
-        params = [p for m in ffns for p in m.parameters()]
-        opt = torch.optim.Adam(params, lr=spec.lr)
-        tap, kept = _Tap(), [m.relufy_observer for m in ffns]
-        for m in ffns:
-            m.relufy_observer = tap
-        try:
-            before, zeros_before = _measure(mlp, tap, x[:4096], y[:4096])
-            for _ in range(spec.steps):
-                idx = torch.randint(0, len(x), (min(batch_tokens, len(x)),), generator=g)
-                tap.terms = []
-                loss = F.mse_loss(mlp(x[idx]), y[idx])
-                if spec.l1 > 0 and tap.terms:
-                    loss = loss + spec.l1 * torch.stack(tap.terms).mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            after, zeros_after = _measure(mlp, tap, x[:4096], y[:4096])
-        finally:
-            for m, obs in zip(ffns, kept):
-                m.relufy_observer = obs
-        report["layers"].append(
-            {"layer": i, "mse_before": before, "mse_after": after, "zeros_before": zeros_before, "zeros_after": zeros_after}
-        )
-        inputs[i] = outputs[i] = None
-        done(report["layers"][-1])
+    try:
+        for i, layer in enumerate(s_layers):
+            report["layers"].append(_fit_layer(i, layer.mlp.to(device), torch.cat(inputs[i]), torch.cat(outputs[i]), meter, spec, batch_tokens, g))
+            inputs[i] = outputs[i] = None
+            done(report["layers"][-1])
+    finally:
+        for (_, m), obs in zip(sites, kept):
+            m.relufy_observer = obs
     n = max(1, len(report["layers"]))
     report["zeros_before"] = sum(r["zeros_before"] for r in report["layers"]) / n
     report["zeros_after"] = sum(r["zeros_after"] for r in report["layers"]) / n
     return report
+
+
+def _fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g) -> dict:
+    params = [p for m in mlp.modules() if isinstance(m, RelufyFFN) for p in m.parameters()]
+    opt = torch.optim.Adam(params, lr=spec.lr)
+    before, zeros_before = _measure(mlp, meter, i, x[:4096], y[:4096])
+    for _ in range(spec.steps):
+        idx = torch.randint(0, len(x), (min(batch_tokens, len(x)),), generator=g)
+        meter.reset()
+        loss = F.mse_loss(_ffn(mlp, x[idx]), y[idx])
+        if meter.l1_terms:
+            loss = loss + spec.l1 * torch.stack(meter.l1_terms).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    after, zeros_after = _measure(mlp, meter, i, x[:4096], y[:4096])
+    return {"layer": i, "mse_before": before, "mse_after": after, "zeros_before": zeros_before, "zeros_after": zeros_after}
+
+
