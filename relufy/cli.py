@@ -14,9 +14,9 @@ import typer
 from .errors import RelufyError
 
 try:  # typer >= 0.26 vendors click
-    from typer._click.exceptions import ClickException
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
 except ImportError:  # pragma: no cover
-    from click.exceptions import ClickException
+    from click.exceptions import ClickException, NoArgsIsHelpError
 from typer import Abort
 
 app = typer.Typer(
@@ -45,7 +45,7 @@ class DType(str, Enum):
 @app.command()
 def convert(
     src: Annotated[str, typer.Argument(help="Model folder (safetensors), .gguf file, or hub id.")],
-    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    out: Annotated[str, typer.Argument(help="Output folder (written atomically).")],
     activation: Annotated[Activation, typer.Option(help="Gated activation to convert to.")] = Activation.drelu,
     threshold: Annotated[float | None, typer.Option(help="FATReLU threshold T (fatrelu only).")] = None,
     dtype: Annotated[DType, typer.Option(help="Weight dtype of OUT.")] = DType.keep,
@@ -125,9 +125,9 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, fp32, bf16, fp16.")] = "auto",
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON here.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write PNG plots into this folder.")] = None,
-    stats_out: Annotated[Path | None, typer.Option(help="Write activation counts (.safetensors).")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write results as JSON here.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Write PNG plots into this folder.")] = None,
+    stats_out: Annotated[str | None, typer.Option(help="Write activation counts (.safetensors).")] = None,
 ):
     """Perplexity, activation sparsity and the top-k curve of one or more models."""
     from .measure.evaluate import EvalOptions, evaluate
@@ -141,6 +141,17 @@ def eval_(
         EvalOptions, data=data, seq_len=seq_len, stride=stride, max_tokens=max_tokens, bos=bos, topk=levels,
         batch_size=batch_size, device=device, dtype=dtype,
     )  # fmt: skip
+    from .io.paths import check_output_file, check_output_folder
+    from .io.source import local_inputs
+
+    inputs = local_inputs(*models, data)  # outputs are checked before the long computation
+    json_out = json_out and check_output_file(json_out, inputs, "--json")
+    plot = plot and check_output_folder(plot, inputs, "--plot")
+    targets = []
+    if stats_out is not None:
+        first = check_output_file(stats_out, inputs, "--stats-out")
+        targets = [first] if len(models) == 1 else [first.with_name(f"{first.stem}.{i}{first.suffix}") for i in range(len(models))]
+        targets = [check_output_file(t, inputs, "--stats-out") for t in targets]
     results = evaluate(models, options)
     print_table([r for r, _ in results])
     if json_out:
@@ -148,11 +159,9 @@ def eval_(
     if plot:
         for path in write_plots([r for r, _ in results], plot):
             typer.echo(f"wrote {path}", err=True)
-    if stats_out:
-        for i, (_, stats) in enumerate(results):
-            target = stats_out if len(results) == 1 else stats_out.with_name(f"{stats_out.stem}.{i}{stats_out.suffix}")
-            stats.save(target)
-            typer.echo(f"wrote {target}", err=True)
+    for target, (_, stats) in zip(targets, results, strict=False):
+        stats.save(target)
+        typer.echo(f"wrote {target}", err=True)
 
 
 class Layout(str, Enum):
@@ -163,7 +172,7 @@ class Layout(str, Enum):
 @app.command("export")
 def export_(
     model: Annotated[str, typer.Argument(help="A relufy checkpoint (converted, usually trained).")],
-    out: Annotated[Path, typer.Argument(help="Output folder (written atomically).")],
+    out: Annotated[str, typer.Argument(help="Output folder (written atomically).")],
     stats: Annotated[str | None, typer.Option(help="Statistics from relufy eval --stats-out.")] = None,
     data: Annotated[str | None, typer.Option(help="Calibration text: profiles (without --stats) and trains predictors.")] = None,
     layout: Annotated[Layout, typer.Option(help="hf, or powerinfer (PowerInfer's converter input).")] = Layout.hf,
@@ -179,7 +188,7 @@ def export_(
     eval_json: Annotated[str | None, typer.Option(help="relufy eval --json output to quote in the card.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
-    report: Annotated[Path | None, typer.Option(help="Write the export summary (JSON) here.")] = None,
+    report: Annotated[str | None, typer.Option(help="Write the export summary (JSON) here.")] = None,
 ):
     """Export MODEL for sparse inference: statistics, reordering, predictors, engine layout."""
     from .export.export import export as run
@@ -191,6 +200,11 @@ def export_(
         predictor_input=predictor_input, predictor_steps=predictor_steps, seq_len=seq_len,
         max_tokens=max_tokens, eval_json=eval_json, device=device,
     )  # fmt: skip
+    if report:
+        from .io.paths import check_output_file
+        from .io.source import local_inputs
+
+        report = check_output_file(report, local_inputs(model, stats, data, eval_json, out), "--report")
     result = run(model, out, options, force=force)
     if result.predictors:
         typer.echo(
@@ -199,7 +213,10 @@ def export_(
             f"top-1 agreement {result.top1_agreement:.1%})"
         )
     if report:
-        report.write_text(json.dumps(result.summary(), indent=2) + "\n")
+        from .io.atomic import atomic_file
+
+        with atomic_file(report) as tmp:
+            tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
     typer.echo(f"wrote {result.out} (overall sparsity {result.sparsity['overall']:.1%})")
 
 
@@ -225,8 +242,8 @@ def bench(
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per variant (median).")] = 10,
     generation: Annotated[bool, typer.Option(help="Also time end-to-end generation of MODEL (off / exact / predictor).")] = True,
     new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated per mode.")] = 32,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write the speedup-vs-sparsity PNG here.")] = None,
+    json_out: Annotated[str | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    plot: Annotated[str | None, typer.Option(help="Write the speedup-vs-sparsity PNG here.")] = None,
 ):
     """FFN decode latency dense vs exact-sparse vs predictor-sparse, and generation tokens/s."""
     from .sparse.run_bench import run_bench
@@ -236,7 +253,7 @@ def bench(
 
 @app.command(context_settings={"allow_extra_args": False})
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML (see recipes/).")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Dotted key=value overrides, e.g. optim.lr=1e-4.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in output_dir.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate the recipe and print it; train nothing.")] = False,
@@ -257,6 +274,17 @@ def train(
         typer.echo(f"wrote {final}")
 
 
+def _os_error(e: OSError) -> str:
+    """One line for an OSError: what failed and on which path."""
+    import errno
+
+    where = e.filename if e.filename is not None else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device{f' writing {where}' if where else ''}"
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{where}: {reason}" if where else reason
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     try:
@@ -264,13 +292,18 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except RelufyError as e:
-        print(f"relufy: error: {e}", file=sys.stderr)
+        print(f"relufy: error: {e}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("relufy: interrupted", file=sys.stderr)
         sys.exit(130)
+    except NoArgsIsHelpError:  # plain `relufy`: Typer printed the help
+        sys.exit(0)
     except ClickException as e:  # bad options and arguments
         print(f"relufy: error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # disk full, permissions, a path that changed under us
+        print(f"relufy: error: {_os_error(e)}".replace("\n", " "), file=sys.stderr)
         sys.exit(2)
     except Abort:
         sys.exit(1)

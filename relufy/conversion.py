@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import RelufyError
 from .families import Family, family_for, ffn_tensor
-from .io.atomic import atomic_dir, check_target
+from .io.atomic import atomic_dir, scratch_dir
 from .io.safetensors_index import INDEX_FILE, Checkpoint
 from .io.shard_writer import copy_file, recoded_chunks, write_safetensors
+from .io.paths import check_output_dir
 from .io.source import Source, resolve
 from .modeling.remote import MODELING_FILE, base_config_dict, is_identity, relufy_config_dict, render_modeling
 from .progress import byte_progress
@@ -190,25 +190,27 @@ def convert(
     force: bool = False,
     link: bool = False,
 ) -> Path:
-    """Convert the model at ``src`` (folder, .gguf, hub id) and write it to ``out``."""
+    """Convert the model at ``src`` (folder, .gguf, hub id) and write it to ``out``.
+
+    ``out`` may not be ``src``, lie inside it or contain it (paths compared resolved), so
+    ``force`` can never delete the source."""
     spec = activation_spec(activation, threshold)
     if dtype != "keep" and dtype not in DTYPES:
         raise RelufyError(f"unknown dtype {dtype!r}; choose from keep, {', '.join(DTYPES)}")
-    out = Path(out).absolute()
-    if Path(src).expanduser().absolute() == out:
-        raise RelufyError("SRC and OUT are the same path")
-    check_target(out, force)
+    check_output_dir(out, force)  # before a hub download
     source = resolve(src)
-    if source.folder == out or out in source.folder.parents:
-        raise RelufyError("OUT must not be SRC or inside it")
+    inputs = source.inputs()
+    out = check_output_dir(out, force, inputs)
     if source.gguf_file:
         return _convert_gguf(source, out, spec, dtype, force)
-    return _convert_folder(source, out, spec, dtype, force, link, label=source.label)
+    plan = _plan_folder(source, spec, dtype, label=source.label)
+    with atomic_dir(out, force, inputs) as tmp:
+        _write_folder(plan, tmp, link)
+    return out
 
 
-def _convert_folder(
-    source: Source, out: Path, spec: ActivationSpec, dtype: str, force: bool, link: bool, label: str
-) -> Path:
+def _plan_folder(source: Source, spec: ActivationSpec, dtype: str, label: str) -> dict:
+    """Everything about the conversion that can fail, checked before anything is written."""
     config = source.config_dict()
     family = family_for(base_config_dict(config).get("model_type"))
     cfg = ConfigView(config)
@@ -218,15 +220,19 @@ def _convert_folder(
     if dtype != "keep":
         new["dtype"] = _CONFIG_DTYPE[dtype]
         new.pop("torch_dtype", None)
-    with atomic_dir(out, force) as tmp:
-        _write_weights(ckpt, tmp, dtype, link)
-        for path in source.side_files():
-            copy_file(path, tmp / path.name)
-        (tmp / "config.json").write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-        if not is_identity(spec.activation):
-            (tmp / MODELING_FILE).write_text(render_modeling(family))
-        (tmp / "README.md").write_text(model_card(new, family, spec, label, found))
-    return out
+    return dict(source=source, spec=spec, dtype=dtype, label=label, family=family, ckpt=ckpt, found=found, config=new,
+                side_files=source.side_files())  # fmt: skip
+
+
+def _write_folder(plan: dict, tmp: Path, link: bool) -> None:
+    family, spec = plan["family"], plan["spec"]
+    _write_weights(plan["ckpt"], tmp, plan["dtype"], link)
+    for path in plan["side_files"]:
+        copy_file(path, tmp / path.name)
+    (tmp / "config.json").write_text(json.dumps(plan["config"], indent=2, sort_keys=True) + "\n")
+    if not is_identity(spec.activation):
+        (tmp / MODELING_FILE).write_text(render_modeling(family))
+    (tmp / "README.md").write_text(model_card(plan["config"], family, spec, plan["label"], plan["found"]))
 
 
 def _convert_gguf(source: Source, out: Path, spec: ActivationSpec, dtype: str, force: bool) -> Path:
@@ -237,15 +243,17 @@ def _convert_gguf(source: Source, out: Path, spec: ActivationSpec, dtype: str, f
     config = source.config_dict()
     family_for(config.get("model_type"))
     torch_dtype = {"keep": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.relufy-gguf-", dir=out.parent))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch_dtype)
-        if getattr(model, "hf_quantizer", None) is not None:
-            model.hf_quantizer.remove_quantization_config(model)
-        model.save_pretrained(scratch)
-        del model
-        AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file).save_pretrained(scratch)
-        return _convert_folder(Source(scratch, source.label), out, spec, "keep", force, link=True, label=source.label)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    with atomic_dir(out, force, source.inputs()) as tmp:
+        scratch = scratch_dir(out, "gguf")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch_dtype)
+            if getattr(model, "hf_quantizer", None) is not None:
+                model.hf_quantizer.remove_quantization_config(model)
+            model.save_pretrained(scratch)
+            del model
+            AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file).save_pretrained(scratch)
+            plan = _plan_folder(Source(scratch, source.label), spec, "keep", label=source.label)
+            _write_folder(plan, tmp, link=True)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return out

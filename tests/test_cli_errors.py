@@ -97,7 +97,7 @@ def test_out_exists(tmp_path, src, cli):
 def test_src_is_out(tmp_path, src, cli):
     before = sorted(p.name for p in src.iterdir())
     code, err, _ = cli("convert", src, src, "--force")
-    assert code == 2 and "same path" in err
+    assert code == 2 and "is the input" in err
     assert sorted(p.name for p in src.iterdir()) == before
 
 

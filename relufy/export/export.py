@@ -98,21 +98,6 @@ def _read_eval(path: str) -> list[dict]:
     return data["models"]
 
 
-def _skeleton(config: dict):
-    """The model on the meta device (no weights), activation swapped: enough for its FFN sites."""
-    from transformers import AutoModelForCausalLM
-
-    from ..conversion import base_config
-    from ..modeling.load import swap_activation
-
-    _, base = base_config(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base)
-    model.config.relufy = dict(config["relufy"])
-    block = config["relufy"]
-    return swap_activation(model, block["activation"], block.get("threshold"))
-
-
 def _site_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> list[float]:
     width = counts.shape[1]
     return [1 - int(counts[e].sum()) / (int(tokens[e]) * width) if tokens[e] else float("nan") for e in range(counts.shape[0])]
@@ -121,23 +106,25 @@ def _site_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> list[float]:
 def export(path: str, out: str | Path, options: ExportOptions, force: bool = False, show_progress: bool = True) -> ExportResult:
     from ..data import load_texts, tokenize, windows
     from ..generate import load_tokenizer
-    from ..io.atomic import atomic_dir, check_target
+    from ..io.atomic import atomic_dir
+    from ..io.paths import check_output_dir
+    from ..io.source import local_inputs, resolve
     from ..measure.evaluate import EvalOptions, _device_dtype, score
     from ..measure.sites import ActivationCounter, ffn_sites, observing
     from ..measure.stats import Stats
-    from ..modeling.load import load
+    from ..modeling.load import load, skeleton
     from .calibration import Collector, PredictedOnly, tapped
     from .layouts import write_layout
     from .predictors import Predictor, auto_rank, measure, train_predictor
-    from .reorder import check_stats, reorder_
+    from .reorder import reorder_
 
     start = time.perf_counter()
-    out = Path(out)
     config, family = check_export(path, options)
-    check_target(out.absolute(), force)
+    inputs = resolve(path).inputs() + local_inputs(options.stats, options.data, options.eval_json)
+    out = check_output_dir(out, force, inputs)
     stats = Stats.load(Path(options.stats)) if options.stats else None
     if stats is not None:  # shapes checked on a weightless model, before any weights load
-        check_stats(stats, ffn_sites(_skeleton(config)), options.stats)
+        stats.match(ffn_sites(skeleton(config)), options.stats)
     texts = load_texts(options.data) if options.data else None
     if texts is not None and not "".join(texts).strip():
         raise RelufyError(f"{options.data}: holds no text")
@@ -168,7 +155,7 @@ def export(path: str, out: str | Path, options: ExportOptions, force: bool = Fal
 
         # 2. statistics
         if stats is not None:
-            counts = check_stats(stats, sites, options.stats)
+            counts = stats.match(sites, options.stats)
             positions = stats.positions
         else:
             with observing(model, ActivationCounter) as counter:
@@ -247,7 +234,7 @@ def export(path: str, out: str | Path, options: ExportOptions, force: bool = Fal
                 result.predictors.append(row)
 
     # 5. layout
-    with atomic_dir(out, force=force) as tmp:
+    with atomic_dir(out, force=force, inputs=inputs) as tmp:
         write_layout(tmp, model, tokenizer, family, options, result, result_stats, perms, predictors, config)
     result.seconds = time.perf_counter() - start
     return result

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import RelufyError
 from ..measure.sites import Site
-from ..measure.stats import Stats
 
 
 def hottest_first(counts: torch.Tensor) -> torch.Tensor:
@@ -51,27 +49,6 @@ def permute_ffn_(module, perm: torch.Tensor) -> None:
                 module.down_proj[e].copy_(module.down_proj[e].index_select(1, p))
     else:  # pragma: no cover - FFN_LAYOUTS has exactly these
         raise ValueError(f"unknown FFN layout {layout!r}")
-
-
-def check_stats(stats: Stats, sites: list[tuple[Site, object]], source: str) -> dict[Site, tuple[torch.Tensor, torch.Tensor]]:
-    """Match statistics to the model's FFN sites by (layer, kind); shapes must agree."""
-    by_key = {(s.layer, s.kind): (s, c, t) for s, (c, t) in stats.sites.items()}
-    out = {}
-    for site, _ in sites:
-        found = by_key.pop((site.layer, site.kind), None)
-        if found is None:
-            raise RelufyError(f"{source}: no statistics for layer {site.layer} ({site.kind}): not this model's stats")
-        s, counts, tokens = found
-        if (s.experts, s.width) != (site.experts, site.width):
-            raise RelufyError(
-                f"{source}: layer {site.layer} ({site.kind}) has {s.experts} x {s.width} neurons in the stats "
-                f"but {site.experts} x {site.width} in the model"
-            )
-        out[site] = (counts, tokens)
-    if by_key:
-        (layer, kind), *_ = by_key
-        raise RelufyError(f"{source}: statistics for layer {layer} ({kind}), which the model does not have")
-    return out
 
 
 def reorder_(sites: list[tuple[Site, object]], counts: dict[Site, torch.Tensor]) -> dict[Site, torch.Tensor]:

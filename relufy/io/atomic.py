@@ -1,31 +1,44 @@
-"""Atomic output folders: write into a hidden temporary folder beside the target, rename at the end.
+"""Atomic output folders and files: written beside the target under a hidden name, renamed at the end.
 
-A failure or a kill leaves at most a ``.NAME.relufy-tmp-*`` folder, never a ``NAME`` that looks
-complete; with ``force`` an existing target is replaced only once the new one is whole.
+A failure or a kill leaves at most a hidden ``.NAME.relufy-*`` entry, never a ``NAME`` that
+looks complete, and the next write of ``NAME`` removes such leftovers. While a folder is being
+written its parent holds ``.NAME.relufy-lock`` (an advisory ``flock``, released by the kernel
+even on SIGKILL), so a second relufy writing the same target stops at once. The final rename
+never replaces a folder that appeared meanwhile (``renameat2(RENAME_NOREPLACE)``); with
+``force`` an existing target is replaced only once the new one is whole.
+
+Files get the usual umask-based mode, except copies of input files, which never get more
+permissions than their source had (``keep_mode``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import fcntl
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..errors import RelufyError
+from .paths import check_output_dir
 
-
-def check_target(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise RelufyError(f"{out} exists (use --force to replace it)")
-    if out.exists() and not out.is_dir():
-        raise RelufyError(f"{out} exists and is not a folder")
+_LEFTOVERS = ("tmp", "old", "gguf")
+_KEPT: set[str] = set()  # files (absolute paths) whose mode was set from their source
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def keep_mode(path: Path, source_mode: int) -> None:
+    """Give ``path`` (a copy of an input file) at most its source's permissions, and keep them."""
+    os.chmod(path, source_mode & 0o777 & (0o666 & ~_umask()))
+    _KEPT.add(str(Path(path).absolute()))
 
 
 def _publish_mode(path: Path, directory: bool) -> None:
@@ -39,30 +52,114 @@ def _publish_mode(path: Path, directory: bool) -> None:
                 os.chmod(os.path.join(root, name), 0o777 & ~mask)
             for name in files:
                 file = os.path.join(root, name)
-                if os.stat(file).st_nlink == 1:  # hard links (convert --link) share the source's inode
+                if os.path.abspath(file) in _KEPT:
+                    _KEPT.discard(os.path.abspath(file))
+                elif os.stat(file).st_nlink == 1:  # hard links (convert --link) share the source's inode
                     os.chmod(file, 0o666 & ~mask)
 
 
-@contextlib.contextmanager
-def atomic_dir(out: Path, force: bool = False):
-    out = Path(out).absolute()
-    check_target(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.relufy-tmp-", dir=out.parent))
+_libc = None
+
+
+def _rename_noreplace(src: Path, dst: Path) -> None:
+    """``rename`` that fails with FileExistsError if ``dst`` exists (an empty folder included)."""
+    global _libc
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _publish_mode(tmp, directory=True)
-    if out.exists():
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = _libc.renameat2
+    except (OSError, AttributeError):  # not glibc / not Linux
+        renameat2 = None
+    if renameat2 is not None:
+        at_fdcwd, noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), noreplace) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):  # EINVAL: the filesystem lacks the flag
+            raise OSError(err, os.strerror(err), str(dst))
+    if dst.exists() or dst.is_symlink():  # fallback under the lock: racy only against non-relufy writers
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+@contextlib.contextmanager
+def target_lock(out: Path):
+    """Hold ``.NAME.relufy-lock`` beside ``out``; refuse if another process holds it."""
+    lock = out.parent / f".{out.name}.relufy-lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RelufyError(f"{out} is being written by another relufy process") from None
+        try:  # the holder before us may have unlinked the file we opened: lock the current one
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def remove_leftovers(out: Path) -> None:
+    """Hidden folders of earlier writes of ``out`` that were killed (call with the lock held)."""
+    for kind in _LEFTOVERS:
+        for stale in out.parent.glob(f".{out.name}.relufy-{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def scratch_dir(out: Path, kind: str) -> Path:
+    """A hidden folder beside ``out`` for intermediate files; removed as a leftover if not by the caller."""
+    assert kind in _LEFTOVERS
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.relufy-{kind}-", dir=out.parent))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, force: bool = False, inputs=(), what: str = "OUT"):
+    """Yield a hidden temporary folder that becomes ``out`` when the block succeeds.
+
+    ``inputs`` are the resolved paths the caller reads: ``out`` may not be, hold or lie in one.
+    """
+    out = check_output_dir(out, force, inputs, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with target_lock(out):
+        remove_leftovers(out)
+        check_output_dir(out, force, inputs, what)  # again, under the lock
+        tmp = scratch_dir(out, "tmp")
+        try:
+            yield tmp
+            _publish_mode(tmp, directory=True)
+            _publish(tmp, out, force)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    old = None
+    if force and (out.exists() or out.is_symlink()):
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.relufy-old-", dir=out.parent))
         old.rmdir()
         out.rename(old)
-        tmp.rename(out)
+    try:
+        _rename_noreplace(tmp, out)
+    except FileExistsError:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                _rename_noreplace(old, out)
+        raise RelufyError(f"{out} appeared while relufy was writing it; left it as it is (use --force to replace it)") from None
+    except BaseException:
+        if old is not None:
+            with contextlib.suppress(OSError):
+                _rename_noreplace(old, out)
+        raise
+    if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 @contextlib.contextmanager
@@ -70,12 +167,21 @@ def atomic_file(path: Path):
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.relufy-tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        _publish_mode(tmp, directory=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with target_lock(path):
+        remove_leftovers(path)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.relufy-tmp-", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            _publish_mode(tmp, directory=False)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def save_png(fig, path: Path, dpi: int = 120) -> Path:
+    """A matplotlib figure written atomically as PNG to exactly ``path`` (no suffix appended)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return Path(path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RelufyError
+from .paths import inside
 
 INDEX_FILE = "model.safetensors.index.json"
 DTYPE_BYTES = {
@@ -79,17 +80,28 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict, int]:
     return header, metadata, 8 + n
 
 
+def read_index(index: Path, folder: Path) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file in ``folder``."""
+    try:
+        weight_map = json.loads(inside(index, folder).read_text())["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise RelufyError(f"{index}: corrupt index (no weight_map)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise RelufyError(f"{index}: corrupt index (weight_map must map tensor names to shard file names)")
+    for shard in set(weight_map.values()):
+        if Path(shard).name != shard or shard in (".", ".."):
+            raise RelufyError(f"{index}: corrupt index (shard {shard!r} is not a file name in the model folder)")
+    return weight_map
+
+
 class Checkpoint:
     """The safetensors weights of a model folder (single file or sharded with an index)."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         index = self.folder / INDEX_FILE
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise RelufyError(f"{index}: corrupt index (no weight_map)") from None
+        if index.exists() or index.is_symlink():
+            weight_map = read_index(index, self.folder)
             files = sorted(set(weight_map.values()))
         else:
             weight_map = None
@@ -102,7 +114,9 @@ class Checkpoint:
         for name in files:
             path = self.folder / name
             if not path.is_file():
-                raise RelufyError(f"{index}: names shard {name!r}, which is missing")
+                what = "is a dangling link" if path.is_symlink() else "is not a file" if path.exists() else "is missing"
+                raise RelufyError(f"{index}: names shard {name!r}, which {what}" if weight_map is not None else f"{path} {what}")
+            inside(path, self.folder)
             header, meta, data_start = read_header(path)
             self.files.append(path)
             self.metadata[name] = meta

@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .atomic import keep_mode
 from .safetensors_index import DTYPE_BYTES, TensorInfo
 
 CHUNK_BYTES = 64 * 1024 * 1024
@@ -81,7 +82,14 @@ def write_safetensors(
 
 def copy_file(src: Path, dst: Path, link: bool = False) -> None:
     """Copy in the kernel (``copy_file_range``, as GNU cp does; it can share extents on
-    reflink filesystems), falling back to shutil; or hard-link with ``link``."""
+    reflink filesystems), falling back to shutil; or hard-link with ``link``. A copy gets at
+    most the permissions of its source (a private file stays private)."""
+    _copy(src, dst, link)
+    if not dst.samefile(src):
+        keep_mode(dst, os.stat(src).st_mode)
+
+
+def _copy(src: Path, dst: Path, link: bool) -> None:
     if link:
         try:
             dst.hardlink_to(src)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RelufyError
+from .paths import allowed_roots, inside, user_path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Weight formats that are never carried over (relufy reads and writes safetensors only).
@@ -22,6 +24,12 @@ class Source:
     label: str
     gguf_file: str | None = None
 
+    def inputs(self) -> list[Path]:
+        """The resolved places this source reads: outputs must stay clear of them."""
+        if self.gguf_file:
+            return [(self.folder / self.gguf_file).resolve()]
+        return list(allowed_roots(self.folder))
+
     def config_dict(self) -> dict:
         if self.gguf_file:
             from transformers import AutoConfig
@@ -31,11 +39,12 @@ class Source:
         if not path.is_file():
             raise RelufyError(f"{self.folder}: no config.json (not a Hugging Face model folder)")
         try:
-            config = json.loads(path.read_text())
+            config = json.loads(inside(path, self.folder).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RelufyError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(config, dict):
             raise RelufyError(f"{path}: not a JSON object")
+        check_relufy_block(config, path)
         return config
 
     def side_files(self) -> list[Path]:
@@ -44,7 +53,7 @@ class Source:
         if self.gguf_file:
             return []
         skip = {"config.json", "README.md", "model.safetensors.index.json"}
-        return sorted(
+        files = sorted(
             p
             for p in self.folder.iterdir()
             if p.is_file()
@@ -52,16 +61,37 @@ class Source:
             and not p.name.startswith(".")
             and not p.name.endswith(_WEIGHT_SUFFIXES + (".py",))
         )
+        for p in files:
+            inside(p, self.folder)
+        return files
+
+
+_BLOCK_FIELDS = {"activation": str, "base_model_type": str, "base_architectures": list, "base_activation": str}
+
+
+def check_relufy_block(config: dict, path: Path) -> None:
+    """The ``relufy`` block of a converted checkpoint's config.json, checked for shape."""
+    if "relufy" not in config or config["relufy"] is None:
+        return
+    block = config["relufy"]
+    if not isinstance(block, dict):
+        raise RelufyError(f"{path}: the relufy block is not a JSON object")
+    for key, kind in _BLOCK_FIELDS.items():
+        if not isinstance(block.get(key), kind):
+            raise RelufyError(f"{path}: the relufy block lacks {key!r} (or it is not a {kind.__name__})")
+    threshold = block.get("threshold")
+    if threshold is not None and (not isinstance(threshold, int | float) or isinstance(threshold, bool) or not math.isfinite(threshold)):
+        raise RelufyError(f"{path}: the relufy block's threshold must be a finite number or null")
 
 
 def resolve(src: str | Path) -> Source:
-    path = Path(src).expanduser()
+    path = user_path(src, "the model path")
     if path.is_dir():
-        return Source(path.absolute(), str(src))
+        return Source(path, str(src))
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise RelufyError(f"{src}: expected a model folder, a .gguf file or a hub id")
-        return Source(path.parent.absolute(), str(src), gguf_file=path.name)
+        return Source(path.parent, str(src), gguf_file=path.name)
     if _HUB_ID.match(str(src)) and not str(src).startswith((".", "/", "~")):
         return _download(str(src))
     raise RelufyError(f"{src}: no such model folder or file")
@@ -71,16 +101,33 @@ def _download(repo_id: str) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from .safetensors_index import read_index
+
     patterns = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
         # only the shards the index names (repos such as Mistral's also hold consolidated.safetensors)
         index = folder / "model.safetensors.index.json"
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        shards = sorted(set(read_index(index, folder).values())) if index.exists() else ["model.safetensors"]
         folder = snapshot_download(repo_id, allow_patterns=patterns + shards)
     except RepositoryNotFoundError:
-        raise RelufyError(f"{repo_id}: no such model on the Hugging Face Hub (or it is gated)") from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise RelufyError(f"{repo_id}: no such local folder, and no such model on the Hugging Face Hub (or it is gated)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RelufyError(f"{repo_id}: could not download from the Hugging Face Hub ({first})") from None
+        raise RelufyError(f"{repo_id}: no such local folder, and could not download it from the Hugging Face Hub ({first})") from None
     return Source(Path(folder), repo_id)
+
+
+def local_inputs(*specs: str | Path | None) -> list[Path]:
+    """Resolved local places among model and data specs (folders, files; hub ids skipped):
+    what an output must not overwrite."""
+    out: list[Path] = []
+    for spec in specs:
+        if spec is None or not str(spec).strip():
+            continue
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            out.extend(allowed_roots(path))
+        elif path.exists():
+            out.append(path.resolve())
+    return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..io.atomic import save_png
 from .evaluate import EvalOptions, ModelEval
 
 SCHEMA_VERSION = 1
@@ -71,7 +72,7 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
         ax.legend(loc="lower right")
         fig.tight_layout()
         written.append(folder / f"sparsity_{i}.png")
-        fig.savefig(written[-1], dpi=120)
+        save_png(fig, written[-1])
         plt.close(fig)
         if r.moe:
             grid = [[float("nan") if v is None else 100 * v for v in row] for row in r.moe["per_expert"]]
@@ -82,7 +83,7 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
             written.append(folder / f"experts_{i}.png")
-            fig.savefig(written[-1], dpi=120)
+            save_png(fig, written[-1])
             plt.close(fig)
     if any(r.topk for r in results):
         fig, ax = plt.subplots(figsize=(8.5, 4))
@@ -95,6 +96,6 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         written.append(folder / "ppl_vs_sparsity.png")
-        fig.savefig(written[-1], dpi=120)
+        save_png(fig, written[-1])
         plt.close(fig)
     return written

@@ -111,25 +111,60 @@ class Stats:
 
     @classmethod
     def load(cls, path: Path) -> Stats:
+        """Read and check a stats file; a malformed or empty one is refused with one line."""
         from safetensors import SafetensorError, safe_open
 
+        path = Path(path)
+        if path.is_dir():
+            raise RelufyError(f"{path}: is a folder, not a stats file")
         try:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError) as e:
-            raise RelufyError(f"{path}: not a readable stats file ({e})") from None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RelufyError(f"{path}: not a readable stats file ({first})") from None
         if meta.get("format") != FORMAT:
             raise RelufyError(f"{path}: not a relufy stats file")
-        ppn = json.loads(meta.pop("params_per_neuron"))
-        positions = int(meta.pop("positions"))
-        sites = {}
-        for key, p in ppn.items():
-            _, layer, kind = key.split(".")
-            counts, tokens = tensors[f"{key}.counts"], tensors[f"{key}.tokens"]
-            site = Site(key, int(layer), kind, counts.shape[1], counts.shape[0], p)
-            sites[site] = (counts, tokens)
+        try:
+            ppn = json.loads(meta.pop("params_per_neuron"))
+            positions = int(meta.pop("positions"))
+            if not isinstance(ppn, dict) or positions < 0:
+                raise ValueError
+            sites = {}
+            for key, p in ppn.items():
+                _, layer, kind = key.split(".")
+                counts, tokens = tensors[f"{key}.counts"], tensors[f"{key}.tokens"]
+                if (counts.dim(), tokens.dim()) != (2, 1) or tokens.shape[0] != counts.shape[0] or counts.dtype.is_floating_point:
+                    raise ValueError
+                if not isinstance(p, int) or p < 1 or bool((tokens < 0).any()) or bool((counts < 0).any()):
+                    raise ValueError
+                sites[Site(key, int(layer), kind, counts.shape[1], counts.shape[0], p)] = (counts, tokens)
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise RelufyError(f"{path}: malformed relufy stats file (metadata or tensors do not match)") from None
+        if not sites or all(int(t.sum()) == 0 for _, t in sites.values()):
+            raise RelufyError(f"{path}: the stats file holds no tokens")
         return cls(sites, positions, {k: v for k, v in meta.items() if k not in ("format", "version")})
+
+    def match(self, sites: list[tuple[Site, object]], source: str) -> dict[Site, tuple[torch.Tensor, torch.Tensor]]:
+        """These statistics keyed by the model's own FFN sites (same layers, kinds and shapes)."""
+        by_key = {(s.layer, s.kind): (s, c, t) for s, (c, t) in self.sites.items()}
+        out = {}
+        for site, _ in sites:
+            found = by_key.pop((site.layer, site.kind), None)
+            if found is None:
+                raise RelufyError(f"{source}: no statistics for layer {site.layer} ({site.kind}): not this model's stats")
+            s, counts, tokens = found
+            if (s.experts, s.width) != (site.experts, site.width):
+                raise RelufyError(
+                    f"{source}: layer {site.layer} ({site.kind}) has {s.experts} x {s.width} neurons in the stats "
+                    f"but {site.experts} x {site.width} in the model"
+                )
+            out[site] = (counts, tokens)
+        if by_key:
+            (layer, kind), *_ = by_key
+            raise RelufyError(f"{source}: statistics for layer {layer} ({kind}), which the model does not have")
+        return out
 
 
 def merge(stats: list[Stats]) -> Stats:

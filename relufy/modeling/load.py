@@ -77,4 +77,21 @@ def load(
     return swap_activation(model, spec.activation, spec.threshold, source=source.label)
 
 
-__all__ = ["load", "swap_activation"]
+def skeleton(config: dict):
+    """The model of a relufy config dict on the meta device (no weights), activation swapped:
+    enough to list its FFN sites and shapes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..conversion import base_config
+
+    _, base = base_config(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(base)
+    block = config.get("relufy") or {}
+    if block:
+        model.config.relufy = dict(block)
+    return swap_activation(model, block.get("activation", "swiglu"), block.get("threshold"))
+
+
+__all__ = ["load", "skeleton", "swap_activation"]

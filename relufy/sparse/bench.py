@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..io.atomic import save_png
 from ..export.predictors import Predictor, auto_rank
 from . import kernels
 from .ffn import SparseFFN
@@ -189,5 +190,5 @@ def write_plot(cases: list[FFNCase], path) -> None:
         ax.axhline(1, color="grey", lw=0.5)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
 from pathlib import Path
 
@@ -24,20 +26,29 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
     from .bench import DTYPES, SHAPES, bench_ffn, bench_generation, write_plot
 
     levels = _floats(sparsities, "sparsities")
-    if any(not 0 <= s < 1 for s in levels):
+    if any(not 0 <= s < 1 for s in levels):  # nan fails this too
         raise RelufyError(f"--sparsities must lie in [0, 1), got {sparsities!r}")
-    thread_counts = [int(t) for t in _floats(threads, "threads")]
-    if any(t < 1 for t in thread_counts):
-        raise RelufyError(f"--threads must be positive, got {threads!r}")
+    raw_threads = _floats(threads, "threads")
+    if not raw_threads or any(not math.isfinite(t) or t < 1 or t != int(t) for t in raw_threads):
+        raise RelufyError(f"--threads must be positive whole numbers, got {threads!r}")
+    thread_counts = [int(t) for t in raw_threads]
+    cores = os.cpu_count() or 1
+    if max(thread_counts) > cores:
+        raise RelufyError(f"--threads {max(thread_counts)}: this machine has {cores} CPUs (more threads only measure contention)")
     dtype_names = [d.strip() for d in dtypes.split(",") if d.strip()]
     for d in dtype_names:
         if d not in DTYPES:
             raise RelufyError(f"--dtypes: unknown dtype {d!r} (fp32, bf16)")
+    from ..io.paths import check_output_file
+    from ..io.source import local_inputs, resolve
+
+    inputs = local_inputs(model, stats)
+    json_out = json_out and check_output_file(json_out, inputs, "--json")
+    plot = plot and check_output_file(plot, inputs, "--plot")
     measured = None
     config = None
     if model is not None:
         from ..conversion import base_config
-        from ..io.source import resolve
 
         config = resolve(model).config_dict()
         block = config.get("relufy") or {}
@@ -47,7 +58,13 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
     if stats is not None:
         from ..measure.stats import Stats
 
-        measured = Stats.load(Path(stats)).overall_sparsity()
+        loaded = Stats.load(Path(stats))
+        if config is not None:
+            from ..measure.sites import ffn_sites
+            from ..modeling.load import skeleton
+
+            loaded.match(ffn_sites(skeleton(config)), stats)
+        measured = loaded.overall_sparsity()
     named = {}
     for shape in (s.strip() for s in shapes.split(",") if s.strip()):
         if shape == "model":
@@ -64,6 +81,8 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
             named[shape] = (h, i)
     if not named:
         raise RelufyError("no FFN shape to measure (--shapes model needs MODEL)")
+    for shape, (h, i) in named.items():
+        _check_fits(shape, h, i)
 
     from .kernels import backend
 
@@ -108,7 +127,24 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
         "generation": gen,
     }
     if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        from ..io.atomic import atomic_file
+
+        with atomic_file(json_out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
     if plot:
         write_plot(cases, plot)
     return result
+
+
+def _check_fits(shape: str, hidden: int, width: int) -> None:
+    """Refuse a shape whose synthetic FFN (fp32 gate, up and down, plus a working copy) would not
+    fit in half of this machine's memory, before allocating anything."""
+    if hidden < 1 or width < 1:
+        raise RelufyError(f"--shapes {shape}: sizes must be positive")
+    need = 2 * 3 * hidden * width * 4
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no check
+        return
+    if need > memory // 2:
+        raise RelufyError(f"--shapes {shape}: the benchmark needs about {need / 2**30:,.1f} GiB, this machine has {memory / 2**30:,.1f} GiB")

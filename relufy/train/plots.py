@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..io.atomic import save_png
+
 
 def plot_curves(metrics: Path, out: Path) -> Path | None:
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
@@ -29,6 +31,6 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
     axes[2].plot(steps, [100 * r["sparsity"] for r in rows], color="tab:red")
     axes[2].set(xlabel="step", ylabel="zeros in FFN activation (%)", ylim=(0, 100), title="Activation sparsity")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_png(fig, out, dpi=110)
     plt.close(fig)
     return out

@@ -1,0 +1,109 @@
+"""The rules every command applies to the paths a user gives, before any long work.
+
+- Paths are compared resolved (``..`` and symlinks followed), never as spelled: ``x/../proj``
+  and a link to ``proj`` are ``proj``.
+- An output folder must not be an input, lie inside one, or contain one (``--force`` would
+  delete the input with it); an output file must not lie inside an input model folder or be an
+  input file. An empty path (an unset shell variable) is refused, not read as ``.``.
+- An output's parent must be a folder this process can write in, and an output file must not
+  be an existing folder; so a bad path fails at once, not after an hour of computation.
+- Links inside a model folder are followed only when they stay inside it (the Hugging Face cache
+  links a snapshot's files to its ``blobs`` folder, which counts as inside).
+
+Standard library only: ``pathlib`` compares spellings, not places, and nothing in the stack
+states the input/output relations a conversion tool needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..errors import RelufyError
+
+
+def user_path(path: str | os.PathLike, what: str) -> Path:
+    """``path`` resolved (``~``, ``..`` and links); an empty or blank path is refused."""
+    if not str(path).strip():
+        raise RelufyError(f"{what} is an empty path")
+    try:
+        return Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as e:  # a link loop
+        raise RelufyError(f"{path}: cannot resolve the path ({e.strerror or e})") from None
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def _writable_parent(path: Path, what: str) -> None:
+    """The nearest existing ancestor of ``path`` must be a folder we can create entries in."""
+    parent = path.parent
+    while not parent.exists():
+        if parent.is_symlink():
+            raise RelufyError(f"{what}: {parent} is a dangling link")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RelufyError(f"{what}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RelufyError(f"{what}: cannot write in {parent} (permission denied)")
+
+
+def check_output_dir(out: str | os.PathLike, force: bool, inputs: Iterable[Path] = (), what: str = "OUT") -> Path:
+    """Checks for a folder relufy is about to write (and, with ``force``, replace); returns it resolved."""
+    target = user_path(out, what)
+    for inp in inputs:
+        if _related(target, inp):
+            rel = "is" if target == inp else "is inside" if target.is_relative_to(inp) else "contains"
+            raise RelufyError(f"{what} {out} {rel} the input {inp}: choose another output folder")
+    if target.exists() or target.is_symlink():
+        if not target.is_dir():
+            raise RelufyError(f"{what} {out} exists and is not a folder")
+        if not force:
+            raise RelufyError(f"{what} {out} exists (use --force to replace it)")
+    _writable_parent(target, what)
+    return target
+
+
+def check_output_file(path: str | os.PathLike, inputs: Iterable[Path] = (), what: str = "output") -> Path:
+    """Checks for a file relufy is about to write (replacing exactly that file); returns it resolved."""
+    target = user_path(path, what)
+    for inp in inputs:
+        if target == inp or target.is_relative_to(inp) or inp.is_relative_to(target):
+            raise RelufyError(f"{what} {path} would overwrite the input {inp}: choose another path")
+    if target.is_dir():
+        raise RelufyError(f"{what} {path} is a folder; give a file path")
+    _writable_parent(target, what)
+    return target
+
+
+def check_output_folder(path: str | os.PathLike, inputs: Iterable[Path] = (), what: str = "output folder") -> Path:
+    """A folder that relufy adds files to (plots): it may exist, but not be or hold an input."""
+    target = user_path(path, what)
+    for inp in inputs:
+        if _related(target, inp):
+            raise RelufyError(f"{what} {path} would write among the input {inp}: choose another folder")
+    if target.exists() and not target.is_dir():
+        raise RelufyError(f"{what} {path} exists and is not a folder")
+    _writable_parent(target, what)
+    return target
+
+
+def allowed_roots(folder: Path) -> tuple[Path, ...]:
+    """Where links in the model folder ``folder`` may point: itself, and for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/<rev>``) the repository's ``blobs`` folder."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith(("models--", "datasets--")):
+        return folder, folder.parent.parent / "blobs"
+    return (folder,)
+
+
+def inside(path: Path, folder: Path) -> Path:
+    """``path`` (a file of the model folder ``folder``) resolved; refused if a link takes it out."""
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in allowed_roots(folder)):
+        raise RelufyError(
+            f"{path} is a link out of the model folder; relufy does not follow such links (copy the file into the folder)"
+        )
+    return resolved
