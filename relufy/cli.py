@@ -287,6 +287,10 @@ def _os_error(e: OSError) -> str:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    if not sys.stderr.isatty():  # logs get plain lines (relufy.progress), not redrawn tqdm bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if "transformers" in sys.modules:  # imported already (relufy used as a library): tell it directly
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code:

@@ -10,6 +10,7 @@ and output appears only when complete (``relufy.io.atomic``).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .errors import RelufyError
 from .families import Family, family_for, ffn_tensor
-from .io.atomic import atomic_dir, scratch_dir
-from .io.safetensors_index import INDEX_FILE, Checkpoint
+from .io.atomic import atomic_dir, check_free_space, scratch_dir
+from .io.safetensors_index import DTYPE_BYTES, INDEX_FILE, Checkpoint
 from .io.shard_writer import copy_file, recoded_chunks, write_safetensors
 from .io.paths import check_output_dir
 from .io.source import Source, resolve
@@ -50,6 +51,8 @@ class ActivationSpec(BaseModel):
             raise ValueError(f"unknown activation {self.activation!r}; choose from {', '.join(ACTIVATION_NAMES)}")
         if self.activation == "fatrelu" and self.threshold is None:
             raise ValueError("fatrelu needs a threshold (--threshold T)")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"the fatrelu threshold must be a finite number, got {self.threshold}")
         if self.activation == "fatrelu" and self.threshold < 0:
             raise ValueError(f"fatrelu threshold must be >= 0, got {self.threshold}")
         if self.activation != "fatrelu" and self.threshold is not None:
@@ -72,9 +75,24 @@ def base_config(config: dict):
     family = family_for(base.get("model_type"))
     module, name = family.config_import
     try:
-        return family, getattr(importlib.import_module(module), name).from_dict(base)
+        config = getattr(importlib.import_module(module), name).from_dict(base)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for bad configs
         raise RelufyError(f"config.json is not a valid {family.model_type} config: {e}") from None
+    check_sizes(family, {key: getattr(config, key, None) for key in _POSITIVE})
+    return family, config
+
+
+def check_sizes(family: Family, config: dict) -> None:
+    """The fields that size the model must be positive whole numbers (or absent)."""
+    for key in _POSITIVE:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise RelufyError(f"config.json is not a valid {family.model_type} config: {key} must be a positive whole number, got {value!r}")
+
+
+# config fields that size the model: a zero or negative value fails deep inside transformers
+_POSITIVE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+             "head_dim", "vocab_size", "max_position_embeddings")  # fmt: skip
 
 
 class ConfigView:
@@ -113,6 +131,14 @@ def validate_checkpoint(ckpt: Checkpoint, family: Family, config) -> int:
     if found == 0:
         raise RelufyError(f"{ckpt.folder}: no {family.model_type} FFN weights found in the safetensors files")
     return found
+
+
+def _output_bytes(ckpt: Checkpoint, dtype: str) -> int:
+    """Bytes of tensor data the weights take at ``dtype`` (headers aside)."""
+    target = DTYPES.get(dtype)
+    if target is None:
+        return ckpt.nbytes
+    return sum(t.numel * DTYPE_BYTES[target] if t.dtype in _FLOAT_ST else t.nbytes for t in ckpt.tensors.values())
 
 
 def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
@@ -204,6 +230,8 @@ def convert(
     if source.gguf_file:
         return _convert_gguf(source, out, spec, dtype, force)
     plan = _plan_folder(source, spec, dtype, label=source.label)
+    if not link:
+        check_free_space(out, _output_bytes(plan["ckpt"], dtype))
     with atomic_dir(out, force, inputs) as tmp:
         _write_folder(plan, tmp, link)
     return out
@@ -213,6 +241,7 @@ def _plan_folder(source: Source, spec: ActivationSpec, dtype: str, label: str) -
     """Everything about the conversion that can fail, checked before anything is written."""
     config = source.config_dict()
     family = family_for(base_config_dict(config).get("model_type"))
+    check_sizes(family, base_config_dict(config))
     cfg = ConfigView(config)
     ckpt = Checkpoint(source.folder)
     found = validate_checkpoint(ckpt, family, cfg)

@@ -52,12 +52,7 @@ def load_texts(spec: str) -> list[str]:
         if suffix in (".jsonl", ".json"):
             return _jsonl(path)
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            if "text" not in table.column_names:
-                raise RelufyError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-            return [t for t in table.column("text").to_pylist() if t]
+            return _parquet(path)
         try:
             return [path.read_text(encoding="utf-8")]
         except UnicodeDecodeError:
@@ -71,7 +66,11 @@ def load_texts(spec: str) -> list[str]:
 
 def _jsonl(path: Path) -> list[str]:
     texts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise RelufyError(f"{path}: not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -80,8 +79,31 @@ def _jsonl(path: Path) -> list[str]:
             raise RelufyError(f"{path}:{n}: not JSON") from None
         if not isinstance(record, dict) or "text" not in record:
             raise RelufyError(f"{path}:{n}: no 'text' field")
-        texts.append(record["text"])
-    return texts
+        texts.append(record_text(record["text"], f"{path}:{n}"))
+    return [t for t in texts if t]
+
+
+def record_text(value, where: str) -> str | None:
+    """A record's text: a string, or null for an empty record; anything else is refused."""
+    if value is None or isinstance(value, str):
+        return value
+    raise RelufyError(f"{where}: 'text' is a {type(value).__name__}, not a string")
+
+
+def _parquet(path: Path) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=None)
+    except (pa.ArrowException, OSError) as e:
+        raise RelufyError(f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+    if "text" not in table.column_names:
+        raise RelufyError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
+    column = table.column("text")
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
+        raise RelufyError(f"{path}: the 'text' column holds {column.type}, not strings")
+    return [t for t in column.to_pylist() if t]
 
 
 def _hub(spec: str) -> list[str]:
@@ -95,7 +117,7 @@ def _hub(spec: str) -> list[str]:
         raise RelufyError(f"{spec}: cannot load hub dataset ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
     if "text" not in ds.column_names:
         raise RelufyError(f"{spec}: no 'text' column")
-    return list(ds["text"])
+    return [t for t in (record_text(v, spec) for v in ds["text"]) if t]
 
 
 def tokenize(texts: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:

@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import RelufyError
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -26,17 +28,21 @@ def load_tokenizer(path: str | Path):
     from .io.source import resolve
 
     source = resolve(path)
-    if source.gguf_file:
-        return AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file)
-    _, config = base_config(source.config_dict())
-    return AutoTokenizer.from_pretrained(source.folder, config=config)
+    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"config": base_config(source.config_dict())[1]}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError... for a missing tokenizer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RelufyError(f"{path}: no usable tokenizer in the model folder ({first})") from None
+    if tokenizer is None or not callable(tokenizer):
+        raise RelufyError(f"{path}: no usable tokenizer in the model folder")
+    return tokenizer
 
 
 def sparse_context(model, path: str | Path, sparse: str):
     """The ``relufy.sparse.engine.sparse_decoding`` context for ``--sparse off|exact|predictor``."""
     import contextlib
 
-    from .errors import RelufyError
     from .sparse.engine import MODES, sparse_decoding
 
     if sparse not in MODES:
@@ -51,6 +57,12 @@ def sparse_context(model, path: str | Path, sparse: str):
         raise RelufyError(f"{path}: --sparse needs a ReLU-family model with exact zeros; this one computes {activation}")
     if sparse == "exact":
         return sparse_decoding(model, "exact")
+    export = block.get("export") if isinstance(block.get("export"), dict) else {}
+    if export.get("layout") == "powerinfer":
+        raise RelufyError(
+            f"{path}: a powerinfer-layout export; its predictors (predictor/model_*.pt) are for PowerInfer's converter. "
+            "For --sparse predictor here, export with --layout hf"
+        )
     if not (Path(path) / "predictors.safetensors").is_file():
         raise RelufyError(f"{path}: no predictors.safetensors (make them with relufy export --predictors)")
     from .export import load_predictors
@@ -75,6 +87,8 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
         )["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[-1] == 0:
+        raise RelufyError("the prompt is empty: give --prompt TEXT (or keep the chat template, which adds its own tokens)")
     start = time.perf_counter()
     with torch.no_grad(), sparse_context(model, path, sparse):
         out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,

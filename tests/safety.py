@@ -53,3 +53,43 @@ def assert_one_line(code, err, *needles):
 def assert_refused(snapshot: Snapshot, code, err, *needles, allow_new=()):
     assert_one_line(code, err, *needles)
     snapshot.assert_unchanged(allow_new)
+
+
+def _unshare() -> list[str] | None:
+    """A command prefix giving a private mount namespace (root, or an unprivileged user namespace)."""
+    import subprocess
+
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        try:
+            ok = subprocess.run([*prefix, "true"], capture_output=True).returncode == 0
+        except FileNotFoundError:
+            return None
+        if ok:
+            return prefix
+    return None
+
+
+def run_on_tmpfs(mnt: Path, args: list, size_kb: int | None = None, read_only: bool = False, before: str = "", after: str = ""):
+    """Run ``python -m relufy *args`` with a private tmpfs mounted at ``mnt`` (a real small or
+    read-only filesystem, gone when the process ends); ``after``: a shell command run afterwards
+    in the same namespace (``{mnt}`` filled in), its stdout captured; ``before``: one run first."""
+    import shlex
+    import subprocess
+    import sys
+
+    import pytest
+
+    prefix = _unshare()
+    if prefix is None:
+        pytest.skip("no private mount namespace on this machine (unshare)")
+    Path(mnt).mkdir(parents=True, exist_ok=True)
+    opts = ",".join(filter(None, [f"size={max(size_kb, 4)}k" if size_kb else "", "ro" if read_only else ""]))
+    relufy = " ".join(shlex.quote(str(a)) for a in [sys.executable, "-m", "relufy", *args])
+    script = (
+        f"mount -t tmpfs {'-o ' + opts if opts else ''} tmpfs {shlex.quote(str(mnt))} || exit 97; "
+        f"{before.format(mnt=shlex.quote(str(mnt))) or ':'}; {relufy} >/dev/null; code=$?; {after.format(mnt=shlex.quote(str(mnt))) or ':'}; exit $code"
+    )
+    proc = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True)
+    if proc.returncode == 97:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    return proc

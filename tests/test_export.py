@@ -245,6 +245,9 @@ def test_powerinfer_dense_layout(cli, tmp_path, converted):
         expected = relufy.load(converted["llama"])(ids).logits
         got = relufy.load(out)(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # relufy's own predictor decoding reads the hf layout, and says so instead of "make them"
+    code, err, _ = cli("generate", out, "--sparse", "predictor", "--max-new-tokens", "2")
+    assert code == 2 and len(err.splitlines()) == 1 and "powerinfer-layout export" in err and "--layout hf" in err, err
 
 
 def test_powerinfer_moe_layout_per_expert(cli, tmp_path, converted):

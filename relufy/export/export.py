@@ -83,6 +83,9 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
             rope_type = rope.get("rope_type") or rope.get("type") or "default"
             if rope_type not in POWERINFER_ROPE:
                 raise RelufyError(f"layout powerinfer: PowerInfer's converter cannot take rope type {rope_type!r} (only {', '.join(POWERINFER_ROPE)})")
+    hidden = config.get("hidden_size")
+    if options.predictors and options.predictor_rank and isinstance(hidden, int) and options.predictor_rank > hidden:
+        raise RelufyError(f"--predictor-rank {options.predictor_rank} exceeds the model's hidden size {hidden} (no cheaper than the FFN's gate)")
     if options.eval_json is not None:
         _read_eval(options.eval_json)
     return config, family
@@ -93,7 +96,7 @@ def _read_eval(path: str) -> list[dict]:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise RelufyError(f"{path}: not a readable relufy eval JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("relufy_eval") != 1:
+    if not isinstance(data, dict) or data.get("relufy_eval") != 1 or not isinstance(data.get("models"), list):
         raise RelufyError(f"{path}: not a relufy eval JSON (relufy eval --json FILE)")
     return data["models"]
 
@@ -122,13 +125,13 @@ def export(path: str, out: str | Path, options: ExportOptions, force: bool = Fal
     config, family = check_export(path, options)
     inputs = resolve(path).inputs() + local_inputs(options.stats, options.data, options.eval_json)
     out = check_output_dir(out, force, inputs)
+    device, _ = _device_dtype(EvalOptions(data=options.data or "-", device=options.device))
     stats = Stats.load(Path(options.stats)) if options.stats else None
     if stats is not None:  # shapes checked on a weightless model, before any weights load
         stats.match(ffn_sites(skeleton(config)), options.stats)
     texts = load_texts(options.data) if options.data else None
     if texts is not None and not "".join(texts).strip():
         raise RelufyError(f"{options.data}: holds no text")
-    device, _ = _device_dtype(EvalOptions(data=options.data or "-", device=options.device))
 
     tokenizer = load_tokenizer(path)
     model = load(path, dtype=torch.float32).to(device).eval()

@@ -14,7 +14,7 @@ ZERO_ACTIVATIONS = ("drelu", "reglu", "relu2", "fatrelu")
 class ExportOptions(BaseModel):
     """How ``relufy export`` profiles, reorders, trains predictors and lays out a checkpoint."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     layout: Literal["hf", "powerinfer"] = Field(
         "hf",

@@ -136,8 +136,30 @@ def atomic_dir(out: Path, force: bool = False, inputs=(), what: str = "OUT"):
             yield tmp
             _publish_mode(tmp, directory=True)
             _publish(tmp, out, force)
+        except Exception as e:
+            if is_disk_full(e):
+                raise RelufyError(f"no space left on device writing {out} (nothing was written)") from None
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC, also when a writer in another language wraps it (safetensors: "os error 28")."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "os error 28" in text or "StorageFull" in text
+
+
+def check_free_space(out: Path, nbytes: int) -> None:
+    """Refuse before writing ``nbytes`` next to ``out`` when its filesystem has less free."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if nbytes > free:
+        raise RelufyError(f"no space left on device for {out}: it needs {nbytes / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free")
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:
@@ -176,6 +198,10 @@ def atomic_file(path: Path):
             yield tmp
             _publish_mode(tmp, directory=False)
             os.replace(tmp, path)
+        except Exception as e:
+            if is_disk_full(e):
+                raise RelufyError(f"no space left on device writing {path} (left as it was)") from None
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 

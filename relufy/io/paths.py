@@ -47,7 +47,8 @@ def _writable_parent(path: Path, what: str) -> None:
     if not parent.is_dir():
         raise RelufyError(f"{what}: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise RelufyError(f"{what}: cannot write in {parent} (permission denied)")
+        read_only = hasattr(os, "statvfs") and os.statvfs(parent).f_flag & os.ST_RDONLY
+        raise RelufyError(f"{what}: cannot write in {parent} ({'read-only file system' if read_only else 'permission denied'})")
 
 
 def check_output_dir(out: str | os.PathLike, force: bool, inputs: Iterable[Path] = (), what: str = "OUT") -> Path:

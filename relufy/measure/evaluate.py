@@ -64,11 +64,25 @@ class ModelEval(BaseModel):
     tokens_per_second: float
 
 
+def parse_device(name: str) -> torch.device:
+    """``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:N``, ``mps``: one this machine has."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RelufyError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise RelufyError(f"--device {name}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RelufyError(f"--device {name}: MPS is not available here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise RelufyError(f"--device {name}: relufy runs on cpu, cuda or mps")
+    return device
+
+
 def _device_dtype(options: EvalOptions) -> tuple[torch.device, torch.dtype]:
-    if options.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(options.device)
+    device = parse_device(options.device)
     names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if options.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -173,10 +187,10 @@ def evaluate_model(path: str, options: EvalOptions, texts: list[str], progress=N
 def evaluate(paths: list[str], options: EvalOptions, show_progress: bool = True) -> list[tuple[ModelEval, Stats]]:
     if not paths:
         raise RelufyError("no model given")
+    _device_dtype(options)
     texts = load_texts(options.data)  # bad data or options fail before any model loads
     if not "".join(texts).strip():
         raise RelufyError(f"{options.data}: holds no text")
-    _device_dtype(options)
     for path in paths:
         check_model(str(path), options)
     if show_progress:

@@ -65,13 +65,21 @@ def load(
     spec = activation_spec(activation or "swiglu", threshold)
     try:
         if source.gguf_file:
-            model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                source.folder, gguf_file=source.gguf_file, output_loading_info=True, **kwargs
+            )
             if getattr(model, "hf_quantizer", None) is not None:
                 model.hf_quantizer.remove_quantization_config(model)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.folder, config=base, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(source.folder, config=base, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         raise RelufyError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers would run these randomly initialised
+        raise RelufyError(
+            f"{path}: the weights lack {len(missing)} tensor(s) that config.json implies (e.g. {missing[0]}); "
+            "config and weights do not belong together"
+        )
     if block:
         model.config.relufy = dict(block)
     return swap_activation(model, spec.activation, spec.threshold, source=source.label)

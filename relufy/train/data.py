@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import load_texts
+from ..data import load_texts, record_text
 from ..errors import RelufyError
 
 
@@ -35,6 +35,10 @@ def load_conversations(spec: str) -> list[list[dict]]:
             messages = json.loads(line)["messages"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise RelufyError(f"{path}:{n}: expected a JSON object with 'messages'") from None
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise RelufyError(f"{path}:{n}: 'messages' must be a list of {{'role': str, 'content': str}} objects")
         out.append(messages)
     return out
 
@@ -123,9 +127,10 @@ class StreamSource:
                 continue
             if "text" not in record:
                 raise RelufyError(f"{self.spec}: records have no 'text' field (fields: {', '.join(record)})")
-            if record["text"]:
+            text = record_text(record["text"], self.spec)
+            if text:
                 self.seen_text = True
-            return record["text"] or ""
+            return text or ""
 
     def _pack(self) -> list[int]:
         while len(self.buffer) < self.seq_len:
