@@ -6,7 +6,7 @@ STAMP := $(VENV)/.relufy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
 
-.PHONY: install test demo ablation bench-convert bench-eval bench-train bench-sparse eval-smollm2 recovery-smollm2 recovery-smollm2-hour export-smollm2 clean \
+.PHONY: install test demo ablation bench-convert bench-gguf bench-eval bench-train bench-sparse eval-smollm2 recovery-smollm2 recovery-smollm2-hour export-smollm2 clean \
   $(addprefix turbosparse-,mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b)
 
 install: $(STAMP)
@@ -77,6 +77,11 @@ $(DEMO)/report.md: $(DEMO)/eval-before.json $(DEMO_RUN)/bench.json
 BENCH_GIB ?= 6
 bench-convert: $(STAMP)
 	$(BIN)/python benchmarks/bench_convert.py --gib $(BENCH_GIB)
+
+# Peak memory of relufy convert on a synthetic 7B-shaped Q4_0 GGUF (bound: 1 GiB + the largest tensor)
+BENCH_GGUF_ARGS ?=
+bench-gguf: $(STAMP)
+	$(BIN)/python benchmarks/bench_gguf.py $(BENCH_GGUF_ARGS)
 
 bench-eval: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py

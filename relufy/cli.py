@@ -262,6 +262,9 @@ def train(
     from .train.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides or [])
+    from .train.loop import preflight
+
+    preflight(spec, download=not dry_run)  # paths and context length, before anything loads
     if dry_run:
         import yaml
 

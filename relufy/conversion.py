@@ -265,22 +265,14 @@ def _write_folder(plan: dict, tmp: Path, link: bool) -> None:
 
 
 def _convert_gguf(source: Source, out: Path, spec: ActivationSpec, dtype: str, force: bool) -> Path:
-    """Dequantize through transformers' GGUF support into a scratch folder, then convert that."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Stream the GGUF into a scratch checkpoint (``relufy.io.gguf``: one tensor in memory at a
+    time), then convert that, hard-linking its shards."""
+    from .io.gguf import write_gguf_checkpoint
 
-    config = source.config_dict()
-    family_for(config.get("model_type"))
-    torch_dtype = {"keep": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     with atomic_dir(out, force, source.inputs()) as tmp:
         scratch = scratch_dir(out, "gguf")
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.gguf_file, dtype=torch_dtype)
-            if getattr(model, "hf_quantizer", None) is not None:
-                model.hf_quantizer.remove_quantization_config(model)
-            model.save_pretrained(scratch)
-            del model
-            AutoTokenizer.from_pretrained(source.folder, gguf_file=source.gguf_file).save_pretrained(scratch)
+            write_gguf_checkpoint(source.folder / source.gguf_file, scratch, dtype)  # checks the file first
             plan = _plan_folder(Source(scratch, source.label), spec, "keep", label=source.label)
             _write_folder(plan, tmp, link=True)
         finally:

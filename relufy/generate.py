@@ -28,6 +28,10 @@ def load_tokenizer(path: str | Path):
     from .io.source import resolve
 
     source = resolve(path)
+    if source.gguf_file:
+        from .io.gguf import check_gguf_structure
+
+        check_gguf_structure(source.folder / source.gguf_file)
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"config": base_config(source.config_dict())[1]}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)

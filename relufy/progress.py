@@ -76,12 +76,15 @@ class PlainProgress:
     def advance(self, task: int, advance: float = 1) -> None:
         self.update(task, completed=self.tasks[task]["completed"] + advance)
 
-    def update(self, task: int, description: str | None = None, completed: float | None = None, **_) -> None:
+    def update(self, task: int, description: str | None = None, completed: float | None = None, advance: float | None = None,
+               **_) -> None:  # fmt: skip
         t = self.tasks[task]
         if description is not None:
             t["description"] = description
         if completed is not None:
             t["completed"] = completed
+        if advance is not None:
+            t["completed"] += advance
         now = time.monotonic()
         finished = t["total"] is not None and t["completed"] >= t["total"]
         if finished and not t["done"]:

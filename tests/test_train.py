@@ -313,6 +313,8 @@ def test_sft_loss_on_assistant_tokens_only(base, tmp_path):
     import shutil
 
     shutil.copytree(base / "llama-drelu", model_dir)
+    config = json.loads((model_dir / "config.json").read_text())  # room for the 160-token conversations
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
     tok = AutoTokenizer.from_pretrained(model_dir, config=relufy.load(model_dir).config)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(model_dir)

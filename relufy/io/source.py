@@ -32,9 +32,9 @@ class Source:
 
     def config_dict(self) -> dict:
         if self.gguf_file:
-            from transformers import AutoConfig
+            from .gguf import gguf_config_dict
 
-            return AutoConfig.from_pretrained(self.folder, gguf_file=self.gguf_file).to_dict()
+            return gguf_config_dict(self.folder / self.gguf_file)
         path = self.folder / "config.json"
         if not path.is_file():
             raise RelufyError(f"{self.folder}: no config.json (not a Hugging Face model folder)")

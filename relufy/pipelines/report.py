@@ -37,7 +37,10 @@ def _models(eval_json: dict) -> list[dict]:
 
 
 def _metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Logged steps with a finite loss (a partial last line, from a killed run, is skipped)."""
+    from ..train.checkpoint import read_metrics
+
+    return [r for r in read_metrics(path) if isinstance(r.get("loss"), int | float) and isinstance(r.get("tokens"), int)]
 
 
 def _plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, xlabel: str, ylabel: str, title: str, logy=True):

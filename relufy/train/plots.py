@@ -1,15 +1,30 @@
-"""The PNG of training curves written at the end of a run."""
+"""The PNG of training curves written at the end of a run.
+
+Reads ``metrics.jsonl`` as the loop writes it: a line that is not a whole JSON record (a run
+killed while appending) is skipped, and a value that is ``null`` (not finite when logged) is
+left out of its curve.
+"""
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 
 from ..io.atomic import save_png
+from .checkpoint import read_metrics
+
+
+def _points(rows: list[dict], key: str, scale: float = 1.0) -> list[tuple[int, float]]:
+    out = []
+    for r in rows:
+        value = r.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            out.append((r["step"], scale * value))
+    return out
 
 
 def plot_curves(metrics: Path, out: Path) -> Path | None:
-    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics)
     if not rows:
         return None
     import matplotlib
@@ -17,18 +32,21 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in rows]
+    def draw(ax, points, *args, **kwargs):
+        if points:
+            ax.plot(*zip(*points), *args, **kwargs)
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(steps, [r["loss"] for r in rows])
+    draw(axes[0], _points(rows, "loss"))
     axes[0].set(xlabel="step", ylabel="training loss", title="Loss")
-    held = [(r["step"], r["heldout_ppl"]) for r in rows if r.get("heldout_ppl")]
+    held = [(s, v) for s, v in _points(rows, "heldout_ppl") if v]
     if held:
         ax = axes[0].twinx()
-        ax.plot(*zip(*held), "o--", color="tab:orange")
+        draw(ax, held, "o--", color="tab:orange")
         ax.set_ylabel("held-out ppl")
-    axes[1].plot(steps, [r["lr"] for r in rows], color="tab:green")
+    draw(axes[1], _points(rows, "lr"), color="tab:green")
     axes[1].set(xlabel="step", ylabel="learning rate", title="Schedule")
-    axes[2].plot(steps, [100 * r["sparsity"] for r in rows], color="tab:red")
+    draw(axes[2], _points(rows, "sparsity", 100.0), color="tab:red")
     axes[2].set(xlabel="step", ylabel="zeros in FFN activation (%)", ylim=(0, 100), title="Activation sparsity")
     fig.tight_layout()
     save_png(fig, out, dpi=110)

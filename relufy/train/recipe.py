@@ -3,12 +3,18 @@
 ``relufy train RECIPE.yaml key=value ...`` applies dotted overrides (values parsed as YAML:
 ``optim.lr=1e-4``, ``budget.max_steps=200``, ``sparsity.distill.weight=0.5``) before validation.
 Every field's description below is its documentation.
+
+A recipe file is a UTF-8 YAML mapping; every number in it (``model.config`` included) must be
+finite: ``.inf`` and ``.nan`` are refused, so that nothing non-finite reaches the run or the
+JSON it writes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+
+import math
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,7 +23,7 @@ from ..errors import RelufyError
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class ModelSpec(_Spec):
@@ -168,7 +174,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             if not isinstance(node.get(part, {}), dict):
                 raise RelufyError(f"override {item!r}: {part} is not a section")
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        try:
+            node[parts[-1]] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise RelufyError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
     return raw
 
 
@@ -177,13 +186,55 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise RelufyError(f"recipe {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise RelufyError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RelufyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise RelufyError(f"{path}: not valid YAML (nested too deeply)") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RelufyError(f"{path}: a recipe is a YAML mapping (name: ..., model: ..., data: ...), not a {_kind(raw)}")
     return validate(apply_overrides(raw, list(overrides)), str(path))
 
 
+def _kind(value) -> str:
+    if isinstance(value, list):
+        return "list"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return type(value).__name__
+
+
+def _non_finite(value, where: str = "") -> tuple[str, float] | None:
+    """The first non-finite number anywhere in ``value``: ``(dotted path, value)``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "(top level)", value
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        if found := _non_finite(item, f"{where}.{key}" if where else str(key)):
+            return found
+    return None
+
+
 def validate(raw: dict, origin: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RelufyError(f"{origin}: a recipe is a mapping, not a {_kind(raw)}")
+    if found := _non_finite(raw):
+        raise RelufyError(f"{origin}: {found[0]}: must be a finite number, got {found[1]}")
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:

@@ -187,3 +187,15 @@ def test_disk_full_writing_stats_leaves_nothing(tmp_path, run):
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "no space left on device writing" in err[-1] and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stdout.strip() == "", proc.stdout
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_out_is_an_existing_file(tmp_path, proj, run, cli, command):
+    (tmp_path / "out").write_text("a file of the user's")
+    args = {
+        "convert": ("convert", proj / "src", tmp_path / "out", "--force"),
+        "export": ("export", run / "run" / "final", tmp_path / "out", "--data", run / "text.txt", "--force"),
+    }[command]
+    snap = Snapshot(tmp_path, run)
+    code, err, _ = cli(*args)
+    assert_refused(snap, code, err, "exists and is not a folder")
