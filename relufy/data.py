@@ -46,6 +46,13 @@ def builtin_texts() -> list[str]:
 def load_texts(spec: str) -> list[str]:
     if spec == BUILTIN:
         return builtin_texts()
+    try:
+        return _load_texts(spec)
+    except OSError as e:  # unreadable file, I/O error: name the file
+        raise RelufyError(f"{spec}: cannot read ({e.strerror or e})") from None
+
+
+def _load_texts(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if path.is_file():
         suffix = path.suffix.lower()

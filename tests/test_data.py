@@ -60,3 +60,10 @@ def test_parquet_text_column_of_numbers(tmp_path, model, cli):
     snap = Snapshot(tmp_path)
     code, err, _ = cli("eval", model, "--data", tmp_path / "d.parquet", "--seq-len", "32")
     assert_refused(snap, code, err, "'text' column holds int64, not strings")
+
+
+def test_data_that_cannot_be_read(tmp_path, model, cli):
+    """A file that opens but fails to read (an I/O error) is named, not a traceback."""
+    snap = Snapshot(tmp_path)
+    code, err, _ = cli("eval", model, "--data", "/proc/self/mem", "--seq-len", "32")
+    assert_refused(snap, code, err, "/proc/self/mem: cannot read (Input/output error)")

@@ -16,7 +16,9 @@ states the input/output relations a conversion tool needs.
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,9 +48,14 @@ def _writable_parent(path: Path, what: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise RelufyError(f"{what}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        read_only = hasattr(os, "statvfs") and os.statvfs(parent).f_flag & os.ST_RDONLY
-        raise RelufyError(f"{what}: cannot write in {parent} ({'read-only file system' if read_only else 'permission denied'})")
+    try:  # a real probe: access() says yes to root on read-only mounts' cousins (/proc, /sys)
+        fd, probe = tempfile.mkstemp(prefix=".relufy-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        read_only = e.errno == errno.EROFS
+        reason = "read-only file system" if read_only else e.strerror or "not writable"
+        raise RelufyError(f"{what}: cannot write in {parent} ({reason})") from None
 
 
 def check_output_dir(out: str | os.PathLike, force: bool, inputs: Iterable[Path] = (), what: str = "OUT") -> Path:

@@ -199,3 +199,9 @@ def test_out_is_an_existing_file(tmp_path, proj, run, cli, command):
     snap = Snapshot(tmp_path, run)
     code, err, _ = cli(*args)
     assert_refused(snap, code, err, "exists and is not a folder")
+
+
+def test_output_where_even_root_cannot_write(tmp_path, cli):
+    """/proc says yes to access(W_OK) for root and no to every file: found before the work."""
+    code, err, _ = cli("bench", "--shapes", "8x16", "--no-generation", "--json", "/proc/relufy/b.json")
+    assert code == 2 and len(err.splitlines()) == 1 and "--json: cannot write in /proc" in err, err
