@@ -363,7 +363,7 @@ def measure_startup(args) -> dict:
     does, config validation and rendering the modeling code (what _convert_folder does besides
     reading headers and writing weights)."""
     code = (
-        "import relufy.cli; from relufy.conversion import ConfigView; from relufy.families import family_for; "
+        "import relufy.cli; from relufy.modeling.spec import ConfigView; from relufy.families import family_for; "
         "from relufy.modeling.remote import render_modeling; "
         f"ConfigView({mistral_config(1)!r}).hidden_size; render_modeling(family_for('mistral'))"
     )

@@ -31,9 +31,9 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 
 def main() -> None:
     import relufy
-    from relufy.data import load_texts, tokenize, windows
+    from relufy.text import load_texts, tokenize, windows
     from relufy.embedded import smollm2_gguf
-    from relufy.generate import load_tokenizer
+    from relufy.modeling.tokenizer import load_tokenizer
     from relufy.measure.evaluate import score
     from relufy.measure.sites import ActivationCounter, observing
 

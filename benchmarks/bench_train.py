@@ -36,8 +36,8 @@ TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 def main() -> None:
     import relufy
     from relufy.embedded import smollm2_gguf
-    from relufy.generate import load_tokenizer
-    from relufy.train import data as train_data
+    from relufy.modeling.tokenizer import load_tokenizer
+    from relufy.train import mixture as train_mixture
     from relufy.train.loop import train
     from relufy.train.recipe import validate
 
@@ -86,7 +86,7 @@ def main() -> None:
     def bare(i):
         torch.manual_seed(0)
         model = relufy.load(model_path, dtype=torch.float32).to(device).train()
-        mixture, _ = train_data.build(recipe(scratch / "x", True).data, load_tokenizer(model_path), 0)
+        mixture, _ = train_mixture.build(recipe(scratch / "x", True).data, load_tokenizer(model_path), 0)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
         times = []
         for _ in range(args.steps):

@@ -26,10 +26,11 @@ def main() -> None:
     args = parser.parse_args()
 
     import relufy
-    from relufy.data import load_texts, tokenize, windows
-    from relufy.export import load_predictors
-    from relufy.export.calibration import PredictedOnly, tapped
-    from relufy.generate import load_tokenizer
+    from relufy.text import load_texts, tokenize, windows
+    from relufy.modeling.predictor import load_predictors
+    from relufy.export.calibration import PredictedOnly
+    from relufy.measure.sites import tapped
+    from relufy.modeling.tokenizer import load_tokenizer
     from relufy.measure.sites import ffn_sites, observing
 
     model = relufy.load(args.export, dtype=torch.float32).eval()

@@ -55,9 +55,9 @@ def main(argv=None) -> None:
 
     import relufy
     from relufy.embedded import smollm2_gguf
-    from relufy.generate import load_tokenizer
-    from relufy.train import data as train_data
-    from relufy.train.loop import heldout_eval
+    from relufy.modeling.tokenizer import load_tokenizer
+    from relufy.train import mixture as train_mixture
+    from relufy.measure.meter import heldout_eval
     from relufy.train.recipe import Recipe
 
     root = Path(args.root)
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"runs differ in data or seed, so their held-out slices differ: {', '.join(names)}")
     recipe = recipes[names[0]]
     gguf = smollm2_gguf()
-    _, heldout = train_data.build(recipe.data, load_tokenizer(gguf), recipe.seed)
+    _, heldout = train_mixture.build(recipe.data, load_tokenizer(gguf), recipe.seed)
     original = relufy.load(gguf, dtype=torch.float32)
     ppl0, sp0 = heldout_eval(original, heldout, torch.device("cpu"))
     print(f"held-out: {heldout.numel():,} tokens ({len(heldout)} x {heldout.shape[1]}) of {', '.join(s.data for s in recipe.data.sources)}")

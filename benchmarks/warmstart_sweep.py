@@ -28,8 +28,9 @@ def main(argv=None):
     args = ap.parse_intermixed_args(argv)
 
     from relufy.modeling.load import load
-    from relufy.train import data as train_data
-    from relufy.train.loop import _load, heldout_eval
+    from relufy.train import mixture as train_mixture
+    from relufy.measure.meter import heldout_eval
+    from relufy.train.loop import _load
     from relufy.train.recipe import load_recipe
     from relufy.train.warmstart import ffn_warmstart
 
@@ -39,7 +40,7 @@ def main(argv=None):
     if spec is None:
         raise SystemExit("the recipe has no sparsity.ffn_warmstart section")
     model, tokenizer = _load(recipe)
-    mixture, heldout = train_data.build(recipe.data, tokenizer, recipe.seed)
+    mixture, heldout = train_mixture.build(recipe.data, tokenizer, recipe.seed)
     teacher = load(recipe.model.path, activation="swiglu", dtype=torch.float32).eval().requires_grad_(False)
     device = torch.device("cpu")
     ppl, zeros = heldout_eval(model, heldout, device)

@@ -191,7 +191,7 @@ def export_(
     report: Annotated[str | None, typer.Option(help="Write the export summary (JSON) here.")] = None,
 ):
     """Export MODEL for sparse inference: statistics, reordering, predictors, engine layout."""
-    from .export.export import export as run
+    from .export.pipeline import export as run
     from .export.options import ExportOptions
 
     options = _options(
@@ -246,7 +246,7 @@ def bench(
     plot: Annotated[str | None, typer.Option(help="Write the speedup-vs-sparsity PNG here.")] = None,
 ):
     """FFN decode latency dense vs exact-sparse vs predictor-sparse, and generation tokens/s."""
-    from .sparse.run_bench import run_bench
+    from .bench import run_bench
 
     run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, generation, new_tokens, json_out, plot)
 

@@ -20,29 +20,6 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer of any model relufy reads; never asks for remote code (tokenizers have none)."""
-    from transformers import AutoTokenizer
-
-    from .conversion import base_config
-    from .io.source import resolve
-
-    source = resolve(path)
-    if source.gguf_file:
-        from .io.gguf import check_gguf_structure
-
-        check_gguf_structure(source.folder / source.gguf_file)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"config": base_config(source.config_dict())[1]}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
-    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError... for a missing tokenizer
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RelufyError(f"{path}: no usable tokenizer in the model folder ({first})") from None
-    if tokenizer is None or not callable(tokenizer):
-        raise RelufyError(f"{path}: no usable tokenizer in the model folder")
-    return tokenizer
-
-
 def sparse_context(model, path: str | Path, sparse: str):
     """The ``relufy.sparse.engine.sparse_decoding`` context for ``--sparse off|exact|predictor``."""
     import contextlib
@@ -69,7 +46,7 @@ def sparse_context(model, path: str | Path, sparse: str):
         )
     if not (Path(path) / "predictors.safetensors").is_file():
         raise RelufyError(f"{path}: no predictors.safetensors (make them with relufy export --predictors)")
-    from .export import load_predictors
+    from .modeling.predictor import load_predictors
 
     info = (block.get("export") or {}).get("predictors") or {}
     return sparse_decoding(model, "predictor", load_predictors(path), info.get("threshold", 0.0), info.get("input", "residual"))
@@ -82,6 +59,7 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
     import torch
 
     from .modeling.load import load
+    from .modeling.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path)
     model = model if model is not None else load(path, dtype=torch.float32).eval()

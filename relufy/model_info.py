@@ -42,7 +42,7 @@ def count_parameters(family, config) -> tuple[int, int]:
 
 
 def info(path: str | Path) -> ModelInfo:
-    from .conversion import base_config
+    from .modeling.spec import base_config
     from .io.source import resolve
 
     source = resolve(path)

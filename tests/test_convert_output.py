@@ -12,7 +12,8 @@ from safetensors import safe_open
 from tiny import MOE_FAMILIES, save_tiny, tiny_model
 
 import relufy
-from relufy.modeling.remote import MODELING_FILE, imported_modules
+from relufy.modeling.remote import imported_modules
+from relufy.names import MODELING_FILE
 
 
 def tensors(folder):

@@ -16,9 +16,11 @@ from tiny import corpus, save_tiny_with_tokenizer, tiny_model
 
 import relufy
 from relufy.conversion import convert
-from relufy.export import load_predictors
-from relufy.export.calibration import Collector, PredictedOnly, tapped
-from relufy.export.predictors import Predictor, auto_rank, measure, train_predictor
+from relufy.modeling.predictor import load_predictors
+from relufy.export.calibration import Collector, PredictedOnly
+from relufy.measure.sites import tapped
+from relufy.export.predictors import predictor_metrics, train_predictor
+from relufy.modeling.predictor import Predictor, auto_rank
 from relufy.export.reorder import hottest_first, reorder_
 from relufy.measure.sites import ActivationCounter, ffn_sites, observing
 from relufy.measure.stats import Stats
@@ -84,10 +86,10 @@ def test_predictor_recall_on_a_constructed_sparse_model():
     for (site, _), (x, y) in collector.data().items():
         assert x.shape == (32 * 64, 32) and y.shape == (32 * 64, site.width)
         n = 1536
-        untrained = measure(Predictor(32, site.width, 64), x[n:], y[n:], 0.0)
+        untrained = predictor_metrics(Predictor(32, site.width, 64), x[n:], y[n:], 0.0)
         assert untrained.recall < 0.8 or untrained.precision < 0.8  # the bar below is not free
         predictor = train_predictor(x[:n], y[:n], rank=64, steps=1000, lr=1e-2, seed=0)
-        m = measure(predictor, x[n:], y[n:], 0.0)
+        m = predictor_metrics(predictor, x[n:], y[n:], 0.0)
         assert 0.3 < m.sparsity < 0.7
         assert m.recall >= 0.93, m
         assert m.precision >= 0.9, m

@@ -13,7 +13,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from relufy.activations import GATED_ACTIVATIONS
-from relufy.conversion import ACTIVATION_NAMES
+from relufy.names import ACTIVATIONS as ACTIVATION_NAMES
 from relufy.families import FAMILIES
 from relufy.io.safetensors_index import Checkpoint
 from relufy.io.shard_writer import recoded_chunks

@@ -13,7 +13,8 @@ import torch
 
 import relufy
 from relufy.embedded import smollm2_gguf
-from relufy.generate import generate, load_tokenizer
+from relufy.generate import generate
+from relufy.modeling.tokenizer import load_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. Sparse activations make decoding faster."
 

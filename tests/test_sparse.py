@@ -7,7 +7,7 @@ import torch
 from tiny import tiny_model
 
 import relufy
-from relufy.export.predictors import Predictor
+from relufy.modeling.predictor import Predictor
 from relufy.measure.sites import ffn_sites
 from relufy.sparse import kernels
 from relufy.sparse.engine import sparse_decoding
@@ -123,7 +123,7 @@ def models(tmp_path_factory):
     from tiny import corpus, save_tiny_with_tokenizer
 
     from relufy.conversion import convert
-    from relufy.export.export import export
+    from relufy.export.pipeline import export
     from relufy.export.options import ExportOptions
 
     root = tmp_path_factory.mktemp("sparse")
@@ -184,7 +184,7 @@ def test_bench_command(cli, models, tmp_path):
 
 
 def test_bench_case_has_the_sparsity_it_claims():
-    from relufy.sparse.bench import make_case
+    from relufy.sparse.timing import make_case
 
     gate, up, down, x, gate_frac = make_case(64, 1000, 0.9, seed=1)
     g, u = (gate @ x[0]), (up @ x[0])

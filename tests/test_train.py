@@ -307,7 +307,7 @@ CHAT_TEMPLATE = (
 def test_sft_loss_on_assistant_tokens_only(base, tmp_path):
     from transformers import AutoTokenizer
 
-    from relufy.train.data import chat_example
+    from relufy.train.mixture import chat_example
 
     model_dir = tmp_path / "chat-model"
     import shutil
@@ -337,20 +337,20 @@ def test_sft_loss_on_assistant_tokens_only(base, tmp_path):
 def test_streaming_source_resumes_exactly(base, tmp_path):
     from transformers import AutoTokenizer
 
-    from relufy.train import data as train_data
+    from relufy.train import mixture as train_mixture
     from relufy.train.recipe import DataSpec
 
     (tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in corpus()[:30_000].split("\n\n") if t))
     spec = DataSpec(sources=[{"data": str(tmp_path / "s.jsonl"), "streaming": True, "weight": 1.0},
                              {"data": str(base / "text.txt"), "weight": 1.0}], seq_len=32, heldout_sequences=3)  # fmt: skip
     tok = AutoTokenizer.from_pretrained(base / "llama")
-    first, held = train_data.build(spec, tok, seed=3)
+    first, held = train_mixture.build(spec, tok, seed=3)
     assert held.shape[1] == 32 and len(held) >= 3
     for _ in range(7):
         first.batch(4)
     state = json.loads(json.dumps(first.state_dict()))  # survives serialization
     expected = [first.batch(4) for _ in range(5)]
-    second, _ = train_data.build(spec, tok, seed=3)
+    second, _ = train_mixture.build(spec, tok, seed=3)
     second.load_state_dict(state)
     for want in expected:
         assert torch.equal(second.batch(4), want)

@@ -68,7 +68,7 @@ model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or
 ```
 
 Predictors (if any) are in `predictors.safetensors` (listed in the index; transformers skips them):
-`relufy.export.load_predictors(path)`."""
+`relufy.modeling.predictor.load_predictors(path)`."""
 
 
 def write_card(tmp: Path, config: dict, family, options, result) -> None:

@@ -1,42 +1,21 @@
-"""Sparsity predictors: ``fc2(relu(fc1(x)))`` per FFN (per expert for MoE), no biases.
+"""Training and scoring sparsity predictors (the module itself: ``relufy.modeling.predictor``).
 
-A predictor scores every neuron of its FFN from the token's predictor input (see
-``relufy.export.calibration``); a neuron is predicted active when its score is at least the
-threshold (default 0, i.e. sigmoid probability >= 0.5), PowerInfer's rule. A predictor of all
-zeros therefore keeps every neuron (used for experts that saw too few calibration tokens). Trained with class-weighted binary
-cross-entropy on "combined activation != 0" labels: active neurons are the minority and missing
+A predictor scores every neuron of its FFN from the token's predictor input; a neuron is
+predicted active when its score is at least the threshold (default 0, i.e. sigmoid probability
+>= 0.5), PowerInfer's rule. A predictor of all zeros therefore keeps every neuron (used for
+experts that saw too few calibration tokens). Trained with class-weighted binary cross-entropy on "combined activation != 0" labels: active neurons are the minority and missing
 one costs quality, so positives weigh ``pos_weight`` times more (default: the negative/positive
 ratio of the layer, which balances both classes).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-
-class Predictor(nn.Module):
-    def __init__(self, hidden: int, width: int, rank: int):
-        super().__init__()
-        self.fc1 = nn.Linear(hidden, rank, bias=False)
-        self.fc2 = nn.Linear(rank, width, bias=False)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(x)))
-
-
-def auto_rank(hidden: int, width: int, sparsity: float, budget: float = 0.5, multiple: int = 16) -> int:
-    """A rank whose predictor costs ``budget`` times the FFN work left at ``sparsity``:
-    ``rank * (hidden + width) ~= budget * (1 - sparsity) * 3 * hidden * width``, rounded up to a
-    multiple of 16 and kept within [16, min(hidden, width)]. Denser layers get larger predictors."""
-    density = 1.0 - sparsity if math.isfinite(sparsity) else 1.0
-    rank = budget * density * 3 * hidden * width / (hidden + width)
-    rank = multiple * math.ceil(rank / multiple)
-    return int(max(multiple, min(rank, min(hidden, width))))
+from ..modeling.predictor import Predictor
 
 
 @dataclass(frozen=True)
@@ -51,7 +30,7 @@ class PredictorMetrics:
         return {k: getattr(self, k) for k in ("recall", "precision", "predicted_sparsity", "sparsity", "tokens")}
 
 
-def measure(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, threshold: float, batch: int = 4096) -> PredictorMetrics:
+def predictor_metrics(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, threshold: float, batch: int = 4096) -> PredictorMetrics:
     tp = fp = fn = kept = active = 0
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):

@@ -1,6 +1,6 @@
 """``relufy eval``: perplexity, activation sparsity and the paper's top-k curve for one or more models.
 
-Perplexity is ``exp(mean NLL)`` over the predicted tokens (``relufy.data`` says which). Sparsity
+Perplexity is ``exp(mean NLL)`` over the predicted tokens (``relufy.text`` says which). Sparsity
 is the fraction of exact zeros in each FFN's combined activation (after the activation, before
 the down projection), counted on the unmasked pass. For each top-k level ``s`` the data is scored
 again with, per token and per FFN (per expert for MoE), only the largest ``1 - s`` fraction of
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..data import Window, load_texts, tokenize, windows
+from ..text import Window, load_texts, tokenize, windows
 from ..errors import RelufyError
 from .sites import ActivationCounter, TopKMask, observing
 from .stats import Stats
@@ -93,7 +93,7 @@ def _device_dtype(options: EvalOptions) -> tuple[torch.device, torch.dtype]:
 
 def check_model(path: str, options: EvalOptions) -> None:
     """Config-only checks, so that a bad model or option fails before any weights load."""
-    from ..conversion import base_config
+    from ..modeling.spec import base_config
     from ..io.source import resolve
 
     _, config = base_config(resolve(path).config_dict())
@@ -127,7 +127,7 @@ def score(model, wins: list[Window], batch_size: int, device, advance=None, top1
 
 
 def evaluate_model(path: str, options: EvalOptions, texts: list[str], progress=None) -> tuple[ModelEval, Stats]:
-    from ..generate import load_tokenizer
+    from ..modeling.tokenizer import load_tokenizer
     from ..modeling.load import load
 
     device, dtype = _device_dtype(options)

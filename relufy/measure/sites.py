@@ -3,6 +3,10 @@
 A site is one swapped FFN module (``relufy.modeling.ffn.RelufyFFN``): a dense FFN, a shared
 expert, or an experts module whose experts are told apart by the ``expert`` argument the eager
 experts path passes to the observer.
+
+``InputTap`` keeps what a sparsity predictor reads for each site: by the engines' convention the
+residual stream entering the FFN's norm (``input="residual"``: the decoder layer's
+``Family.ffn_norm`` input), or the FFN's own (normalized) input (``input="ffn"``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from ..families import family_for
 from ..modeling.ffn import RelufyFFN
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+PREDICTOR_INPUTS = ("residual", "ffn")
+_LAYER_PATH = re.compile(r"^(.*\blayers\.\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -124,3 +130,58 @@ class TopKMask:
         idx = combined.abs().topk(keep, dim=-1).indices
         mask = torch.zeros_like(combined, dtype=torch.bool).scatter_(-1, idx, True)
         return combined * mask
+
+
+class InputTap:
+    """Forward pre-hooks that keep, per FFN site, the current batch's predictor input ``[tokens, hidden]``."""
+
+    def __init__(self, model, sites: list[tuple[Site, torch.nn.Module]], input: str = "residual"):
+        if input not in PREDICTOR_INPUTS:
+            raise ValueError(f"predictor input must be one of {', '.join(PREDICTOR_INPUTS)}, got {input!r}")
+        self.current: dict[int, torch.Tensor] = {}  # id(site module) -> [tokens, hidden]
+        self.handles = []
+        family = family_for(model.config.relufy["base_model_type"])
+        modules = dict(model.named_modules())
+        by_layer: dict[str, list[torch.nn.Module]] = {}
+        for site, module in sites:
+            if input == "ffn":
+                self.handles.append(module.register_forward_pre_hook(self._keep([module])))
+                continue
+            m = _LAYER_PATH.match(site.name)
+            norm = modules.get(f"{m.group(1)}.{family.ffn_norm}") if m else None
+            if norm is None:
+                raise ValueError(f"{site.name}: no {family.ffn_norm} in front of this FFN to read the residual stream from")
+            by_layer.setdefault(f"{m.group(1)}.{family.ffn_norm}", []).append(module)
+        for name, users in by_layer.items():
+            self.handles.append(modules[name].register_forward_pre_hook(self._keep(users)))
+
+    def _keep(self, users):
+        def hook(_module, args):
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            for user in users:
+                self.current[id(user)] = x
+
+        return hook
+
+    def rows(self, module, expert) -> torch.Tensor:
+        """The predictor input of the tokens this call of ``module`` computes."""
+        x = self.current[id(module)]
+        if expert is not None and module.relufy_rows is not None:
+            return x[module.relufy_rows]
+        return x
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        self.current = {}
+
+
+@contextlib.contextmanager
+def tapped(model, sites, input: str):
+    tap = InputTap(model, sites, input)
+    try:
+        yield tap
+    finally:
+        tap.close()

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import RelufyError
 from ..families import family_for
 from .ffn import swap_ffn
-from .remote import is_identity
+from ..names import is_identity
 
 
 def swap_activation(model, activation: str, threshold: float | None = None, source: str | None = None):
@@ -16,7 +16,7 @@ def swap_activation(model, activation: str, threshold: float | None = None, sour
     The config's activation key is set to ``relufy_<activation>`` (unknown to transformers), so a
     plain ``save_pretrained`` of the result cannot be reloaded as SwiGLU by mistake.
     """
-    from ..conversion import activation_spec
+    from .spec import activation_spec
 
     spec = activation_spec(activation, threshold)
     config = model.config
@@ -53,7 +53,7 @@ def load(
     """
     from transformers import AutoModelForCausalLM
 
-    from ..conversion import activation_spec, base_config
+    from .spec import activation_spec, base_config
     from ..io.source import resolve
 
     source = resolve(path)
@@ -91,7 +91,7 @@ def skeleton(config: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..conversion import base_config
+    from .spec import base_config
 
     _, base = base_config(config)
     with torch.device("meta"):

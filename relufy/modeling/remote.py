@@ -20,13 +20,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..families import Family
+from ..names import MODELING_FILE, is_identity
 
-MODELING_FILE = "modeling_relufy.py"
 _REMOTE_KEYS = ("auto_map",)
-
-
-def is_identity(activation: str) -> bool:
-    return activation == "swiglu"
 
 
 def relufy_config_dict(
@@ -154,7 +150,3 @@ def imported_modules(source: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             names.add("." if node.level else node.module.split(".")[0])
     return names
-
-
-def read_config(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..families import family_for
 from ..io.atomic import atomic_dir
-from .remote import MODELING_FILE, base_config_dict, is_identity, relufy_config_dict, render_modeling
+from ..names import MODELING_FILE, is_identity
+from .remote import base_config_dict, relufy_config_dict, render_modeling
 
 
 def save_relufy(model, out: str | Path, tokenizer=None, state_dict=None, force: bool = True, card_note: str = "") -> Path:
@@ -21,7 +22,8 @@ def save_relufy(model, out: str | Path, tokenizer=None, state_dict=None, force: 
 
 def write_relufy(model, tmp: Path, tokenizer=None, state_dict=None, card_note: str = "", max_shard_size="5GB") -> dict:
     """``save_relufy`` into an existing (temporary) folder; returns the written ``config.json``."""
-    from ..conversion import ActivationSpec, model_card
+    from .card import model_card
+    from .spec import ActivationSpec
 
     config = model.config
     block = dict(getattr(config, "relufy", None) or {})

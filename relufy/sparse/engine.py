@@ -33,7 +33,7 @@ def _weights(module, expert):
 
 def build(model, predictors: dict | None = None, predictor_threshold: float = 0.0) -> dict:
     """``{(site, expert): SparseFFN}`` for every FFN of ``model``; ``predictors`` maps
-    ``(ffn module path, expert or None)`` to a predictor (``relufy.export.load_predictors``)."""
+    ``(ffn module path, expert or None)`` to a predictor (``relufy.modeling.predictor.load_predictors``)."""
     block = model.config.relufy
     out = {}
     for site, module in ffn_sites(model):
@@ -63,7 +63,7 @@ def sparse_decoding(model, mode: str = "exact", predictors: dict | None = None, 
     sites = ffn_sites(model)
     tap = None
     if mode == "predictor":
-        from ..export.calibration import InputTap
+        from ..measure.sites import InputTap
 
         tap = InputTap(model, sites, predictor_input)
 

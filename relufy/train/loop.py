@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import RelufyError
 from . import checkpoint as ckpt
+from ..measure.meter import SparsityMeter, heldout_eval
 from .recipe import Recipe
 
 
@@ -50,43 +51,10 @@ def lr_lambda(step: int, warmup: int, total: int, lr: float, min_lr: float) -> f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class SparsityMeter:
-    """Training-time observer: zero fraction per FFN site (no host sync until read) and, when
-    asked, the L1 norm of the combined activation (kept in the graph)."""
-
-    def __init__(self, sites, l1: bool):
-        self.names = {id(m): s.layer for s, m in sites}
-        self.layers = sorted(set(self.names.values()))
-        self.l1 = l1
-        self.reset()
-
-    def reset(self):
-        self.zeros = {}
-        self.total = {}
-        self.l1_terms = []
-
-    def __call__(self, module, combined, expert):
-        layer = self.names[id(module)]
-        with torch.no_grad():
-            z = (combined == 0).sum()
-            self.zeros[layer] = self.zeros.get(layer, 0) + z
-            self.total[layer] = self.total.get(layer, 0) + combined.numel()
-        if self.l1:
-            self.l1_terms.append(combined.abs().mean())
-        return combined
-
-    def fraction(self, layer: int) -> float:
-        """Zero fraction of ``layer`` since the last reset (nan if it ran no FFN)."""
-        return float(self.zeros[layer]) / self.total[layer] if self.total.get(layer) else float("nan")
-
-    def per_layer(self) -> list[float]:
-        return [self.fraction(layer) for layer in self.layers]
-
-
 def _load(recipe: Recipe):
     from transformers import AutoModelForCausalLM
 
-    from ..generate import load_tokenizer
+    from ..modeling.tokenizer import load_tokenizer
     from ..modeling.load import load, swap_activation
 
     spec = recipe.model
@@ -234,7 +202,7 @@ def _check_context(recipe: Recipe) -> None:
             raise RelufyError(f"model.config: not a valid transformers config ({first})") from None
         where = "model.config"
     else:
-        from ..conversion import base_config
+        from ..modeling.spec import base_config
         from ..io.source import resolve
 
         _, config = base_config(resolve(spec.path).config_dict())
@@ -294,29 +262,6 @@ def _begin_run(out: Path, plan: dict, recipe: Recipe, resume: bool) -> None:
         ckpt.truncate_metrics(out / "metrics.jsonl", 0)
 
 
-def heldout_eval(model, heldout: torch.Tensor, device, batch_size: int = 4) -> tuple[float | None, float | None]:
-    """Held-out perplexity and mean per-layer FFN sparsity (the counters of relufy eval).
-    Leaves every FFN without an observer: callers reinstall theirs."""
-    if len(heldout) == 0:
-        return None, None
-    from ..data import Window
-    from ..measure.evaluate import score
-    from ..measure.sites import ActivationCounter, observing
-    from ..measure.stats import Stats
-
-    if heldout.dim() == 3:  # chat: (ids, labels) pairs
-        wins = [Window(pair[0], pair[1]) for pair in heldout]
-    else:
-        wins = [Window(seq, torch.cat([torch.tensor([-100]), seq[1:]])) for seq in heldout]
-    was_training = model.training
-    model.eval()
-    with observing(model, ActivationCounter) as counter:
-        nll, count = score(model, wins, batch_size, device)
-    model.train(was_training)
-    per_layer = Stats(counter.result(), 0, {}).layer_sparsity()
-    return math.exp(nll / count), sum(per_layer) / len(per_layer)
-
-
 def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> Path:
     from datetime import timedelta
 
@@ -355,7 +300,7 @@ def _train(recipe: Recipe, resume: bool, show_progress: bool, accelerator, out: 
 
     from ..measure.sites import ffn_sites
     from ..modeling.save import save_relufy
-    from . import data as train_data
+    from . import mixture as train_mixture
 
     metrics_path = out / "metrics.jsonl"
     start_ckpt = Path(plan["checkpoint"]) if plan["checkpoint"] else None
@@ -366,7 +311,7 @@ def _train(recipe: Recipe, resume: bool, show_progress: bool, accelerator, out: 
             raise RelufyError(f"sparsity.router_aux_coef: {type(model).__name__} computes no router auxiliary loss")
         model.config.output_router_logits = True
         model.config.router_aux_loss_coef = model.router_aux_loss_coef = recipe.sparsity.router_aux_coef
-    mixture, heldout = train_data.build(recipe.data, tokenizer, recipe.seed)
+    mixture, heldout = train_mixture.build(recipe.data, tokenizer, recipe.seed)
 
     budget = recipe.budget
     tokens_per_step = budget.micro_batch_size * budget.grad_accum * recipe.data.seq_len * accelerator.num_processes

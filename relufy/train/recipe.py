@@ -50,7 +50,7 @@ class ModelSpec(_Spec):
 
 
 class SourceSpec(_Spec):
-    data: str = Field(description="Text file, .jsonl, .parquet or hub NAME:CONFIG:SPLIT (see relufy.data).")
+    data: str = Field(description="Text file, .jsonl, .parquet or hub NAME:CONFIG:SPLIT (see relufy.text).")
     weight: float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
     streaming: bool = Field(
         False,

@@ -88,7 +88,7 @@ def _fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, 
     The training loop's sparsity meter counts zeros and carries the L1 terms; the FFNs' own
     observers are put back afterwards."""
     from ..measure.sites import ffn_sites
-    from .loop import SparsityMeter
+    from ..measure.meter import SparsityMeter
 
     sites = ffn_sites(student)
     meter = SparsityMeter(sites, l1=spec.l1 > 0)

@@ -107,18 +107,19 @@ def _site_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> list[float]:
 
 
 def export(path: str, out: str | Path, options: ExportOptions, force: bool = False, show_progress: bool = True) -> ExportResult:
-    from ..data import load_texts, tokenize, windows
-    from ..generate import load_tokenizer
+    from ..text import load_texts, tokenize, windows
+    from ..modeling.tokenizer import load_tokenizer
     from ..io.atomic import atomic_dir
     from ..io.paths import check_output_dir
     from ..io.source import local_inputs, resolve
     from ..measure.evaluate import EvalOptions, _device_dtype, score
-    from ..measure.sites import ActivationCounter, ffn_sites, observing
+    from ..measure.sites import ActivationCounter, ffn_sites, observing, tapped
     from ..measure.stats import Stats
     from ..modeling.load import load, skeleton
-    from .calibration import Collector, PredictedOnly, tapped
+    from .calibration import Collector, PredictedOnly
     from .layouts import write_layout
-    from .predictors import Predictor, auto_rank, measure, train_predictor
+    from ..modeling.predictor import Predictor, auto_rank
+    from .predictors import predictor_metrics, train_predictor
     from .reorder import reorder_
 
     start = time.perf_counter()
@@ -233,7 +234,7 @@ def export(path: str, out: str | Path, options: ExportOptions, force: bool = Fal
                 row = {"layer": site.layer, "kind": site.kind, "expert": e if site.kind == "experts" else None,
                        "rank": predictor.fc1.weight.shape[0]}  # fmt: skip
                 if (site, e) in held:
-                    row.update(measure(predictor, *held[(site, e)], options.predictor_threshold).as_dict())
+                    row.update(predictor_metrics(predictor, *held[(site, e)], options.predictor_threshold).as_dict())
                 result.predictors.append(row)
 
     # 5. layout

@@ -1,4 +1,5 @@
-"""The ``relufy bench`` command: parse options, run the cases, print / write the results."""
+"""``relufy bench``: FFN decode latency (``relufy.sparse.timing``) at fixed and measured sparsity,
+and end-to-end generation tokens/s of a model per sparse mode."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import platform
 from pathlib import Path
 
-from ..errors import RelufyError
+from .errors import RelufyError
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -22,8 +23,8 @@ def _floats(text: str, what: str) -> list[float]:
 def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, generation, new_tokens, json_out, plot) -> dict:
     import torch
 
-    from ..progress import console
-    from .bench import DTYPES, SHAPES, bench_ffn, bench_generation, write_plot
+    from .progress import console
+    from .sparse.timing import DTYPES, SHAPES, bench_ffn, write_plot
 
     levels = _floats(sparsities, "sparsities")
     if any(not 0 <= s < 1 for s in levels):  # nan fails this too
@@ -39,8 +40,8 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
     for d in dtype_names:
         if d not in DTYPES:
             raise RelufyError(f"--dtypes: unknown dtype {d!r} (fp32, bf16)")
-    from ..io.paths import check_output_file
-    from ..io.source import local_inputs, resolve
+    from .io.paths import check_output_file
+    from .io.source import local_inputs, resolve
 
     inputs = local_inputs(model, stats)
     json_out = json_out and check_output_file(json_out, inputs, "--json")
@@ -48,7 +49,7 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
     measured = None
     config = None
     if model is not None:
-        from ..conversion import base_config
+        from .modeling.spec import base_config
 
         config = resolve(model).config_dict()
         block = config.get("relufy") or {}
@@ -56,12 +57,12 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
             raise RelufyError(f"{model}: not a ReLU-family relufy model (sparse decoding needs exact zeros)")
         base_config(config)
     if stats is not None:
-        from ..measure.stats import Stats
+        from .measure.stats import Stats
 
         loaded = Stats.load(Path(stats))
         if config is not None:
-            from ..measure.sites import ffn_sites
-            from ..modeling.load import skeleton
+            from .measure.sites import ffn_sites
+            from .modeling.load import skeleton
 
             loaded.match(ffn_sites(skeleton(config)), stats)
         measured = loaded.overall_sparsity()
@@ -84,13 +85,13 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
     for shape, (h, i) in named.items():
         _check_fits(shape, h, i)
 
-    from .kernels import backend
+    from .sparse.kernels import backend
 
     cases = []
     plan = [(name, h, i, d, t, s, False) for name, (h, i) in named.items() for d in dtype_names for t in thread_counts for s in levels]
     if measured is not None:
         plan += [(name, h, i, d, t, measured, True) for name, (h, i) in named.items() for d in dtype_names for t in thread_counts]
-    from ..progress import token_progress
+    from .progress import token_progress
 
     with token_progress() as progress:
         task = progress.add_task(f"FFN cases ({backend()} kernels)", total=len(plan))
@@ -127,7 +128,7 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
         "generation": gen,
     }
     if json_out:
-        from ..io.atomic import atomic_file
+        from .io.atomic import atomic_file
 
         with atomic_file(json_out) as tmp:
             tmp.write_text(json.dumps(result, indent=2) + "\n")
@@ -148,3 +149,26 @@ def _check_fits(shape: str, hidden: int, width: int) -> None:
         return
     if need > memory // 2:
         raise RelufyError(f"--shapes {shape}: the benchmark needs about {need / 2**30:,.1f} GiB, this machine has {memory / 2**30:,.1f} GiB")
+
+
+def bench_generation(path: str, modes: list[str], new_tokens: int = 32, prompt: str = "Write a short story about a lighthouse.") -> list[dict]:
+    """End-to-end greedy generation tokens/s of one model per sparse mode (same prompt, same length)."""
+    import torch
+
+    from .generate import generate
+    from .modeling.load import load
+
+    model = load(path, dtype=torch.float32).eval()
+    rows = []
+    texts = {}
+    for mode in modes:
+        generate(path, prompt, max_new_tokens=4, model=model, sparse=mode)  # warm up
+        first = generate(path, prompt, max_new_tokens=1, min_new_tokens=1, model=model, sparse=mode)  # prefill + 1 token
+        result = generate(path, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, model=model, sparse=mode)
+        texts[mode] = result.text
+        decode = result.seconds - first.seconds
+        rows.append({"mode": mode, "new_tokens": result.new_tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                     "decode_tokens_per_second": (result.new_tokens - 1) / decode if decode > 0 else float("nan")})  # fmt: skip
+    for row in rows:
+        row["same_text_as_off"] = texts[row["mode"]] == texts.get("off")
+    return rows

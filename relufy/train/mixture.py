@@ -1,7 +1,7 @@
 """Training data: sources tokenized and packed into fixed-length sequences, drawn as a seeded,
 weighted mixture whose position is part of the training state (exact resume).
 
-Each source's records (``relufy.data.load_texts``) are tokenized without special tokens, joined
+Each source's records (``relufy.text.load_texts``) are tokenized without special tokens, joined
 with the EOS token between records, and cut into ``seq_len`` sequences; the last
 ``heldout_fraction`` of each source's sequences is held out for evaluation. Draw ``i`` picks a
 source with probability proportional to its weight (from a generator seeded with ``(seed, i)``);
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import load_texts, record_text
+from ..text import load_texts, record_text
 from ..errors import RelufyError
 
 

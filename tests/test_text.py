@@ -9,7 +9,7 @@ from safety import Snapshot, assert_refused
 from tiny import save_tiny_with_tokenizer
 
 import relufy
-from relufy.data import load_texts
+from relufy.text import load_texts
 
 
 @pytest.fixture(scope="module")

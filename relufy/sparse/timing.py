@@ -1,5 +1,5 @@
-"""``relufy bench``: FFN decode latency dense vs exact-sparse vs predictor-sparse, and end-to-end
-generation tokens/s.
+"""FFN decode latency, dense vs exact-sparse vs predictor-sparse, on synthetic FFNs of any shape
+and sparsity (the cases of ``relufy bench``).
 
 FFN cases are synthetic, so any sparsity can be set exactly: random weights of the shape, one
 random token ``x``, and the rows' signs flipped so that for ``x`` the gate is positive on a
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io.atomic import save_png
-from ..export.predictors import Predictor, auto_rank
+from ..modeling.predictor import Predictor, auto_rank
 from . import kernels
 from .ffn import SparseFFN
 
@@ -141,30 +141,6 @@ def bench_ffn(shape: str, hidden: int, width: int, dtype: str, threads: int, spa
     ms = {k: statistics.median(v) for k, v in times.items()}
     return FFNCase(shape, hidden, width, dtype, threads, sparsity, measured, min(ms["dense_torch"], ms["dense_kernel"]),
                    ms["dense_torch"], ms["dense_kernel"], ms["exact"], ms["predictor"], rank, gate_frac)  # fmt: skip
-
-
-def bench_generation(path: str, modes: list[str], new_tokens: int = 32, prompt: str = "Write a short story about a lighthouse.",
-                     threads: int | None = None) -> list[dict]:  # fmt: skip
-    """End-to-end greedy generation tokens/s of one model per sparse mode (same prompt, same length)."""
-    from ..generate import generate
-    from ..modeling.load import load
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = load(path, dtype=torch.float32).eval()
-    rows = []
-    texts = {}
-    for mode in modes:
-        generate(path, prompt, max_new_tokens=4, model=model, sparse=mode)  # warm up
-        first = generate(path, prompt, max_new_tokens=1, min_new_tokens=1, model=model, sparse=mode)  # prefill + 1 token
-        result = generate(path, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, model=model, sparse=mode)
-        texts[mode] = result.text
-        decode = result.seconds - first.seconds
-        rows.append({"mode": mode, "new_tokens": result.new_tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                     "decode_tokens_per_second": (result.new_tokens - 1) / decode if decode > 0 else float("nan")})  # fmt: skip
-    for row in rows:
-        row["same_text_as_off"] = texts[row["mode"]] == texts.get("off")
-    return rows
 
 
 def write_plot(cases: list[FFNCase], path) -> None:
