@@ -4,42 +4,62 @@ and end-to-end generation tokens/s of a model per sparse mode."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import field_validator
+
 from .errors import RelufyError
+from .names import PREDICTORS_FILE, ZERO_ACTIVATIONS
+from .options import Options, option_field
 
 
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise RelufyError(f"--{what} must be comma-separated numbers, got {text!r}") from None
-    return values
+class BenchOptions(Options):
+    """What ``relufy bench`` measures and where it writes the results."""
+
+    stats: str | None = option_field(None, description="Statistics (relufy eval --stats-out, or an export's sparsity.safetensors) of MODEL: adds its measured sparsity.")
+    sparsities: tuple[float, ...] = option_field((0.5, 0.8, 0.9, 0.95), description="Fixed sparsity levels in [0, 1).")
+    shapes: tuple[str, ...] = option_field(("model", "7b"), description="FFN shapes: model (MODEL's), 7b (4096x14336) or HxI.")
+    dtypes: tuple[Literal["fp32", "bf16"], ...] = option_field(("fp32", "bf16"), description="Weight dtypes.")
+    threads: tuple[int, ...] = option_field((1, 2), description="Thread counts (at most this machine's CPUs).")
+    repeats: int = option_field(10, ge=1, description="Timed repeats per variant (the median is reported).")
+    generation: bool = option_field(True, description="Also time end-to-end generation of MODEL (off / exact / predictor).")
+    new_tokens: int = option_field(32, ge=1, description="Tokens generated per mode.")
+    json_out: str | None = option_field(None, flag="--json", description="Write the results as JSON here.")
+    plot: str | None = option_field(None, description="Write the speedup-vs-sparsity PNG here (this exact path).")
+
+    @field_validator("sparsities")
+    @classmethod
+    def _levels(cls, v):
+        if not v or any(not 0 <= s < 1 for s in v):
+            raise ValueError(f"sparsity levels must lie in [0, 1), got {list(v)}")
+        return v
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, v):
+        cores = os.cpu_count() or 1
+        if not v or min(v) < 1:
+            raise ValueError(f"thread counts must be positive, got {list(v)}")
+        if max(v) > cores:
+            raise ValueError(f"{max(v)} threads: this machine has {cores} CPUs (more threads only measure contention)")
+        return v
 
 
-def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, generation, new_tokens, json_out, plot) -> dict:
+def run_bench(model: str | None, options: BenchOptions) -> dict:
+    """``relufy bench``: the FFN cases for every shape, dtype, thread count and sparsity (and
+    MODEL's measured sparsity), then MODEL's generation speed; table, JSON and PNG."""
     import torch
 
     from .progress import console
-    from .sparse.timing import DTYPES, SHAPES, bench_ffn, write_plot
+    from .sparse.timing import SHAPES, bench_ffn, write_plot
 
-    levels = _floats(sparsities, "sparsities")
-    if any(not 0 <= s < 1 for s in levels):  # nan fails this too
-        raise RelufyError(f"--sparsities must lie in [0, 1), got {sparsities!r}")
-    raw_threads = _floats(threads, "threads")
-    if not raw_threads or any(not math.isfinite(t) or t < 1 or t != int(t) for t in raw_threads):
-        raise RelufyError(f"--threads must be positive whole numbers, got {threads!r}")
-    thread_counts = [int(t) for t in raw_threads]
-    cores = os.cpu_count() or 1
-    if max(thread_counts) > cores:
-        raise RelufyError(f"--threads {max(thread_counts)}: this machine has {cores} CPUs (more threads only measure contention)")
-    dtype_names = [d.strip() for d in dtypes.split(",") if d.strip()]
-    for d in dtype_names:
-        if d not in DTYPES:
-            raise RelufyError(f"--dtypes: unknown dtype {d!r} (fp32, bf16)")
+    o = options
+    stats, levels, dtype_names, thread_counts, repeats = o.stats, o.sparsities, o.dtypes, o.threads, o.repeats
+    generation, new_tokens, json_out, plot = o.generation, o.new_tokens, o.json_out, o.plot
     from .io.paths import check_output_file
     from .io.source import local_inputs, resolve
 
@@ -53,7 +73,7 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
 
         config = resolve(model).config_dict()
         block = config.get("relufy") or {}
-        if block.get("activation") not in ("drelu", "reglu", "relu2", "fatrelu"):
+        if block.get("activation") not in ZERO_ACTIVATIONS:
             raise RelufyError(f"{model}: not a ReLU-family relufy model (sparse decoding needs exact zeros)")
         base_config(config)
     if stats is not None:
@@ -67,7 +87,7 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
             loaded.match(ffn_sites(skeleton(config)), stats)
         measured = loaded.overall_sparsity()
     named = {}
-    for shape in (s.strip() for s in shapes.split(",") if s.strip()):
+    for shape in options.shapes:
         if shape == "model":
             if config is None:
                 continue
@@ -100,7 +120,7 @@ def run_bench(model, stats, sparsities, shapes, dtypes, threads, repeats, genera
             progress.advance(task, 1)
     gen = []
     if model is not None and generation:
-        modes = ["off", "exact"] + (["predictor"] if (Path(model) / "predictors.safetensors").is_file() else [])
+        modes = ["off", "exact"] + (["predictor"] if (Path(model) / PREDICTORS_FILE).is_file() else [])
         gen = bench_generation(model, modes, new_tokens)
 
     from rich.table import Table
@@ -163,12 +183,10 @@ def bench_generation(path: str, modes: list[str], new_tokens: int = 32, prompt: 
     texts = {}
     for mode in modes:
         generate(path, prompt, max_new_tokens=4, model=model, sparse=mode)  # warm up
-        first = generate(path, prompt, max_new_tokens=1, min_new_tokens=1, model=model, sparse=mode)  # prefill + 1 token
         result = generate(path, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, model=model, sparse=mode)
         texts[mode] = result.text
-        decode = result.seconds - first.seconds
         rows.append({"mode": mode, "new_tokens": result.new_tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                     "decode_tokens_per_second": (result.new_tokens - 1) / decode if decode > 0 else float("nan")})  # fmt: skip
+                     "decode_tokens_per_second": result.decode_tokens_per_second})  # fmt: skip
     for row in rows:
         row["same_text_as_off"] = texts[row["mode"]] == texts.get("off")
     return rows

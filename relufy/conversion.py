@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from .errors import RelufyError
 from .families import Family, family_for, ffn_tensor
@@ -23,7 +24,8 @@ from .io.source import Source, resolve
 from .modeling.card import model_card
 from .modeling.remote import base_config_dict, relufy_config_dict, render_modeling
 from .modeling.spec import ActivationSpec, ConfigView, activation_spec, check_sizes
-from .names import DTYPES, INDEX_FILE, MODELING_FILE, dtype_choice, is_identity
+from .names import ACTIVATIONS, DTYPES, INDEX_FILE, MODELING_FILE, is_identity
+from .options import Options, option_field
 from .progress import byte_progress
 
 _FLOAT_ST = {"F64", "F32", "F16", "BF16"}
@@ -85,6 +87,20 @@ def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
+class ConvertOptions(Options):
+    """How ``relufy convert`` writes OUT."""
+
+    activation: Literal[ACTIVATIONS] = option_field(
+        "drelu",
+        description="Gated activation to convert to: drelu relu(gate)*relu(up); reglu relu(gate)*up; relu2 "
+        "relu(gate)^2*up; fatrelu gate below --threshold -> 0, times up; swiglu keeps the original (a baseline).",
+    )
+    threshold: float | None = option_field(None, description="FATReLU threshold T >= 0 (fatrelu only).")
+    dtype: Literal[("keep", *DTYPES)] = option_field("keep", description="Weight dtype of OUT (keep: the source's own).")
+    force: bool = option_field(False, description="Replace an existing OUT (never an input: SRC, or a folder around it).")
+    link: bool = option_field(False, description="Hard-link unchanged shards instead of copying them.")
+
+
 def convert(
     src: str | Path,
     out: str | Path,
@@ -94,15 +110,11 @@ def convert(
     force: bool = False,
     link: bool = False,
 ) -> Path:
-    """Convert the model at ``src`` (folder, .gguf, hub id) and write it to ``out``.
-
-    ``out`` may not be ``src``, lie inside it or contain it (paths compared resolved), so
-    ``force`` can never delete the source."""
-    spec = activation_spec(activation, threshold)
-    try:
-        dtype_choice(dtype)
-    except ValueError as e:
-        raise RelufyError(str(e)) from None
+    """Convert the model at ``src`` (folder, .gguf, hub id) and write it to ``out`` (``ConvertOptions``
+    says what each argument does). ``out`` may not be ``src``, lie inside it or contain it (paths
+    compared resolved), so ``force`` can never delete the source."""
+    options = ConvertOptions.build(activation=activation, threshold=threshold, dtype=dtype, force=force, link=link)
+    spec = activation_spec(options.activation, options.threshold)
     check_output_dir(out, force)  # before a hub download
     source = resolve(src)
     inputs = source.inputs()

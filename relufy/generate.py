@@ -6,7 +6,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Literal
+
 from .errors import RelufyError
+from .names import SPARSE_MODES
+from .options import Options, option_field
+
+
+class GenerateOptions(Options):
+    """How ``relufy generate`` decodes."""
+
+    prompt: str = option_field("What is the capital of France?", description="The user message.")
+    max_new_tokens: int = option_field(32, ge=1, description="Tokens to generate (greedy).")
+    chat: bool = option_field(True, description="Wrap the prompt in the tokenizer's chat template (when it has one).")
+    sparse: Literal[SPARSE_MODES] = option_field(
+        "off", description="off: dense; exact: sparse CPU FFNs, same output; predictor: predicted neurons only (hf exports)."
+    )
 
 
 @dataclass(frozen=True)
@@ -14,6 +29,14 @@ class Generation:
     text: str
     new_tokens: int
     seconds: float
+    token_times: tuple[float, ...] = ()  # seconds from the start at which each new token came out
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first per second of decoding (the prompt's prefill excluded)."""
+        if len(self.token_times) < 2 or self.token_times[-1] <= self.token_times[0]:
+            return float("nan")
+        return (len(self.token_times) - 1) / (self.token_times[-1] - self.token_times[0])
 
     @property
     def tokens_per_second(self) -> float:
@@ -71,10 +94,28 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[-1] == 0:
         raise RelufyError("the prompt is empty: give --prompt TEXT (or keep the chat template, which adds its own tokens)")
-    start = time.perf_counter()
+    clock = _TokenClock()
     with torch.no_grad(), sparse_context(model, path, sparse):
         out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)  # fmt: skip
-    seconds = time.perf_counter() - start
+                             pad_token_id=tokenizer.eos_token_id, streamer=clock)  # fmt: skip
+    seconds = time.perf_counter() - clock.start
     new = out[0, ids.shape[1] :]
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds)
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds, tuple(clock.times))
+
+
+class _TokenClock:
+    """A transformers streamer that notes when each new token comes out (the first ``put`` is the
+    prompt), so decoding speed is read within one generation, prefill excluded."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self.times.append(time.perf_counter() - self.start)
+        self._prompt_seen = True
+
+    def end(self):
+        pass

@@ -6,6 +6,14 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from .options import Options, option_field
+
+
+class InfoOptions(Options):
+    """How ``relufy info`` prints."""
+
+    json_out: bool = option_field(False, flag="--json", description="Print JSON instead of a table.")
+
 
 class ModelInfo(BaseModel):
     path: str
@@ -71,3 +79,38 @@ def info(path: str | Path) -> ModelInfo:
         relufy=block,
         **moe,
     )
+
+
+def show(path: str, options: InfoOptions) -> ModelInfo:
+    """``relufy info``: the model's facts as a table (or JSON) on stdout."""
+    import json
+
+    result = info(path)
+    if options.json_out:
+        print(json.dumps(result.model_dump(), indent=2))
+        return result
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False, title=str(path))
+    rows = [
+        ("family", result.family),
+        ("activation", result.activation + (f" (T={result.threshold})" if result.threshold is not None else "")),
+        ("layers", result.layers),
+        ("hidden / FFN", f"{result.hidden_size} / {result.ffn_size}"),
+    ]
+    if result.routed_experts:
+        rows += [
+            ("experts", f"{result.routed_experts} routed, {result.shared_experts} shared, top-{result.experts_per_token}"),
+            ("expert FFN", result.expert_ffn_size),
+        ]
+    rows += [
+        ("parameters", f"{result.params_total:,}"),
+        ("FFN parameters", f"{result.params_ffn:,} ({result.params_ffn / result.params_total:.1%})"),
+    ]
+    if result.relufy:
+        rows += [(f"relufy.{k}", v) for k, v in result.relufy.items() if k not in ("activation", "threshold")]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    Console().print(table)
+    return result

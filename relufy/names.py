@@ -16,6 +16,9 @@ ZERO_ACTIVATIONS = ("drelu", "reglu", "relu2", "fatrelu")
 
 IDENTITY = "swiglu"
 
+SPARSE_MODES = ("off", "exact", "predictor")
+"""How a model decodes on CPU: dense, sparse FFNs with the same output, or predicted neurons only."""
+
 DTYPES = {"fp32": ("F32", "float32"), "bf16": ("BF16", "bfloat16"), "fp16": ("F16", "float16")}
 """User-facing dtype name -> (safetensors dtype, torch / config.json name)."""
 

@@ -60,7 +60,7 @@ def test_jsonl_equals_text_join(models, tmp_path, cli):
         (("--data", "{text}", "--seq-len", "100000"), "exceeds the model's context of 64"),
         (("--data", "{text}", "--topk", "0.5,1.0"), "[0, 1)"),
         (("--data", "{text}", "--topk", "-0.1"), "[0, 1)"),
-        (("--data", "{text}", "--topk", "a,b"), "comma-separated"),
+        (("--data", "{text}", "--topk", "a,b"), "--topk: Input should be a valid number"),
     ],
 )
 def test_bad_input(models, tmp_path, cli, args, needle):

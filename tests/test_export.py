@@ -159,7 +159,7 @@ def _remote_logits(tmp_path, paths, ids):
 def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
     out = tmp_path / "out"
     code, err, stdout = cli("export", converted[family], out, "--data", converted["data"], "--reorder", "--predictors", *FAST,
-                            "--report", tmp_path / "report.json")  # fmt: skip
+                            "--json", tmp_path / "report.json")  # fmt: skip
     assert code == 0, err
     assert "with predicted neurons" in stdout
     # the exported checkpoint loads without relufy and computes what the source computes

@@ -4,24 +4,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
-LAYOUTS = ("hf", "powerinfer")
-# activations that give exact zeros, which sparse engines and predictors need
-ZERO_ACTIVATIONS = ("drelu", "reglu", "relu2", "fatrelu")
+from ..names import DTYPES
+from ..options import Options
+from ..options import option_field as Field
 
 
-class ExportOptions(BaseModel):
+class ExportOptions(Options):
     """How ``relufy export`` profiles, reorders, trains predictors and lays out a checkpoint."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     layout: Literal["hf", "powerinfer"] = Field(
         "hf",
         description="hf: safetensors + relufy remote code + sparsity.safetensors (+ predictors in the shards); "
         "powerinfer: the folders PowerInfer's convert.py takes (dense Llama/Mistral dReLU; per expert for MoE).",
     )
-    dtype: Literal["keep", "bf16", "fp16", "fp32"] = Field("keep", description="Weight dtype of OUT (keep: the model's own).")
+    dtype: Literal[("keep", *DTYPES)] = Field("keep", description="Weight dtype of OUT (keep: the model's own).")
     stats: str | None = Field(None, description="Statistics from `relufy eval --stats-out` (the model's own neuron order).")
     data: str | None = Field(None, description="Calibration text (same specs as `relufy eval --data`): profiles the model "
                              "when --stats is not given, and trains and scores predictors.")  # fmt: skip
@@ -47,3 +43,5 @@ class ExportOptions(BaseModel):
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
     seed: int = Field(0, description="Seed of predictor initialisation and sampling.")
     max_shard_size: str = Field("5GB", description="Largest safetensors shard written.")
+    force: bool = Field(False, description="Replace an existing OUT (never an input: the model, or a folder around it).")
+    json_out: str | None = Field(None, flag="--json", description="Write the export summary (JSON) here.")

@@ -26,7 +26,8 @@ import torch
 
 from ..errors import RelufyError
 from ..families import FAMILIES, family_for
-from .options import ZERO_ACTIVATIONS, ExportOptions
+from ..names import ZERO_ACTIVATIONS
+from .options import ExportOptions
 
 POWERINFER_ROPE = ("default", "linear", "yarn")
 
@@ -106,11 +107,13 @@ def _site_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> list[float]:
     return [1 - int(counts[e].sum()) / (int(tokens[e]) * width) if tokens[e] else float("nan") for e in range(counts.shape[0])]
 
 
-def export(path: str, out: str | Path, options: ExportOptions, force: bool = False, show_progress: bool = True) -> ExportResult:
+def export(path: str, out: str | Path, options: ExportOptions, show_progress: bool = True) -> ExportResult:
+    """``relufy export``: MODEL at ``path`` exported to ``out`` as ``options`` say (see the module
+    docstring for the steps); the summary also goes to ``options.json_out`` when given."""
     from ..text import load_texts, tokenize, windows
     from ..modeling.tokenizer import load_tokenizer
     from ..io.atomic import atomic_dir
-    from ..io.paths import check_output_dir
+    from ..io.paths import check_output_dir, check_output_file
     from ..io.source import local_inputs, resolve
     from ..measure.evaluate import EvalOptions, _device_dtype, score
     from ..measure.sites import ActivationCounter, ffn_sites, observing, tapped
@@ -125,7 +128,9 @@ def export(path: str, out: str | Path, options: ExportOptions, force: bool = Fal
     start = time.perf_counter()
     config, family = check_export(path, options)
     inputs = resolve(path).inputs() + local_inputs(options.stats, options.data, options.eval_json)
+    force = options.force
     out = check_output_dir(out, force, inputs)
+    report = options.json_out and check_output_file(options.json_out, inputs + [out], "--json")
     device, _ = _device_dtype(EvalOptions(data=options.data or "-", device=options.device))
     stats = Stats.load(Path(options.stats)) if options.stats else None
     if stats is not None:  # shapes checked on a weightless model, before any weights load
@@ -241,4 +246,9 @@ def export(path: str, out: str | Path, options: ExportOptions, force: bool = Fal
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
         write_layout(tmp, model, tokenizer, family, options, result, result_stats, perms, predictors, config)
     result.seconds = time.perf_counter() - start
+    if report:
+        from ..io.atomic import atomic_file
+
+        with atomic_file(report) as tmp:
+            tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
     return result

@@ -16,36 +16,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel
 
 from ..text import Window, load_texts, tokenize, windows
 from ..errors import RelufyError
+from ..names import torch_dtype
+from .options import EvalOptions
 from .sites import ActivationCounter, TopKMask, observing
 from .stats import Stats
-
-
-class EvalOptions(BaseModel):
-    """How ``relufy eval`` reads data and scores models."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    data: str = Field(description="Text file, .jsonl (text field), .parquet (text column) or hub NAME:CONFIG:SPLIT.")
-    seq_len: int = Field(512, ge=2, description="Tokens per window (BOS included).")
-    stride: int | None = Field(None, ge=1, description="New tokens scored per window; default seq_len - 1.")
-    max_tokens: int | None = Field(None, ge=2, description="Use only the first N tokens of the data.")
-    bos: bool = Field(False, description="Start every window with the tokenizer's BOS token.")
-    topk: tuple[float, ...] = Field((), description="Top-k sparsity levels s in [0, 1) to score.")
-    batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
-    device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16.")
-
-    @field_validator("topk")
-    @classmethod
-    def _levels(cls, v):
-        for s in v:
-            if not 0 <= s < 1:
-                raise ValueError(f"--topk values must be in [0, 1), got {s}")
-        return tuple(sorted(set(v)))
 
 
 class ModelEval(BaseModel):
@@ -83,12 +61,9 @@ def parse_device(name: str) -> torch.device:
 
 def _device_dtype(options: EvalOptions) -> tuple[torch.device, torch.dtype]:
     device = parse_device(options.device)
-    names = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if options.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    if options.dtype not in names:
-        raise RelufyError(f"unknown dtype {options.dtype!r}; choose from auto, fp32, bf16, fp16")
-    return device, names[options.dtype]
+    return device, torch_dtype(options.dtype)
 
 
 def check_model(path: str, options: EvalOptions) -> None:

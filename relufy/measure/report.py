@@ -14,7 +14,7 @@ SCHEMA_VERSION = 1
 def to_json(results: list[ModelEval], options: EvalOptions) -> dict:
     return {
         "relufy_eval": SCHEMA_VERSION,
-        "options": options.model_dump(),
+        "options": options.scoring(),
         "models": [r.model_dump() for r in results],
     }
 
@@ -99,3 +99,32 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
         save_png(fig, written[-1])
         plt.close(fig)
     return written
+
+
+def run_eval(models: list[str], options: EvalOptions) -> list[ModelEval]:
+    """``relufy eval``: outputs checked before any model loads, then every model scored, the table
+    printed and the JSON, plots and statistics written (each atomically)."""
+    from ..io.paths import check_output_file, check_output_folder
+    from ..io.source import local_inputs
+    from ..progress import console
+    from .evaluate import evaluate
+
+    inputs = local_inputs(*models, options.data)
+    json_out = options.json_out and check_output_file(options.json_out, inputs, "--json")
+    plot = options.plot and check_output_folder(options.plot, inputs, "--plot")
+    targets = []
+    if options.stats_out is not None:
+        first = check_output_file(options.stats_out, inputs, "--stats-out")
+        targets = [first] if len(models) == 1 else [first.with_name(f"{first.stem}.{i}{first.suffix}") for i in range(len(models))]
+        targets = [check_output_file(t, inputs, "--stats-out") for t in targets]
+    results = evaluate(models, options)
+    print_table([r for r, _ in results])
+    if json_out:
+        write_json([r for r, _ in results], options, json_out)
+    if plot:
+        for path in write_plots([r for r, _ in results], plot):
+            console.print(f"wrote {path}", highlight=False)
+    for target, (_, stats) in zip(targets, results, strict=False):
+        stats.save(target)
+        console.print(f"wrote {target}", highlight=False)
+    return [r for r, _ in results]

@@ -72,13 +72,13 @@ def plan(name: str, out: Path, nproc: int, accelerate_config: str, eval_data: st
         Step(
             "export",
             ["relufy", "export", str(final), str(out / "export"), "--stats", str(out / "stats.safetensors"), "--data", eval_data,
-             "--reorder", "--predictors", "--eval-json", str(out / "eval.json"), "--report", str(out / "export.json")],
+             "--reorder", "--predictors", "--eval-json", str(out / "eval.json"), "--json", str(out / "export.json")],
             out / "export.json",
         ),  # fmt: skip
     ]
 
 
-def check(name: str, steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
+def check(steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
     """What a dry run verifies; returns one line per check passed (raises on the first failure)."""
     import yaml
 
@@ -142,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         steps = plan(args.pipeline, out, args.nproc, args.accelerate_config, args.eval_data, args.source)
         if args.dry_run:
-            for line in check(args.pipeline, steps, args.accelerate_config, args.nproc):
+            for line in check(steps, args.accelerate_config, args.nproc):
                 print(f"ok: {line}")
             for step in steps:
                 print(f"{step.name}: {shlex.join(step.argv)}")
             return 0
-        check(args.pipeline, steps, args.accelerate_config, args.nproc)
+        check(steps, args.accelerate_config, args.nproc)
         run(steps)
     except RelufyError as e:
         print(f"relufy: error: {e}", file=sys.stderr)

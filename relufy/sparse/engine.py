@@ -17,7 +17,7 @@ import torch
 from ..measure.sites import ffn_sites
 from .ffn import SparseFFN
 
-MODES = ("off", "exact", "predictor")
+from ..names import SPARSE_MODES as MODES
 
 
 def _weights(module, expert):

@@ -35,12 +35,12 @@ def _cache_dir() -> Path:
     return root / f"kernels-{digest}"
 
 
-def extension(build: bool = True):
+def extension():
     """The compiled extension, or None (no compiler, or ``RELUFY_KERNELS=torch``)."""
     global _EXT, _TRIED
     if os.environ.get("RELUFY_KERNELS") == "torch":
         return None
-    if _EXT is not None or _TRIED or not build:
+    if _EXT is not None or _TRIED:
         return _EXT
     _TRIED = True
     try:

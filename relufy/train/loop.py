@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..errors import RelufyError
 from . import checkpoint as ckpt
 from ..measure.meter import SparsityMeter, heldout_eval
-from .recipe import Recipe
+from .recipe import Recipe, dump
 
 
 class TrainingDiverged(RelufyError):
@@ -405,7 +405,7 @@ def _train(recipe: Recipe, resume: bool, show_progress: bool, accelerator, out: 
                             "the run goes on, but not as the original one would have")  # fmt: skip
             ckpt.truncate_metrics(metrics_path, start_step)  # drop what the interrupted run logged later
     if accelerator.is_main_process:
-        ckpt.write_text(out / "recipe.yaml", _dump(recipe))
+        ckpt.write_text(out / "recipe.yaml", dump(recipe))
     if recipe.log.tensorboard:
         accelerator.init_trackers(recipe.name)
 
@@ -534,12 +534,6 @@ def _train(recipe: Recipe, resume: bool, show_progress: bool, accelerator, out: 
         plot_curves(metrics_path, out / "curves.png")
     accelerator.end_training()
     return out / "final"
-
-
-def _dump(recipe: Recipe) -> str:
-    import yaml
-
-    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)
 
 
 def _progress(enabled: bool):

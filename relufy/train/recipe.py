@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import RelufyError
+from ..options import Options, option_field
 
 
 class _Spec(BaseModel):
@@ -161,6 +162,13 @@ class Recipe(_Spec):
     checkpoint: CheckpointSpec = CheckpointSpec()
 
 
+class TrainOptions(Options):
+    """How ``relufy train`` starts."""
+
+    resume: bool = option_field(False, description="Continue from the newest intact checkpoint in output_dir.")
+    dry_run: bool = option_field(False, description="Check the recipe and its paths and print it resolved; train nothing.")
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Set dotted ``key=value`` pairs (values parsed as YAML) in a nested dict."""
     raw = yaml.safe_load(yaml.safe_dump(raw)) or {}
@@ -242,3 +250,10 @@ def validate(raw: dict, origin: str = "recipe") -> Recipe:
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         raise RelufyError(f"{origin}: {where}: {msg}") from None
+
+
+def dump(recipe: Recipe) -> str:
+    """The recipe as YAML, every field resolved (what ``recipe.yaml`` in a run folder holds)."""
+    import json
+
+    return yaml.safe_dump(json.loads(recipe.model_dump_json()), sort_keys=False)

@@ -101,8 +101,8 @@ def test_export_onto_the_folder_of_its_stats(run, tmp_path, cli):
 def test_export_report_inside_the_model(run, tmp_path, cli):
     snap = Snapshot(run, tmp_path)
     code, err, _ = cli("export", run / "run" / "final", tmp_path / "out", "--data", run / "text.txt",
-                       "--report", run / "run" / "final" / "config.json")  # fmt: skip
-    assert_refused(snap, code, err, "--report", "would overwrite the input")
+                       "--json", run / "run" / "final" / "config.json")  # fmt: skip
+    assert_refused(snap, code, err, "--json", "would overwrite the input")
 
 
 @pytest.mark.parametrize(

@@ -12,12 +12,13 @@ from safety import Snapshot, assert_refused
     "args,needle",
     [
         (("--threads", "100000"), f"this machine has {os.cpu_count()} CPUs"),
-        (("--threads", "0"), "positive whole numbers"),
-        (("--threads", "1.5"), "positive whole numbers"),
-        (("--threads", "nan"), "positive whole numbers"),
+        (("--threads", "0"), "--threads: thread counts must be positive"),
+        (("--threads", "1.5"), "--threads: Input should be a valid integer"),
+        (("--threads", "nan"), "--threads: Input should be a valid integer"),
         (("--shapes", "1000000x1000000"), "the benchmark needs about"),
         (("--shapes", "0x16"), "sizes must be positive"),
-        (("--sparsities", "nan"), "--sparsities must lie in [0, 1)"),
+        (("--sparsities", "nan"), "--sparsities: Input should be a finite number"),
+        (("--sparsities", "1.5"), "--sparsities: sparsity levels must lie in [0, 1)"),
     ],
 )
 def test_refused_before_any_work(tmp_path, cli, args, needle):
