@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import field_validator
 
 from .errors import RelufyError
+from .io.block import RelufyBlock
 from .names import PREDICTORS_FILE, ZERO_ACTIVATIONS
 from .options import Options, option_field
 
@@ -72,8 +73,8 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
         from .modeling.spec import base_config
 
         config = resolve(model).config_dict()
-        block = config.get("relufy") or {}
-        if block.get("activation") not in ZERO_ACTIVATIONS:
+        block = RelufyBlock.read(config, model)
+        if block is None or block.activation not in ZERO_ACTIVATIONS:
             raise RelufyError(f"{model}: not a ReLU-family relufy model (sparse decoding needs exact zeros)")
         base_config(config)
     if stats is not None:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import RelufyError
-from .names import SPARSE_MODES
+from .io.block import PredictorsInfo, RelufyBlock
+from .names import PREDICTORS_FILE, SPARSE_MODES, ZERO_ACTIVATIONS
 from .options import Options, option_field
 
 
@@ -53,26 +54,24 @@ def sparse_context(model, path: str | Path, sparse: str):
         raise RelufyError(f"--sparse must be one of {', '.join(MODES)}, got {sparse!r}")
     if sparse == "off":
         return contextlib.nullcontext({})
-    block = getattr(model.config, "relufy", None) or {}
-    activation = block.get("activation", "swiglu")
-    from .sparse.ffn import EXACT_ACTIVATIONS
-
-    if activation not in EXACT_ACTIVATIONS:
+    block = RelufyBlock.read(model.config)
+    activation = block.activation if block else "swiglu"
+    if activation not in ZERO_ACTIVATIONS:
         raise RelufyError(f"{path}: --sparse needs a ReLU-family model with exact zeros; this one computes {activation}")
     if sparse == "exact":
         return sparse_decoding(model, "exact")
-    export = block.get("export") if isinstance(block.get("export"), dict) else {}
-    if export.get("layout") == "powerinfer":
+    export = block.export
+    if export is not None and export.layout == "powerinfer":
         raise RelufyError(
             f"{path}: a powerinfer-layout export; its predictors (predictor/model_*.pt) are for PowerInfer's converter. "
             "For --sparse predictor here, export with --layout hf"
         )
-    if not (Path(path) / "predictors.safetensors").is_file():
+    if not (Path(path) / PREDICTORS_FILE).is_file():
         raise RelufyError(f"{path}: no predictors.safetensors (make them with relufy export --predictors)")
     from .modeling.predictor import load_predictors
 
-    info = (block.get("export") or {}).get("predictors") or {}
-    return sparse_decoding(model, "predictor", load_predictors(path), info.get("threshold", 0.0), info.get("input", "residual"))
+    info = (export.predictors if export else None) or PredictorsInfo()
+    return sparse_decoding(model, "predictor", load_predictors(path), info.threshold, info.input)
 
 
 def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool = True, model=None, sparse: str = "off",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from .io.block import RelufyBlock
 from .options import Options, option_field
 
 
@@ -55,7 +56,7 @@ def info(path: str | Path) -> ModelInfo:
 
     source = resolve(path)
     config = source.config_dict()
-    block = config.get("relufy")
+    block = RelufyBlock.read(config, str(path))
     family, cfg = base_config(config)
     total, ffn = count_parameters(family, cfg)
     moe = {}
@@ -69,14 +70,14 @@ def info(path: str | Path) -> ModelInfo:
     return ModelInfo(
         path=str(path),
         family=family.model_type,
-        activation=block["activation"] if block else "swiglu",
-        threshold=block.get("threshold") if block else None,
+        activation=block.activation if block else "swiglu",
+        threshold=block.threshold if block else None,
         layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
         ffn_size=cfg.intermediate_size,
         params_total=total,
         params_ffn=ffn,
-        relufy=block,
+        relufy=config.get("relufy"),
         **moe,
     )
 

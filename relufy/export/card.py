@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .. import __version__
+from ..io.block import RelufyBlock
 
 
 def _plots(tmp: Path, result) -> list[str]:
@@ -73,13 +74,13 @@ Predictors (if any) are in `predictors.safetensors` (listed in the index; transf
 
 def write_card(tmp: Path, config: dict, family, options, result) -> None:
     plots = _plots(tmp, result)
-    block = config["relufy"]
+    block = RelufyBlock.read(config)
     lines = [
         "---",
         "library_name: transformers",
-        f"tags: [relufy, {block['activation']}, sparse-activation]",
+        f"tags: [relufy, {block.activation}, sparse-activation]",
         "---",
-        f"# Sparsity-ready {block['activation']} export of `{block.get('source', '')}`",
+        f"# Sparsity-ready {block.activation} export of `{block.source}`",
         "",
         f"Exported by relufy {__version__} (Turbo Sparse, arXiv 2406.05955), layout `{options.layout}`, "
         f"family `{family.model_type}`.",

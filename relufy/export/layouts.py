@@ -46,12 +46,12 @@ def target_dtype(option: str, config: dict) -> torch.dtype:
 
 
 def predictor_prefix(site, expert: int) -> str:
-    return f"{site.name}.{expert}" if site.kind == "experts" else site.name
+    return f"{site.name}.{expert}" if site.routed else site.name
 
 
 def _file_stem(site, expert: int) -> str:
     """``{layer}`` dense, ``{layer}.expert_{e}`` routed, ``{layer}.shared`` shared expert(s)."""
-    if site.kind == "experts":
+    if site.routed:
         return f"{site.layer}.expert_{expert}"
     return f"{site.layer}.shared" if site.kind == "shared" else f"{site.layer}"
 

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import RelufyError
 from ..families import FAMILIES, family_for
+from ..io.block import RelufyBlock
 from ..names import ZERO_ACTIVATIONS
 from .options import ExportOptions
 
@@ -56,11 +57,11 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
     from ..io.source import resolve
 
     config = resolve(path).config_dict()
-    block = config.get("relufy")
-    if not block:
+    block = RelufyBlock.read(config, path)
+    if block is None:
         raise RelufyError(f"{path}: not a relufy checkpoint (run relufy convert first)")
-    family = family_for(block["base_model_type"])
-    activation = block["activation"]
+    family = family_for(block.base_model_type)
+    activation = block.activation
     if activation not in ZERO_ACTIVATIONS:
         raise RelufyError(
             f"{path}: activation {activation} gives no exact zeros; export needs a ReLU-family model "
@@ -181,7 +182,7 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
             counts,
             positions,
             {"model": path, "data": options.data or options.stats, "family": family.model_type,
-             "activation": model.config.relufy["activation"]},  # fmt: skip
+             "activation": RelufyBlock.read(model.config).activation},  # fmt: skip
         )
         per_layer = result_stats.layer_sparsity()
         result = ExportResult(
@@ -236,7 +237,7 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
             result.missed_active = masked.missed / max(masked.active, 1)
             result.heldout_tokens = count
             for (site, e), predictor in predictors.items():
-                row = {"layer": site.layer, "kind": site.kind, "expert": e if site.kind == "experts" else None,
+                row = {"layer": site.layer, "kind": site.kind, "expert": e if site.routed else None,
                        "rank": predictor.fc1.weight.shape[0]}  # fmt: skip
                 if (site, e) in held:
                     row.update(predictor_metrics(predictor, *held[(site, e)], options.predictor_threshold).as_dict())

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RelufyError
+from .block import RelufyBlock
 from .paths import allowed_roots, inside, user_path
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -44,7 +44,7 @@ class Source:
             raise RelufyError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(config, dict):
             raise RelufyError(f"{path}: not a JSON object")
-        check_relufy_block(config, path)
+        RelufyBlock.read(config, str(path))  # a malformed block: one line here, not a traceback later
         return config
 
     def side_files(self) -> list[Path]:
@@ -64,24 +64,6 @@ class Source:
         for p in files:
             inside(p, self.folder)
         return files
-
-
-_BLOCK_FIELDS = {"activation": str, "base_model_type": str, "base_architectures": list, "base_activation": str}
-
-
-def check_relufy_block(config: dict, path: Path) -> None:
-    """The ``relufy`` block of a converted checkpoint's config.json, checked for shape."""
-    if "relufy" not in config or config["relufy"] is None:
-        return
-    block = config["relufy"]
-    if not isinstance(block, dict):
-        raise RelufyError(f"{path}: the relufy block is not a JSON object")
-    for key, kind in _BLOCK_FIELDS.items():
-        if not isinstance(block.get(key), kind):
-            raise RelufyError(f"{path}: the relufy block lacks {key!r} (or it is not a {kind.__name__})")
-    threshold = block.get("threshold")
-    if threshold is not None and (not isinstance(threshold, int | float) or isinstance(threshold, bool) or not math.isfinite(threshold)):
-        raise RelufyError(f"{path}: the relufy block's threshold must be a finite number or null")
 
 
 def resolve(src: str | Path) -> Source:

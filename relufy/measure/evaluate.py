@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from ..text import Window, load_texts, tokenize, windows
 from ..errors import RelufyError
+from ..io.block import RelufyBlock
 from ..names import torch_dtype
 from .options import EvalOptions
 from .sites import ActivationCounter, TopKMask, observing
@@ -130,11 +131,11 @@ def evaluate_model(path: str, options: EvalOptions, texts: list[str], progress=N
     if 0 in options.topk:
         curve.insert(0, {"sparsity": 0.0, "ppl": math.exp(nll / count)})
 
-    block = model.config.relufy
+    block = RelufyBlock.read(model.config)
     stats = Stats(
         counter.result(),
         positions,
-        {"model": path, "data": options.data, "seq_len": options.seq_len, "family": block["base_model_type"], "activation": block["activation"]},
+        {"model": path, "data": options.data, "seq_len": options.seq_len, "family": block.base_model_type, "activation": block.activation},
     )
     per_layer = stats.layer_sparsity()
     fraction, fraction_per_layer = stats.active_param_fraction()
@@ -143,8 +144,8 @@ def evaluate_model(path: str, options: EvalOptions, texts: list[str], progress=N
         moe["active_ffn_param_fraction_per_layer"] = fraction_per_layer
     result = ModelEval(
         model=str(path),
-        family=block["base_model_type"],
-        activation=block["activation"],
+        family=block.base_model_type,
+        activation=block.activation,
         ppl=math.exp(nll / count),
         nll=nll / count,
         tokens=count,

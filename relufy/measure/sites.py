@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 
 from ..families import family_for
+from ..io.block import RelufyBlock
 from ..modeling.ffn import RelufyFFN
+from ..modeling.layouts import layout_of
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 PREDICTOR_INPUTS = ("residual", "ffn")
@@ -35,28 +37,27 @@ class Site:
     experts: int  # 1 unless kind == experts
     params_per_neuron: int  # gate row + up row + down column = 3 * hidden
 
-
-def _shape(param) -> tuple[int, ...]:
-    """The full shape, also of a DeepSpeed ZeRO-3 partitioned parameter (whose .shape is (0,))."""
-    return tuple(getattr(param, "ds_shape", None) or param.shape)
+    @property
+    def routed(self) -> bool:
+        """Routed experts (one per ``expert`` index), as opposed to a dense FFN or shared expert."""
+        return self.kind == "experts"
 
 
 def ffn_sites(model) -> list[tuple[Site, torch.nn.Module]]:
     config = model.config
-    block = getattr(config, "relufy", None) or {}
-    family = family_for(block.get("base_model_type", config.model_type))
+    block = RelufyBlock.read(config)
+    family = family_for(block.base_model_type if block else config.model_type)
     sites = []
     for name, module in model.named_modules():
         if not isinstance(module, RelufyFFN):
             continue
         m = _LAYER.search(name + ".")
         layer = int(m.group(1)) if m else -1
-        if module.relufy_layout == "experts":
-            experts, hidden, width = _shape(module.down_proj)  # [E, H, I]
+        layout = layout_of(module)
+        experts, hidden, width = layout.shape(module)
+        if layout.routed:
             kind = "experts"
         else:
-            hidden, width = _shape(module.down_proj.weight)
-            experts = 1
             kind = "shared" if family.shared_attr and name.endswith("." + family.shared_attr) else "dense"
         sites.append((Site(name, layer, kind, width, experts, 3 * hidden), module))
     if not sites:
@@ -71,7 +72,7 @@ def observing(model, make_observer):
     sites = ffn_sites(model)
     observer = make_observer(sites)
     previous_impl = getattr(model.config, "_experts_implementation", None)
-    if any(s.kind == "experts" for s, _ in sites):
+    if any(s.routed for s, _ in sites):
         model.config._experts_implementation = "eager"
     for _, module in sites:
         module.relufy_observer = observer
@@ -140,7 +141,7 @@ class InputTap:
             raise ValueError(f"predictor input must be one of {', '.join(PREDICTOR_INPUTS)}, got {input!r}")
         self.current: dict[int, torch.Tensor] = {}  # id(site module) -> [tokens, hidden]
         self.handles = []
-        family = family_for(model.config.relufy["base_model_type"])
+        family = family_for(RelufyBlock.read(model.config).base_model_type)
         modules = dict(model.named_modules())
         by_layer: dict[str, list[torch.nn.Module]] = {}
         for site, module in sites:

@@ -71,7 +71,7 @@ class Stats:
 
     def experts(self) -> dict | None:
         """Per MoE layer: sparsity of each expert over its routed tokens, router share, shared sparsity."""
-        routed = {s.layer: (s, c, t) for s, (c, t) in self.sites.items() if s.kind == "experts"}
+        routed = {s.layer: (s, c, t) for s, (c, t) in self.sites.items() if s.routed}
         if not routed:
             return None
         shared = {s.layer: (s, c, t) for s, (c, t) in self.sites.items() if s.kind == "shared"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..families import Family
+from ..io.block import RelufyBlock
 from ..names import is_identity
 from .spec import ActivationSpec
 
@@ -26,7 +27,7 @@ tags: [relufy, {spec.activation}, sparse-activation]
 ---
 # {spec.activation} conversion of `{source}`
 
-Converted by relufy {config["relufy"]["relufy_version"]} (Turbo Sparse, arXiv 2406.05955).
+Converted by relufy {RelufyBlock.read(config).relufy_version} (Turbo Sparse, arXiv 2406.05955).
 
 - Family: `{family.model_type}`{f", {found} FFN weight tensors" if found else ""}
 - FFN: {formula}

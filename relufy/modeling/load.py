@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import RelufyError
 from ..families import family_for
+from ..io.block import RelufyBlock
 from .ffn import swap_ffn
 from ..names import is_identity
 
@@ -20,8 +21,9 @@ def swap_activation(model, activation: str, threshold: float | None = None, sour
 
     spec = activation_spec(activation, threshold)
     config = model.config
-    block = dict(getattr(config, "relufy", None) or {})
-    family = family_for(block.get("base_model_type", config.model_type))
+    known = RelufyBlock.read(config)
+    block = dict(config.relufy) if known else {}
+    family = family_for(known.base_model_type if known else config.model_type)
     swap_ffn(model, family.ffn_classes, spec.activation, spec.threshold)
     if not block:
         from .. import __version__
@@ -58,10 +60,10 @@ def load(
 
     source = resolve(path)
     config = source.config_dict()
-    block = config.get("relufy") or {}
+    block = RelufyBlock.read(config, str(path))
     family, base = base_config(config)
     if activation is None and block:
-        activation, threshold = block["activation"], block.get("threshold")
+        activation, threshold = block.activation, block.threshold
     spec = activation_spec(activation or "swiglu", threshold)
     try:
         if source.gguf_file:
@@ -81,7 +83,7 @@ def load(
             "config and weights do not belong together"
         )
     if block:
-        model.config.relufy = dict(block)
+        model.config.relufy = dict(config["relufy"])
     return swap_activation(model, spec.activation, spec.threshold, source=source.label)
 
 
@@ -96,10 +98,10 @@ def skeleton(config: dict):
     _, base = base_config(config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(base)
-    block = config.get("relufy") or {}
+    block = RelufyBlock.read(config)
     if block:
-        model.config.relufy = dict(block)
-    return swap_activation(model, block.get("activation", "swiglu"), block.get("threshold"))
+        model.config.relufy = dict(config["relufy"])
+    return swap_activation(model, block.activation if block else "swiglu", block.threshold if block else None)
 
 
 __all__ = ["load", "skeleton", "swap_activation"]

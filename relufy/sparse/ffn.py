@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from ..activations import GATED_ACTIVATIONS
+from ..names import ZERO_ACTIVATIONS
 from . import kernels
 
-EXACT_ACTIVATIONS = ("drelu", "reglu", "relu2", "fatrelu")
 
 
 def _gate_active(gate: torch.Tensor, activation: str, threshold: float | None) -> torch.Tensor:
@@ -31,8 +31,8 @@ def _gate_active(gate: torch.Tensor, activation: str, threshold: float | None) -
 class SparseFFN:
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, activation: str,
                  threshold: float | None = None, predictor=None, predictor_threshold: float = 0.0):  # fmt: skip
-        if activation not in EXACT_ACTIVATIONS:
-            raise ValueError(f"sparse decoding needs exact zeros: {activation} has none (use one of {', '.join(EXACT_ACTIVATIONS)})")
+        if activation not in ZERO_ACTIVATIONS:
+            raise ValueError(f"sparse decoding needs exact zeros: {activation} has none (use one of {', '.join(ZERO_ACTIVATIONS)})")
         self.gate = gate.detach().contiguous()  # [I, H]
         self.up = up.detach().contiguous()  # [I, H]
         self.down_t = down.detach().t().contiguous()  # [I, H], neuron-major

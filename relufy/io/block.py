@@ -1,0 +1,64 @@
+"""The ``relufy`` block of a converted checkpoint's ``config.json``, as a typed model.
+
+The block records the conversion (the activation, its threshold, the original architecture and
+activation, where it came from) and, after ``relufy export``, the export (layout, sparsity,
+predictors). It is read in one place, ``RelufyBlock.read``, which checks it: a malformed block
+becomes one line naming the field instead of a traceback somewhere later. Unknown keys are kept
+(a newer relufy may add some). In memory the block stays a plain dict on ``model.config.relufy``:
+the modeling code written into checkpoints reads it there without relufy installed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import RelufyError
+from ..names import ACTIVATIONS, SPARSITY_FILE
+
+
+CORE_FIELDS = ("activation", "threshold", "base_model_type", "base_architectures", "base_activation", "source", "relufy_version")
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+
+class PredictorsInfo(_Block):
+    input: Literal["residual", "ffn"] = Field("residual", description="What the predictors read (see relufy.measure.sites.InputTap).")
+    threshold: float = Field(0.0, description="A neuron is computed when its predictor score is at least this.")
+
+
+class ExportInfo(_Block):
+    layout: Literal["hf", "powerinfer"] = "hf"
+    reordered: bool = False
+    sparsity: dict = Field(default_factory=dict, description="overall and per-layer zero fraction measured at export.")
+    sparsity_file: str = SPARSITY_FILE
+    predictors: PredictorsInfo | None = None
+
+
+class RelufyBlock(_Block):
+    activation: Literal[ACTIVATIONS]
+    threshold: float | None = None
+    base_model_type: str
+    base_architectures: list[str] = Field(default_factory=list)
+    base_activation: str
+    source: str = ""
+    relufy_version: str = ""
+    export: ExportInfo | None = None
+
+    @classmethod
+    def read(cls, config, where: str = "config.json") -> RelufyBlock | None:
+        """The block of a config dict or a transformers config; None for a model relufy did not write."""
+        block = config.get("relufy") if isinstance(config, dict) else getattr(config, "relufy", None)
+        if block is None:
+            return None
+        if not isinstance(block, dict):
+            raise RelufyError(f"{where}: the relufy block is not a JSON object")
+        try:
+            return cls.model_validate(block)
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "(block)"
+            raise RelufyError(f"{where}: the relufy block's {field}: {err['msg'].removeprefix('Value error, ')}") from None
