@@ -5,9 +5,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.relufy-installed
 RUNS ?= runs
 PYTEST_ARGS ?=
+TURBOSPARSE := mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b
 
-.PHONY: install test demo ablation bench-convert bench-gguf bench-eval bench-train bench-sparse eval-smollm2 recovery-smollm2 recovery-smollm2-hour export-smollm2 clean \
-  $(addprefix turbosparse-,mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b)
+.PHONY: install lint test demo ablation bench-convert bench-gguf bench-eval bench-train bench-sparse eval-smollm2 \
+  recovery-smollm2 recovery-smollm2-hour export-smollm2 clean $(addprefix turbosparse-,$(TURBOSPARSE))
+
+# Training runs are file targets (their summary.json, written last): make skips a finished run
+# (delete its folder to train it anew) and continues a killed one with relufy train --resume.
+RESUME = $(if $(wildcard $(@D)/run.json),$(if $(wildcard $@),,--resume))
+# what a step reading model $(1) waits for: the demo's conversion when it is that one
+needs_model = $(if $(filter $(DEMO)/drelu,$(1)),$(DEMO)/drelu/config.json,$(STAMP))
+# the top-k curve of eval-smollm2 and ablation
+TOPK := 0,0.5,0.8,0.85,0.9
 
 install: $(STAMP)
 
@@ -23,6 +32,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# ruff: one line length (pyproject), imports sorted, format as ruff writes it
+lint: $(STAMP)
+	$(BIN)/ruff check relufy tests benchmarks
+	$(BIN)/ruff format --check relufy tests benchmarks
+
 # The demo, end to end on the embedded SmolLM2-135M-Instruct (Q4_1 GGUF) and Python's own help
 # text (builtin:pydoc): convert -> eval -> train (DEMO_STEPS) -> eval -> export -> bench -> report.
 # Each step is a file target: a second run reuses finished steps; another DEMO_STEPS trains anew.
@@ -36,6 +50,8 @@ DEMO_TRAIN_ARGS ?=
 DEMO_EXPORT_ARGS ?= --max-tokens 8192 --predictor-steps 150 --predictor-threshold -1
 DEMO_BENCH_ARGS ?= --shapes model,7b --threads 1,2 --repeats 5 --new-tokens 16
 SMOL = $$($(BIN)/python -m relufy.embedded)
+# relufy eval's flags, before and after training
+DEMO_EVAL_FLAGS = --data $(DEMO_DATA) --seq-len 512 --max-tokens $(DEMO_EVAL_TOKENS) --topk 0,0.5,0.8,0.9 --batch-size 4
 
 demo: $(DEMO)/report.md
 	@echo "== done: $(DEMO)/report.md"
@@ -46,24 +62,23 @@ $(DEMO)/drelu/config.json: | $(STAMP)
 
 $(DEMO)/eval-before.json: $(DEMO)/drelu/config.json
 	@echo "== 2/7 evaluate the original and the converted model"
-	$(BIN)/relufy eval "$(SMOL)" $(DEMO)/drelu --data $(DEMO_DATA) --seq-len 512 --max-tokens $(DEMO_EVAL_TOKENS) \
-	  --topk 0,0.5,0.8,0.9 --batch-size 4 --json $@ --plot $(DEMO)/plots-before
+	$(BIN)/relufy eval "$(SMOL)" $(DEMO)/drelu $(DEMO_EVAL_FLAGS) --json $@ --plot $(DEMO)/plots-before
 
-$(DEMO_RUN)/train/final/config.json: $(DEMO)/drelu/config.json
+$(DEMO_RUN)/train/summary.json: $(DEMO)/drelu/config.json
 	@echo "== 3/7 recover on this CPU: $(DEMO_STEPS) steps (warm start + distillation)"
 	$(BIN)/relufy train recipes/demo-smollm2-cpu.yaml output_dir=$(DEMO_RUN)/train model.path=$(DEMO)/drelu \
-	  budget.max_steps=$(DEMO_STEPS) $(DEMO_TRAIN_ARGS)
+	  budget.max_steps=$(DEMO_STEPS) $(DEMO_TRAIN_ARGS) $(RESUME)
 
-$(DEMO_RUN)/eval-after.json: $(DEMO_RUN)/train/final/config.json
+$(DEMO_RUN)/eval-after.json: $(DEMO_RUN)/train/summary.json
 	@echo "== 4/7 evaluate the trained model"
-	$(BIN)/relufy eval $(DEMO_RUN)/train/final --data $(DEMO_DATA) --seq-len 512 --max-tokens $(DEMO_EVAL_TOKENS) \
-	  --topk 0,0.5,0.8,0.9 --batch-size 4 --json $@ --stats-out $(DEMO_RUN)/stats.safetensors
+	$(BIN)/relufy eval $(DEMO_RUN)/train/final $(DEMO_EVAL_FLAGS) --json $@ \
+	  --stats-out $(DEMO_RUN)/stats.safetensors
 
 $(DEMO_RUN)/export.json: $(DEMO_RUN)/eval-after.json
 	@echo "== 5/7 export: statistics, reordering, predictors"
 	$(BIN)/relufy export $(DEMO_RUN)/train/final $(DEMO_RUN)/export --stats $(DEMO_RUN)/stats.safetensors \
 	  --data $(DEMO_DATA) --seq-len 256 $(DEMO_EXPORT_ARGS) --reorder --predictors \
-	  --eval-json $(DEMO_RUN)/eval-after.json --report $@ --force
+	  --eval-json $(DEMO_RUN)/eval-after.json --json $@ --force
 
 $(DEMO_RUN)/bench.json: $(DEMO_RUN)/export.json
 	@echo "== 6/7 sparse CPU decoding benchmark"
@@ -95,59 +110,83 @@ bench-train: $(STAMP)
 # on WikiText-2 validation (../shared/data), with the paper's top-k curve.
 WIKITEXT ?= ../shared/data/wikitext-2-raw/wiki.valid.raw
 EVAL_TOKENS ?= 16384
-eval-smollm2: $(STAMP)
-	@mkdir -p $(RUNS)/eval-smollm2
-	@SMOL=$$($(BIN)/python -m relufy.embedded) && \
-	for act in drelu reglu; do \
-	  [ -f $(RUNS)/eval-smollm2/$$act/config.json ] || $(BIN)/relufy convert "$$SMOL" $(RUNS)/eval-smollm2/$$act --activation $$act; \
-	done && \
-	$(BIN)/relufy eval "$$SMOL" $(RUNS)/eval-smollm2/drelu $(RUNS)/eval-smollm2/reglu --data $(WIKITEXT) \
-	  --seq-len 512 --max-tokens $(EVAL_TOKENS) --topk 0,0.5,0.8,0.85,0.9 --batch-size 4 \
-	  --json $(RUNS)/eval-smollm2/eval.json --plot $(RUNS)/eval-smollm2/plots
+SMOL_EVAL := $(RUNS)/eval-smollm2
+SMOL_EVAL_MODELS := $(SMOL_EVAL)/drelu $(SMOL_EVAL)/reglu
+SMOL_EVAL_FLAGS = --data $(WIKITEXT) --seq-len 512 --max-tokens $(EVAL_TOKENS) --topk $(TOPK) --batch-size 4
+eval-smollm2: $(SMOL_EVAL_MODELS:%=%/config.json) $(STAMP)
+	$(BIN)/relufy eval "$(SMOL)" $(SMOL_EVAL_MODELS) $(SMOL_EVAL_FLAGS) \
+	  --json $(SMOL_EVAL)/eval.json --plot $(SMOL_EVAL)/plots
+
+$(SMOL_EVAL_MODELS:%=%/config.json): $(SMOL_EVAL)/%/config.json: | $(STAMP)
+	$(BIN)/relufy convert "$(SMOL)" $(SMOL_EVAL)/$* --activation $*
 
 # Recovery of the untrained SmolLM2 dReLU conversion on this CPU, three variants with the same
 # data, seed and step budget: plain LM loss; FFN-local warm start; warm start + KL distillation
 # from the original. Results: runs/recovery/*/summary.json (docs/results.md).
+# RECOVERY_MODEL: the model trained here and by recovery-smollm2-hour (default: the demo's).
+RECOVERY_MODEL ?= $(DEMO)/drelu
 RECOVERY_STEPS ?= 60
 RECOVERY_ARGS ?= budget.max_steps=$(RECOVERY_STEPS) checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0 \
   sparsity.ffn_warmstart.steps=60 sparsity.ffn_warmstart.tokens=8192 sparsity.ffn_warmstart.l1=0 sparsity.l1=0
-recovery-smollm2: $(DEMO)/drelu/config.json
-	@mkdir -p $(RUNS)/recovery
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/plain model.path=$(DEMO)/drelu \
-	  $(RECOVERY_ARGS) sparsity.distill=null sparsity.ffn_warmstart=null
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart model.path=$(DEMO)/drelu \
-	  $(RECOVERY_ARGS) sparsity.distill=null
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery/warmstart-kd model.path=$(DEMO)/drelu \
-	  $(RECOVERY_ARGS)
+# each run's own overrides, after RECOVERY_ARGS
+RECOVERY.plain := sparsity.distill=null sparsity.ffn_warmstart=null
+RECOVERY.warmstart := sparsity.distill=null
+RECOVERY.warmstart-kd :=
+RECOVERY_RUNS := $(foreach run,plain warmstart warmstart-kd,$(RUNS)/recovery/$(run)/summary.json)
+recovery-smollm2: $(RECOVERY_RUNS)
+
+$(RECOVERY_RUNS): $(RUNS)/recovery/%/summary.json: | $(call needs_model,$(RECOVERY_MODEL))
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
+	  $(RECOVERY_ARGS) $(RECOVERY.$*) $(RESUME)
 
 # The one-hour recovery on this CPU (the recipe as shipped: warm start with an L1 hold, then
 # distillation + L1; 180 steps), against the same tokens without the teacher ("warmstart-l1") and
 # without teacher and warm start ("plain"). Results: runs/recovery-hour/*/summary.json.
 RECOVERY_HOUR_ARGS ?=
-recovery-smollm2-hour: $(DEMO)/drelu/config.json
-	@mkdir -p $(RUNS)/recovery-hour
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery-hour/full model.path=$(DEMO)/drelu \
-	  $(RECOVERY_HOUR_ARGS)
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery-hour/plain model.path=$(DEMO)/drelu \
-	  $(RECOVERY_HOUR_ARGS) sparsity.distill=null sparsity.ffn_warmstart=null sparsity.l1=0
-	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(RUNS)/recovery-hour/warmstart-l1 model.path=$(DEMO)/drelu \
-	  $(RECOVERY_HOUR_ARGS) sparsity.distill=null
+# each run's own overrides, after RECOVERY_HOUR_ARGS
+RECOVERY_HOUR.full :=
+RECOVERY_HOUR.plain := sparsity.distill=null sparsity.ffn_warmstart=null sparsity.l1=0
+RECOVERY_HOUR.warmstart-l1 := sparsity.distill=null
+RECOVERY_HOUR_RUNS := $(foreach run,full plain warmstart-l1,$(RUNS)/recovery-hour/$(run)/summary.json)
+recovery-smollm2-hour: $(RECOVERY_HOUR_RUNS)
+
+$(RECOVERY_HOUR_RUNS): $(RUNS)/recovery-hour/%/summary.json: | $(call needs_model,$(RECOVERY_MODEL))
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
+	  $(RECOVERY_HOUR_ARGS) $(RECOVERY_HOUR.$*) $(RESUME)
 
 # Export the recovered SmolLM2 (recovery-smollm2's warm start + distillation run): statistics and
 # predictors on WikiText-2 validation, neurons reordered; per-layer recall and the perplexity with
 # predicted neurons only land in $(RUNS)/export/smollm2.json and the folder's README.md.
+# A recovery run as EXPORT_MODEL is trained first when missing; another EXPORT_MODEL is exported
+# anew. EXPORT_ARGS: extra relufy export flags.
 EXPORT_MODEL ?= $(RUNS)/recovery/warmstart-kd/final
-export-smollm2: $(STAMP)
-	$(BIN)/relufy export $(EXPORT_MODEL) $(RUNS)/export/smollm2 --data $(WIKITEXT) --reorder --predictors \
-	  --report $(RUNS)/export/smollm2.json --force
+EXPORT_ARGS ?=
+EXPORT := $(RUNS)/export/smollm2
+# the recovery run behind EXPORT_MODEL, if it is one
+EXPORT_RUN := $(filter $(RECOVERY_RUNS) $(RECOVERY_HOUR_RUNS),$(patsubst %/final,%/summary.json,$(EXPORT_MODEL:/=)))
+export-smollm2: $(EXPORT).json
+
+# smollm2.model records EXPORT_MODEL: the export is made anew when it changes
+ifneq ($(shell cat $(EXPORT).model 2>/dev/null),$(EXPORT_MODEL))
+.PHONY: $(EXPORT).model
+endif
+$(EXPORT).model:
+	@mkdir -p $(@D) && echo '$(EXPORT_MODEL)' > $@
+
+$(EXPORT).json: $(EXPORT_RUN) $(wildcard $(EXPORT_MODEL)/config.json) $(EXPORT).model | $(STAMP)
+	$(BIN)/relufy export $(EXPORT_MODEL) $(EXPORT) --data $(WIKITEXT) --reorder --predictors \
+	  --json $@ --force $(EXPORT_ARGS)
 
 # Sparse FFN decode latency (dense vs exact vs predictor; SmolLM2's shape and a 7B shape; fp32 and
-# bf16; 1 and 2 threads) and SmolLM2 generation tokens/s; numbers in docs/benchmarks.md.
-BENCH_MODEL ?= $(RUNS)/export/smollm2
-bench-sparse: $(STAMP)
+# bf16; 1 and 2 threads) and SmolLM2 generation tokens/s; numbers in docs/benchmarks.md. Measures
+# anew on every call; the default BENCH_MODEL is export-smollm2's, made first when missing.
+# BENCH_SPARSE_ARGS: extra relufy bench flags.
+BENCH_MODEL ?= $(EXPORT)
+BENCH_SPARSE_ARGS ?=
+bench-sparse: $(if $(filter $(EXPORT),$(BENCH_MODEL:/=)),$(EXPORT).json) $(STAMP)
 	@mkdir -p $(RUNS)/bench
 	$(BIN)/relufy bench $(BENCH_MODEL) --stats $(BENCH_MODEL)/sparsity.safetensors \
-	  --json $(RUNS)/bench/sparse.json --plot $(RUNS)/bench/sparse.png
+	  --json $(RUNS)/bench/sparse.json --plot $(RUNS)/bench/sparse.png $(BENCH_SPARSE_ARGS)
 
 # The paper's section 3.2 ablation: dReLU vs SwiGLU trained from scratch with the same data,
 # budget and seed; then loss curves, held-out perplexity and the top-k curve side by side
@@ -160,6 +199,9 @@ ABLATION_EVAL ?= $(ABLATION_DATA)
 ABLATION_TOKENIZER ?= $(DEMO)/drelu
 ABLATION_EVAL_TOKENS ?= 16384
 ABL := $(RUNS)/ablation-$(ABLATION)
+ABL_MODELS := $(ABL)/drelu/final $(ABL)/swiglu/final
+ABL_EVAL_FLAGS = --data $(ABLATION_EVAL) --seq-len 128 --max-tokens $(ABLATION_EVAL_TOKENS) --topk $(TOPK) \
+  --batch-size 8
 ABLATION_ARGS ?=
 ABL_ARGS = output_dir=$(ABL)/$* model.tokenizer=$(ABLATION_TOKENIZER) 'data.sources=[{data: "$(ABLATION_DATA)"}]' $(ABLATION_ARGS)
 ifeq ($(ABLATION),mini)
@@ -173,16 +215,13 @@ ablation: $(ABL)/report.md
 	@echo "== done: $(ABL)/report.md"
 
 # the SmolLM2 tokenizer comes with the demo's conversion; another ABLATION_TOKENIZER is used as is
-ABL_TOKENIZER_DEP := $(if $(filter $(DEMO)/drelu,$(ABLATION_TOKENIZER)),$(DEMO)/drelu/config.json,$(STAMP))
-
-$(ABL)/%/final/config.json: | $(ABL_TOKENIZER_DEP)
+$(ABL)/%/summary.json: | $(call needs_model,$(ABLATION_TOKENIZER))
 	@echo "== train $* from scratch ($(ABLATION))"
-	$(ABL_TRAIN)
+	$(ABL_TRAIN) $(RESUME)
 
-$(ABL)/eval.json: $(ABL)/drelu/final/config.json $(ABL)/swiglu/final/config.json
+$(ABL)/eval.json: $(ABL_MODELS:%/final=%/summary.json)
 	@echo "== evaluate both, with the top-k curve"
-	$(BIN)/relufy eval $(ABL)/drelu/final $(ABL)/swiglu/final --data $(ABLATION_EVAL) --seq-len 128 \
-	  --max-tokens $(ABLATION_EVAL_TOKENS) --topk 0,0.5,0.8,0.85,0.9 --batch-size 8 --json $@
+	$(BIN)/relufy eval $(ABL_MODELS) $(ABL_EVAL_FLAGS) --json $@
 
 $(ABL)/report.md: $(ABL)/eval.json
 	$(BIN)/python -m relufy.pipelines.report ablation $(ABL)
@@ -193,7 +232,6 @@ $(ABL)/report.md: $(ABL)/eval.json
 ACCELERATE_CONFIG ?= recipes/accelerate/fsdp2.yaml
 NPROC ?= 8
 EVAL_DATA ?= wikitext:wikitext-2-raw-v1:test
-TURBOSPARSE := mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b
 $(addprefix turbosparse-,$(TURBOSPARSE)): turbosparse-%: | $(STAMP)
 	$(BIN)/python -m relufy.pipelines.cluster $* --out $(RUNS)/turbosparse-$* --nproc $(NPROC) \
 	  --accelerate-config $(ACCELERATE_CONFIG) --eval-data $(EVAL_DATA) $(if $(DRY_RUN),--dry-run)

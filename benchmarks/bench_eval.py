@@ -31,11 +31,11 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 
 def main() -> None:
     import relufy
-    from relufy.text import load_texts, tokenize, windows
     from relufy.embedded import smollm2_gguf
-    from relufy.modeling.tokenizer import load_tokenizer
     from relufy.measure.evaluate import score
     from relufy.measure.sites import ActivationCounter, observing
+    from relufy.modeling.tokenizer import load_tokenizer
+    from relufy.text import load_texts, tokenize, windows
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a relufy checkpoint (default: SmolLM2-135M converted to dReLU)")
@@ -86,7 +86,10 @@ def main() -> None:
     assert len({round(v, 3) for v in nll.values()}) == 1, f"variants disagree: {nll}"
     rows = {k: positions / statistics.median(v) for k, v in times.items()}
     base = rows["relufy plain"]
-    print(f"model: {model_path}\ndata: {data} ({positions} positions, seq {args.seq_len}, {args.repeats} repeats, torch threads {torch.get_num_threads()})")
+    print(
+        f"model: {model_path}\ndata: {data} ({positions} positions, seq {args.seq_len}, {args.repeats} repeats, "
+        f"torch threads {torch.get_num_threads()})"
+    )
     print("| variant | tokens/s (median) | vs relufy plain |\n|---|---:|---:|")
     for name, tps in rows.items():
         print(f"| {name} | {tps:,.0f} | {tps / base:.3f}x |")

@@ -65,10 +65,15 @@ def write_gguf(path: Path, layers: int) -> None:
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("synthetic-7b")
     for key, value in {
-        "context_length": 4096, "block_count": layers, "feed_forward_length": SHAPE["ffn"], "embedding_length": h,
-        "attention.head_count": SHAPE["heads"], "attention.head_count_kv": SHAPE["kv_heads"],
-        "rope.dimension_count": h // SHAPE["heads"], "vocab_size": SHAPE["vocab"],
-    }.items():  # fmt: skip
+        "context_length": 4096,
+        "block_count": layers,
+        "feed_forward_length": SHAPE["ffn"],
+        "embedding_length": h,
+        "attention.head_count": SHAPE["heads"],
+        "attention.head_count_kv": SHAPE["kv_heads"],
+        "rope.dimension_count": h // SHAPE["heads"],
+        "vocab_size": SHAPE["vocab"],
+    }.items():
         w.add_uint32(f"llama.{key}", value)
     w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32("llama.rope.freq_base", 10000.0)
@@ -97,7 +102,7 @@ def write_gguf(path: Path, layers: int) -> None:
     w.write_ti_data_to_file()
     rng = np.random.default_rng(0)
     scale = np.frombuffer(np.float16(0.02).tobytes(), dtype=np.uint8)
-    for name, shape in specs:
+    for _, shape in specs:
         if len(shape) == 1:
             w.write_tensor_data(rng.uniform(0.8, 1.2, shape).astype(np.float32))
             continue
@@ -124,15 +129,19 @@ def main() -> int:
         size = gguf_path.stat().st_size
         print(f"GGUF: {args.layers} layers, {size / GiB:.2f} GiB, written in {time.perf_counter() - t:.0f} s")
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "relufy", "convert", str(gguf_path), str(out), "--dtype", args.dtype], check=True, cwd=REPO)
+        subprocess.run(
+            [sys.executable, "-m", "relufy", "convert", str(gguf_path), str(out), "--dtype", args.dtype], check=True, cwd=REPO
+        )
         seconds = time.perf_counter() - t
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
         written = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
         largest = SHAPE["vocab"] * SHAPE["hidden"] * 4
         bound = GiB + largest
         print(f"output: {written / GiB:.2f} GiB ({args.dtype}) in {seconds:.0f} s, {written / MiB / seconds:.0f} MiB/s")
-        print(f"peak RSS {peak / MiB:.0f} MiB; bound 1 GiB + largest tensor in fp32 ({largest / MiB:.0f} MiB) "
-              f"= {bound / MiB:.0f} MiB: {'OK' if peak <= bound else 'EXCEEDED'}")  # fmt: skip
+        print(
+            f"peak RSS {peak / MiB:.0f} MiB; bound 1 GiB + largest tensor in fp32 ({largest / MiB:.0f} MiB) "
+            f"= {bound / MiB:.0f} MiB: {'OK' if peak <= bound else 'EXCEEDED'}"
+        )
         return 0 if peak <= bound else 1
     finally:
         if args.keep:

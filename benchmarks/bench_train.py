@@ -62,14 +62,18 @@ def main() -> None:
     tokens_per_step = args.seq_len * args.batch
 
     def recipe(out, sparsity_log):
-        return validate({
-            "name": "bench", "output_dir": str(out), "model": {"path": str(model_path)},
-            "data": {"sources": [{"data": str(text)}], "seq_len": args.seq_len, "heldout_fraction": 0.0},
-            "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 0},
-            "budget": {"max_steps": args.steps, "micro_batch_size": args.batch, "grad_accum": 1},
-            "precision": args.precision,
-            "log": {"every": 1, "sparsity": sparsity_log},
-        })  # fmt: skip
+        return validate(
+            {
+                "name": "bench",
+                "output_dir": str(out),
+                "model": {"path": str(model_path)},
+                "data": {"sources": [{"data": str(text)}], "seq_len": args.seq_len, "heldout_fraction": 0.0},
+                "optim": {"lr": 1e-5, "min_lr": 1e-6, "warmup_steps": 0},
+                "budget": {"max_steps": args.steps, "micro_batch_size": args.batch, "grad_accum": 1},
+                "precision": args.precision,
+                "log": {"every": 1, "sparsity": sparsity_log},
+            }
+        )
 
     def relufy_run(sparsity_log):
         def run(i):
@@ -110,11 +114,18 @@ def main() -> None:
             results[name].append(fn(i))
     med = {k: statistics.median(v) for k, v in results.items()}
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"SmolLM2-135M dReLU, {args.precision}, {where}, seq {args.seq_len} x batch {args.batch}, "
-          f"{args.steps} steps (first excluded), {args.repeats} repeats")  # fmt: skip
+    print(
+        f"SmolLM2-135M dReLU, {args.precision}, {where}, seq {args.seq_len} x batch {args.batch}, "
+        f"{args.steps} steps (first excluded), {args.repeats} repeats"
+    )
     flops = train_flops_per_token(relufy.load(model_path, dtype=torch.float32), args.seq_len)
     peak = args.peak_tflops or (known_peak_tflops(torch.cuda.get_device_name()) if device.type == "cuda" else None)
-    print("| variant | tokens/s (median) | vs bare loop |" + (" MFU |" if peak else "") + "\n|---|---:|---:|" + ("---:|" if peak else ""))
+    print(
+        "| variant | tokens/s (median) | vs bare loop |"
+        + (" MFU |" if peak else "")
+        + "\n|---|---:|---:|"
+        + ("---:|" if peak else "")
+    )
     for k, v in med.items():
         mfu = f" {v * flops / (peak * 1e12):.1%} |" if peak else ""
         print(f"| {k} | {v:,.0f} | {v / med['bare loop']:.3f}x |{mfu}")
@@ -123,8 +134,14 @@ def main() -> None:
     print(f"relufy train / bare = {ratio:.3f} (target >= 0.9): {'met' if ratio >= 0.9 else 'MISSED'}")
     print(f"sparsity logging cost = {cost:.1%} (target <= 5%): {'met' if cost <= 0.05 else 'MISSED'}")
     if args.json:
-        report = {"tokens_per_second": med, "runs": results, "precision": args.precision, "device": where,
-                  "train_flops_per_token": flops, "peak_tflops": peak}  # fmt: skip
+        report = {
+            "tokens_per_second": med,
+            "runs": results,
+            "precision": args.precision,
+            "device": where,
+            "train_flops_per_token": flops,
+            "peak_tflops": peak,
+        }
         if peak:
             report["mfu"] = {k: v * flops / (peak * 1e12) for k, v in med.items()}
         args.json.write_text(json.dumps(report, indent=2))

@@ -26,18 +26,19 @@ def main() -> None:
     args = parser.parse_args()
 
     import relufy
-    from relufy.text import load_texts, tokenize, windows
-    from relufy.modeling.predictor import load_predictors
     from relufy.export.calibration import PredictedOnly
-    from relufy.measure.sites import tapped
+    from relufy.measure.sites import ffn_sites, observing, tapped
+    from relufy.modeling.predictor import load_predictors
     from relufy.modeling.tokenizer import load_tokenizer
-    from relufy.measure.sites import ffn_sites, observing
+    from relufy.text import load_texts, tokenize, windows
 
     model = relufy.load(args.export, dtype=torch.float32).eval()
     info = model.config.relufy["export"]["predictors"]
     loaded = load_predictors(args.export)
     sites = ffn_sites(model)
-    predictors = {(s, e): loaded[(s.name, e if s.kind == "experts" else None)].float() for s, _ in sites for e in range(s.experts)}
+    predictors = {
+        (s, e): loaded[(s.name, e if s.kind == "experts" else None)].float() for s, _ in sites for e in range(s.experts)
+    }
     ids = tokenize(load_texts(args.data), load_tokenizer(args.export), args.max_tokens)
     wins = windows(ids, args.seq_len)
     held = wins[-max(1, round(len(wins) * args.heldout_fraction)) :]
@@ -66,8 +67,15 @@ def main() -> None:
             p, tops, _ = run(factory)
             obs = holder["obs"]
             same = sum(int((a == b).sum()) for a, b in zip(dense_tops, tops, strict=True))
-            rows.append({"threshold": t, "ppl": p, "computed": obs.kept / obs.total, "missed": obs.missed / max(obs.active, 1),
-                         "top1": same / sum(a.numel() for a in tops)})  # fmt: skip
+            rows.append(
+                {
+                    "threshold": t,
+                    "ppl": p,
+                    "computed": obs.kept / obs.total,
+                    "missed": obs.missed / max(obs.active, 1),
+                    "top1": same / sum(a.numel() for a in tops),
+                }
+            )
     print(f"held-out: {len(held)} windows, {count} predicted tokens; export threshold {info['threshold']}")
     print("| threshold | neurons computed | active missed | ppl | x dense | top-1 agreement |")
     print("|---:|---:|---:|---:|---:|---:|")

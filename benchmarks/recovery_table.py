@@ -24,7 +24,14 @@ def plot(path: Path, ppl0: float, rows: list[tuple[str, dict]], aim_ppl: float =
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.axhline(ppl0, color="grey", ls="--", lw=1)
     ax.text(0.505, ppl0 * 0.92, f"original SwiGLU {ppl0:.1f}", color="grey", va="top", fontsize=8)
-    ax.fill_between([aim_zeros, 1.0], 0, aim_ppl * ppl0, color="tab:green", alpha=0.12, label=f"aim: <= {aim_ppl}x ppl at >= {aim_zeros:.0%} zeros")
+    ax.fill_between(
+        [aim_zeros, 1.0],
+        0,
+        aim_ppl * ppl0,
+        color="tab:green",
+        alpha=0.12,
+        label=f"aim: <= {aim_ppl}x ppl at >= {aim_zeros:.0%} zeros",
+    )
     for i, (name, s) in enumerate(rows):
         color = f"C{i}"
         x0, y0, x1, y1 = s["heldout_sparsity_before"], s["heldout_ppl_before"], s["heldout_sparsity"], s["heldout_ppl"]
@@ -55,9 +62,9 @@ def main(argv=None) -> None:
 
     import relufy
     from relufy.embedded import smollm2_gguf
+    from relufy.measure.meter import heldout_eval
     from relufy.modeling.tokenizer import load_tokenizer
     from relufy.train import mixture as train_mixture
-    from relufy.measure.meter import heldout_eval
     from relufy.train.recipe import Recipe
 
     root = Path(args.root)
@@ -73,7 +80,10 @@ def main(argv=None) -> None:
     _, heldout = train_mixture.build(recipe.data, load_tokenizer(gguf), recipe.seed)
     original = relufy.load(gguf, dtype=torch.float32)
     ppl0, sp0 = heldout_eval(original, heldout, torch.device("cpu"))
-    print(f"held-out: {heldout.numel():,} tokens ({len(heldout)} x {heldout.shape[1]}) of {', '.join(s.data for s in recipe.data.sources)}")
+    print(
+        f"held-out: {heldout.numel():,} tokens ({len(heldout)} x {heldout.shape[1]}) "
+        f"of {', '.join(s.data for s in recipe.data.sources)}"
+    )
     print("| model | steps | train tokens | held-out ppl before | after | x original | FFN zeros before | after |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| original SmolLM2-135M (SwiGLU) | - | - | {ppl0:,.2f} | | 1.00x | {sp0:.1%} | |")
@@ -81,8 +91,10 @@ def main(argv=None) -> None:
     for name in names:
         s = json.loads((root / name / "summary.json").read_text())
         rows.append((name, s))
-        print(f"| dReLU, {name} | {s['steps']} | {s['tokens']:,} | {s['heldout_ppl_before']:,.1f} | {s['heldout_ppl']:,.2f} | "
-              f"{s['heldout_ppl'] / ppl0:.2f}x | {s['heldout_sparsity_before']:.1%} | {s['heldout_sparsity']:.1%} |")  # fmt: skip
+        print(
+            f"| dReLU, {name} | {s['steps']} | {s['tokens']:,} | {s['heldout_ppl_before']:,.1f} | {s['heldout_ppl']:,.2f} | "
+            f"{s['heldout_ppl'] / ppl0:.2f}x | {s['heldout_sparsity_before']:.1%} | {s['heldout_sparsity']:.1%} |"
+        )
     if args.plot:
         plot(args.plot, ppl0, rows)
         print(f"wrote {args.plot}")

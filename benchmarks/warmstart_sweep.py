@@ -27,9 +27,9 @@ def main(argv=None):
     ap.add_argument("--json", default="runs/warmstart-sweep.json")
     args = ap.parse_intermixed_args(argv)
 
+    from relufy.measure.meter import heldout_eval
     from relufy.modeling.load import load
     from relufy.train import mixture as train_mixture
-    from relufy.measure.meter import heldout_eval
     from relufy.train.loop import _load
     from relufy.train.recipe import load_recipe
     from relufy.train.warmstart import ffn_warmstart
@@ -54,8 +54,16 @@ def main(argv=None):
         report = ffn_warmstart(student, teacher, mixture, spec.model_copy(update={"l1": l1}), device, recipe.data.seq_len)
         seconds = time.perf_counter() - t0
         ppl, zeros = heldout_eval(student, heldout, device)
-        rows.append({"l1": l1, "heldout_ppl": ppl, "heldout_sparsity": zeros, "fit_seconds": seconds,
-                     "fit_zeros_after": report["zeros_after"], "layers": report["layers"]})  # fmt: skip
+        rows.append(
+            {
+                "l1": l1,
+                "heldout_ppl": ppl,
+                "heldout_sparsity": zeros,
+                "fit_seconds": seconds,
+                "fit_zeros_after": report["zeros_after"],
+                "layers": report["layers"],
+            }
+        )
         print(f"l1 {l1:g}: ppl {ppl:.2f}  zeros {zeros:.1%}  (fit {seconds:.0f} s)", flush=True)
         del student
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

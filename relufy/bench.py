@@ -7,7 +7,6 @@ import json
 import os
 import platform
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import field_validator
@@ -21,7 +20,11 @@ from .options import Options, option_field
 class BenchOptions(Options):
     """What ``relufy bench`` measures and where it writes the results."""
 
-    stats: str | None = option_field(None, description="Statistics (relufy eval --stats-out, or an export's sparsity.safetensors) of MODEL: adds its measured sparsity.")
+    stats: str | None = option_field(
+        None,
+        description="Statistics of MODEL (relufy eval --stats-out, or an export's sparsity.safetensors): "
+        "adds its measured sparsity.",
+    )
     sparsities: tuple[float, ...] = option_field((0.5, 0.8, 0.9, 0.95), description="Fixed sparsity levels in [0, 1).")
     shapes: tuple[str, ...] = option_field(("model", "7b"), description="FFN shapes: model (MODEL's), 7b (4096x14336) or HxI.")
     dtypes: tuple[Literal["fp32", "bf16"], ...] = option_field(("fp32", "bf16"), description="Weight dtypes.")
@@ -109,7 +112,9 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     from .sparse.kernels import backend
 
     cases = []
-    plan = [(name, h, i, d, t, s, False) for name, (h, i) in named.items() for d in dtype_names for t in thread_counts for s in levels]
+    plan = [
+        (name, h, i, d, t, s, False) for name, (h, i) in named.items() for d in dtype_names for t in thread_counts for s in levels
+    ]
     if measured is not None:
         plan += [(name, h, i, d, t, measured, True) for name, (h, i) in named.items() for d in dtype_names for t in thread_counts]
     from .progress import token_progress
@@ -130,14 +135,25 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     for col in ("shape", "dtype", "threads", "sparsity", "dense", "exact", "predictor", "exact x", "predictor x", "limit"):
         table.add_column(col, justify="right")
     for c in cases:
-        table.add_row(f"{c.shape} {c.hidden}x{c.width}", c.dtype, str(c.threads), f"{c.sparsity:.1%}" + (" (measured)" if c.measured else ""),
-                      f"{c.dense_ms:.2f}", f"{c.exact_ms:.2f}", f"{c.predictor_ms:.2f}", f"{c.exact_speedup:.2f}",
-                      f"{c.predictor_speedup:.2f}", f"{c.limit:.1f}")  # fmt: skip
+        table.add_row(
+            f"{c.shape} {c.hidden}x{c.width}",
+            c.dtype,
+            str(c.threads),
+            f"{c.sparsity:.1%}" + (" (measured)" if c.measured else ""),
+            f"{c.dense_ms:.2f}",
+            f"{c.exact_ms:.2f}",
+            f"{c.predictor_ms:.2f}",
+            f"{c.exact_speedup:.2f}",
+            f"{c.predictor_speedup:.2f}",
+            f"{c.limit:.1f}",
+        )
     console.print(table)
     for row in gen:
-        console.print(f"generation {row['mode']}: {row['decode_tokens_per_second']:.1f} tokens/s decoding, {row['tokens_per_second']:.1f} "
-                      f"with the prompt ({row['new_tokens']} tokens)"
-                      + ("" if row["mode"] == "off" else f", same text as dense: {row['same_text_as_off']}"))  # fmt: skip
+        console.print(
+            f"generation {row['mode']}: {row['decode_tokens_per_second']:.1f} tokens/s decoding, {row['tokens_per_second']:.1f} "
+            f"with the prompt ({row['new_tokens']} tokens)"
+            + ("" if row["mode"] == "off" else f", same text as dense: {row['same_text_as_off']}")
+        )
     result = {
         "relufy_bench": 1,
         "backend": backend(),
@@ -169,10 +185,14 @@ def _check_fits(shape: str, hidden: int, width: int) -> None:
     except (ValueError, OSError, AttributeError):  # not POSIX: no check
         return
     if need > memory // 2:
-        raise RelufyError(f"--shapes {shape}: the benchmark needs about {need / 2**30:,.1f} GiB, this machine has {memory / 2**30:,.1f} GiB")
+        raise RelufyError(
+            f"--shapes {shape}: the benchmark needs about {need / 2**30:,.1f} GiB, this machine has {memory / 2**30:,.1f} GiB"
+        )
 
 
-def bench_generation(path: str, modes: list[str], new_tokens: int = 32, prompt: str = "Write a short story about a lighthouse.") -> list[dict]:
+def bench_generation(
+    path: str, modes: list[str], new_tokens: int = 32, prompt: str = "Write a short story about a lighthouse."
+) -> list[dict]:
     """End-to-end greedy generation tokens/s of one model per sparse mode (same prompt, same length)."""
     import torch
 
@@ -186,8 +206,15 @@ def bench_generation(path: str, modes: list[str], new_tokens: int = 32, prompt: 
         generate(path, prompt, max_new_tokens=4, model=model, sparse=mode)  # warm up
         result = generate(path, prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, model=model, sparse=mode)
         texts[mode] = result.text
-        rows.append({"mode": mode, "new_tokens": result.new_tokens, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
-                     "decode_tokens_per_second": result.decode_tokens_per_second})  # fmt: skip
+        rows.append(
+            {
+                "mode": mode,
+                "new_tokens": result.new_tokens,
+                "seconds": result.seconds,
+                "tokens_per_second": result.tokens_per_second,
+                "decode_tokens_per_second": result.decode_tokens_per_second,
+            }
+        )
     for row in rows:
         row["same_text_as_off"] = texts[row["mode"]] == texts.get("off")
     return rows

@@ -76,8 +76,14 @@ def _command(name: str, options_cls, arguments: list[tuple[str, Any, str]], run)
     params = []
     for arg, kind, help_text in arguments:
         optional = get_origin(kind) is not None and type(None) in get_args(kind)
-        params.append(inspect.Parameter(arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None if optional else ...,
-                                        annotation=Annotated[kind, typer.Argument(help=help_text, show_default=False)]))  # fmt: skip
+        params.append(
+            inspect.Parameter(
+                arg,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=None if optional else ...,
+                annotation=Annotated[kind, typer.Argument(help=help_text, show_default=False)],
+            )
+        )
     params += [_option(options_cls, n, f) for n, f in options_cls.model_fields.items()]
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
@@ -166,16 +172,39 @@ def _register() -> None:
     from .model_info import InfoOptions
     from .train.recipe import TrainOptions
 
-    _command("convert", ConvertOptions, [("src", str, "Model folder (safetensors), .gguf file, or hub id."),
-                                         ("out", str, "Output folder (written atomically).")], _convert)  # fmt: skip
+    _command(
+        "convert",
+        ConvertOptions,
+        [("src", str, "Model folder (safetensors), .gguf file, or hub id."), ("out", str, "Output folder (written atomically).")],
+        _convert,
+    )
     _command("info", InfoOptions, [("path", str, "Model folder, .gguf file, or hub id.")], _info)
     _command("generate", GenerateOptions, [("model", str, "Model folder, .gguf file, or hub id.")], _generate)
     _command("eval", EvalOptions, [("models", list[str], "Model folders, .gguf files or hub ids (originals too).")], _eval)
-    _command("export", ExportOptions, [("model", str, "A relufy checkpoint (converted, usually trained)."),
-                                       ("out", str, "Output folder (written atomically).")], _export)  # fmt: skip
-    _command("bench", BenchOptions, [("model", str | None, "A relufy model: its FFN shape, sparsity (--stats) and generation speed.")], _bench)
-    _command("train", TrainOptions, [("recipe", str, "Recipe YAML (see recipes/)."),
-                                     ("overrides", list[str] | None, "Dotted key=value overrides, e.g. optim.lr=1e-4.")], _train)  # fmt: skip
+    _command(
+        "export",
+        ExportOptions,
+        [
+            ("model", str, "A relufy checkpoint (converted, usually trained)."),
+            ("out", str, "Output folder (written atomically)."),
+        ],
+        _export,
+    )
+    _command(
+        "bench",
+        BenchOptions,
+        [("model", str | None, "A relufy model: its FFN shape, sparsity (--stats) and generation speed.")],
+        _bench,
+    )
+    _command(
+        "train",
+        TrainOptions,
+        [
+            ("recipe", str, "Recipe YAML (see recipes/)."),
+            ("overrides", list[str] | None, "Dotted key=value overrides, e.g. optim.lr=1e-4."),
+        ],
+        _train,
+    )
 
 
 _register()

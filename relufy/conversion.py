@@ -76,8 +76,7 @@ def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
 
             def produce(name, by_name=by_name):
                 info = by_name[name]
-                for chunk in recoded_chunks(info, target if info.dtype in _FLOAT_ST else info.dtype):
-                    yield chunk
+                yield from recoded_chunks(info, target if info.dtype in _FLOAT_ST else info.dtype)
                 advance(info.nbytes)
 
             metadata = ckpt.metadata[path.name] or {"format": "pt"}
@@ -141,8 +140,17 @@ def _plan_folder(source: Source, spec: ActivationSpec, dtype: str, label: str) -
     if dtype != "keep":
         new["dtype"] = DTYPES[dtype][1]
         new.pop("torch_dtype", None)
-    return dict(source=source, spec=spec, dtype=dtype, label=label, family=family, ckpt=ckpt, found=found, config=new,
-                side_files=source.side_files())  # fmt: skip
+    return dict(
+        source=source,
+        spec=spec,
+        dtype=dtype,
+        label=label,
+        family=family,
+        ckpt=ckpt,
+        found=found,
+        config=new,
+        side_files=source.side_files(),
+    )
 
 
 def _write_folder(plan: dict, tmp: Path, link: bool) -> None:

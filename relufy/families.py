@@ -178,9 +178,7 @@ SUPPORTED = ", ".join(FAMILIES)
 
 def family_for(model_type: str | None) -> Family:
     if model_type not in FAMILIES:
-        raise RelufyError(
-            f"unsupported model family {model_type!r}: relufy converts gated-FFN models of {SUPPORTED}"
-        )
+        raise RelufyError(f"unsupported model family {model_type!r}: relufy converts gated-FFN models of {SUPPORTED}")
     return FAMILIES[model_type]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import Literal
 
 from .errors import RelufyError
@@ -74,8 +73,15 @@ def sparse_context(model, path: str | Path, sparse: str):
     return sparse_decoding(model, "predictor", load_predictors(path), info.threshold, info.input)
 
 
-def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool = True, model=None, sparse: str = "off",
-             min_new_tokens: int = 0) -> Generation:  # fmt: skip
+def generate(
+    path: str | Path,
+    prompt: str,
+    max_new_tokens: int = 32,
+    chat: bool = True,
+    model=None,
+    sparse: str = "off",
+    min_new_tokens: int = 0,
+) -> Generation:
     """Greedy generation; ``chat`` wraps the prompt in the tokenizer's chat template if it has one;
     ``sparse`` (off, exact, predictor) decodes new tokens through the sparse CPU FFNs."""
     import torch
@@ -95,8 +101,14 @@ def generate(path: str | Path, prompt: str, max_new_tokens: int = 32, chat: bool
         raise RelufyError("the prompt is empty: give --prompt TEXT (or keep the chat template, which adds its own tokens)")
     clock = _TokenClock()
     with torch.no_grad(), sparse_context(model, path, sparse):
-        out = model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id, streamer=clock)  # fmt: skip
+        out = model.generate(
+            ids,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+            streamer=clock,
+        )
     seconds = time.perf_counter() - clock.start
     new = out[0, ids.shape[1] :]
     return Generation(tokenizer.decode(new, skip_special_tokens=True), int(new.numel()), seconds, tuple(clock.times))

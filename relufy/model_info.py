@@ -41,18 +41,13 @@ def count_parameters(family, config) -> tuple[int, int]:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
-    ffn = sum(
-        p.numel()
-        for m in model.modules()
-        if type(m).__name__ in family.ffn_classes
-        for p in m.parameters()
-    )
+    ffn = sum(p.numel() for m in model.modules() if type(m).__name__ in family.ffn_classes for p in m.parameters())
     return total, ffn
 
 
 def info(path: str | Path) -> ModelInfo:
-    from .modeling.spec import base_config
     from .io.source import resolve
+    from .modeling.spec import base_config
 
     source = resolve(path)
     config = source.config_dict()

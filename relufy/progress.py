@@ -69,15 +69,25 @@ class PlainProgress:
 
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **_) -> int:
         now = time.monotonic()
-        self.tasks.append({"description": description, "total": total, "completed": completed, "start": now,
-                           "last": now, "base": completed, "done": False})  # fmt: skip
+        self.tasks.append(
+            {
+                "description": description,
+                "total": total,
+                "completed": completed,
+                "start": now,
+                "last": now,
+                "base": completed,
+                "done": False,
+            }
+        )
         return len(self.tasks) - 1
 
     def advance(self, task: int, advance: float = 1) -> None:
         self.update(task, completed=self.tasks[task]["completed"] + advance)
 
-    def update(self, task: int, description: str | None = None, completed: float | None = None, advance: float | None = None,
-               **_) -> None:  # fmt: skip
+    def update(
+        self, task: int, description: str | None = None, completed: float | None = None, advance: float | None = None, **_
+    ) -> None:
         t = self.tasks[task]
         if description is not None:
             t["description"] = description
@@ -117,7 +127,13 @@ def new_progress(*columns, unit: str = ""):
 @contextlib.contextmanager
 def byte_progress(description: str, total: int):
     """Yields ``advance(nbytes)``."""
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     progress = new_progress(*columns, unit="bytes")
     try:
         task = progress.add_task(description, total=total)

@@ -104,7 +104,9 @@ def _parquet(path: Path) -> list[str]:
     try:
         table = pq.read_table(path, columns=None)
     except (pa.ArrowException, OSError) as e:
-        raise RelufyError(f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise RelufyError(
+            f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        ) from None
     if "text" not in table.column_names:
         raise RelufyError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
     column = table.column("text")
@@ -121,7 +123,9 @@ def _hub(spec: str) -> list[str]:
 
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, bad split: all user-facing
-        raise RelufyError(f"{spec}: cannot load hub dataset ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise RelufyError(
+            f"{spec}: cannot load hub dataset ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        ) from None
     if "text" not in ds.column_names:
         raise RelufyError(f"{spec}: no 'text' column")
     return [t for t in (record_text(v, spec) for v in ds["text"]) if t]

@@ -87,7 +87,8 @@ def run_on_tmpfs(mnt: Path, args: list, size_kb: int | None = None, read_only: b
     relufy = " ".join(shlex.quote(str(a)) for a in [sys.executable, "-m", "relufy", *args])
     script = (
         f"mount -t tmpfs {'-o ' + opts if opts else ''} tmpfs {shlex.quote(str(mnt))} || exit 97; "
-        f"{before.format(mnt=shlex.quote(str(mnt))) or ':'}; {relufy} >/dev/null; code=$?; {after.format(mnt=shlex.quote(str(mnt))) or ':'}; exit $code"
+        f"{before.format(mnt=shlex.quote(str(mnt))) or ':'}; {relufy} >/dev/null; code=$?; "
+        f"{after.format(mnt=shlex.quote(str(mnt))) or ':'}; exit $code"
     )
     proc = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True)
     if proc.returncode == 97:

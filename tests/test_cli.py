@@ -27,8 +27,15 @@ def test_every_option_is_one_model_field():
     from relufy.options import flag_of
     from relufy.train.recipe import TrainOptions
 
-    models = {"convert": ConvertOptions, "info": InfoOptions, "generate": GenerateOptions, "eval": EvalOptions,
-              "export": ExportOptions, "bench": BenchOptions, "train": TrainOptions}  # fmt: skip
+    models = {
+        "convert": ConvertOptions,
+        "info": InfoOptions,
+        "generate": GenerateOptions,
+        "eval": EvalOptions,
+        "export": ExportOptions,
+        "bench": BenchOptions,
+        "train": TrainOptions,
+    }
     group = typer.main.get_command(app)
     assert set(group.commands) == set(models)
     for name, model in models.items():
@@ -40,8 +47,12 @@ def test_every_option_is_one_model_field():
 
 
 def test_export_help_lists_every_field():
-    proc = subprocess.run([sys.executable, "-m", "relufy", "export", "--help"], capture_output=True, text=True,
-                          env={**__import__("os").environ, "COLUMNS": "300"})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "relufy", "export", "--help"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "COLUMNS": "300"},
+    )
     from relufy.export.options import ExportOptions
     from relufy.options import flag_of
 

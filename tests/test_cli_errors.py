@@ -10,7 +10,6 @@ import pytest
 from tiny import save_tiny, tiny_config, tiny_model
 
 
-
 @pytest.fixture
 def src(tmp_path):
     path = tmp_path / "src"
@@ -132,8 +131,9 @@ def test_real_process_has_no_traceback(tmp_path):
     tiny_config("llama").save_pretrained(tmp_path / "src")
     proc = subprocess.run(
         [sys.executable, "-m", "relufy", "convert", str(tmp_path / "src"), str(tmp_path / "out")],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"relufy: error: {tmp_path / 'src'}: no safetensors weights found"]
     assert not (tmp_path / "out").exists()

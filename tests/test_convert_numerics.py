@@ -37,11 +37,18 @@ def remote(tmp_path_factory):
             out = root / f"{family}-{act}"
             relufy.convert(root / family, out, activation=act, threshold=t)
             for impl in IMPLS[family]:
-                jobs.append({"path": str(out), "impl": impl, "ids": input_ids().tolist(),
-                             "out": str(root / f"{family}-{act}-{impl}.pt")})  # fmt: skip
+                jobs.append(
+                    {"path": str(out), "impl": impl, "ids": input_ids().tolist(), "out": str(root / f"{family}-{act}-{impl}.pt")}
+                )
         for trust in (False,):
-            jobs.append({"path": str(root / f"{family}-drelu"), "trust": trust, "ids": input_ids().tolist(),
-                         "out": str(root / f"{family}-untrusted.pt")})  # fmt: skip
+            jobs.append(
+                {
+                    "path": str(root / f"{family}-drelu"),
+                    "trust": trust,
+                    "ids": input_ids().tolist(),
+                    "out": str(root / f"{family}-untrusted.pt"),
+                }
+            )
     (root / "jobs.json").write_text(json.dumps(jobs))
     script = Path(__file__).with_name("remote_logits.py")
     env = {**os.environ, "PYTHONPATH": ""}

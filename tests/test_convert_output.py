@@ -39,9 +39,10 @@ def test_weights_copied_bit_exact_with_side_files(tmp_path, sharded):
     assert len(list(out.glob("*.safetensors"))) > 1
     for f in sharded.glob("*.safetensors"):
         assert (out / f.name).read_bytes() == f.read_bytes()
-    assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"] == json.loads(
-        (sharded / "model.safetensors.index.json").read_text()
-    )["weight_map"]
+    assert (
+        json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        == json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    )
     for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (sharded / name).read_bytes()
     card = (out / "README.md").read_text()

@@ -92,7 +92,7 @@ def test_eval_matches_brute_force(setup, family, converted):
         assert torch.equal(counts[expert], (h != 0).sum(0))
     # per-layer sparsity
     for layer, value in enumerate(result.sparsity["per_layer"]):
-        hs = [h for (l, _, _), h in acts.items() if l == layer]
+        hs = [h for (at, _, _), h in acts.items() if at == layer]
         zeros = sum(int((h == 0).sum()) for h in hs) / sum(h.numel() for h in hs)
         assert value == pytest.approx(zeros, abs=1e-12)
     if converted:
@@ -102,7 +102,7 @@ def test_eval_matches_brute_force(setup, family, converted):
     # per-expert sparsity and router share (MoE)
     if result.moe:
         for i, layer in enumerate(result.moe["layers"]):
-            rows = {e: h for (l, k, e), h in acts.items() if l == layer and k == "experts"}
+            rows = {e: h for (at, k, e), h in acts.items() if at == layer and k == "experts"}
             total = sum(h.shape[0] for h in rows.values())
             for e, value in enumerate(result.moe["per_expert"][i]):
                 if e in rows:

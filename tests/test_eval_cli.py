@@ -22,10 +22,24 @@ def models(tmp_path_factory):
 
 def test_outputs(models, tmp_path, cli):
     code, err, out = cli(
-        "eval", models / "moe", models / "moe-drelu", "--data", models / "text.txt", "--seq-len", 32,
-        "--max-tokens", 300, "--topk", "0,0.5,0.9", "--json", tmp_path / "r.json", "--plot", tmp_path / "plots",
-        "--stats-out", tmp_path / "stats.safetensors",
-    )  # fmt: skip
+        "eval",
+        models / "moe",
+        models / "moe-drelu",
+        "--data",
+        models / "text.txt",
+        "--seq-len",
+        32,
+        "--max-tokens",
+        300,
+        "--topk",
+        "0,0.5,0.9",
+        "--json",
+        tmp_path / "r.json",
+        "--plot",
+        tmp_path / "plots",
+        "--stats-out",
+        tmp_path / "stats.safetensors",
+    )
     assert code == 0, err
     assert "relufy eval" in out and "drelu" in out
     data = json.loads((tmp_path / "r.json").read_text())
@@ -45,8 +59,18 @@ def test_jsonl_equals_text_join(models, tmp_path, cli):
     """.jsonl records joined with blank lines are the same text as the .txt file."""
     results = []
     for data in ("text.txt", "text.jsonl"):
-        code, err, _ = cli("eval", models / "moe-drelu", "--data", models / data, "--seq-len", 32, "--max-tokens", 200,
-                           "--json", tmp_path / f"{data}.json")  # fmt: skip
+        code, err, _ = cli(
+            "eval",
+            models / "moe-drelu",
+            "--data",
+            models / data,
+            "--seq-len",
+            32,
+            "--max-tokens",
+            200,
+            "--json",
+            tmp_path / f"{data}.json",
+        )
         assert code == 0, err
         results.append(json.loads((tmp_path / f"{data}.json").read_text())["models"][0]["ppl"])
     assert results[0] == pytest.approx(results[1])

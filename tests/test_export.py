@@ -16,14 +16,12 @@ from tiny import corpus, save_tiny_with_tokenizer, tiny_model
 
 import relufy
 from relufy.conversion import convert
-from relufy.modeling.predictor import load_predictors
 from relufy.export.calibration import Collector, PredictedOnly
-from relufy.measure.sites import tapped
 from relufy.export.predictors import predictor_metrics, train_predictor
-from relufy.modeling.predictor import Predictor, auto_rank
 from relufy.export.reorder import hottest_first, reorder_
-from relufy.measure.sites import ActivationCounter, ffn_sites, observing
+from relufy.measure.sites import ActivationCounter, ffn_sites, observing, tapped
 from relufy.measure.stats import Stats
+from relufy.modeling.predictor import Predictor, auto_rank, load_predictors
 
 REORDER_FAMILIES = ["llama", "phi3", "gemma2", "mixtral", "qwen2_moe", "deepseek_v3"]
 
@@ -158,8 +156,18 @@ def _remote_logits(tmp_path, paths, ids):
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
 def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
     out = tmp_path / "out"
-    code, err, stdout = cli("export", converted[family], out, "--data", converted["data"], "--reorder", "--predictors", *FAST,
-                            "--json", tmp_path / "report.json")  # fmt: skip
+    code, err, stdout = cli(
+        "export",
+        converted[family],
+        out,
+        "--data",
+        converted["data"],
+        "--reorder",
+        "--predictors",
+        *FAST,
+        "--json",
+        tmp_path / "report.json",
+    )
     assert code == 0, err
     assert "with predicted neurons" in stdout
     # the exported checkpoint loads without relufy and computes what the source computes
@@ -218,7 +226,9 @@ def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
 
 def test_powerinfer_dense_layout(cli, tmp_path, converted):
     out = tmp_path / "pi"
-    code, err, _ = cli("export", converted["llama"], out, "--data", converted["data"], "--predictors", "--layout", "powerinfer", *FAST)
+    code, err, _ = cli(
+        "export", converted["llama"], out, "--data", converted["data"], "--predictors", "--layout", "powerinfer", *FAST
+    )
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "bamboo" and config["architectures"] == ["BambooForCausalLM"]
@@ -254,10 +264,16 @@ def test_powerinfer_dense_layout(cli, tmp_path, converted):
 
 def test_powerinfer_moe_layout_per_expert(cli, tmp_path, converted):
     out = tmp_path / "pi-moe"
-    code, err, _ = cli("export", converted["qwen2_moe"], out, "--data", converted["data"], "--predictors", "--layout", "powerinfer", *FAST)
+    code, err, _ = cli(
+        "export", converted["qwen2_moe"], out, "--data", converted["data"], "--predictors", "--layout", "powerinfer", *FAST
+    )
     assert code == 0, err
     files = sorted(p.name for p in (out / "predictor").iterdir())
-    expected = sorted(["config.json"] + [f"model_{i}.expert_{e}.pt" for i in range(2) for e in range(4)] + [f"model_{i}.shared.pt" for i in range(2)])
+    expected = sorted(
+        ["config.json"]
+        + [f"model_{i}.expert_{e}.pt" for i in range(2) for e in range(4)]
+        + [f"model_{i}.shared.pt" for i in range(2)]
+    )
     assert files == expected
     state = torch.load(out / "predictor" / "model_1.shared.pt", weights_only=True)
     assert state["fc2.weight"].shape[0] == 40  # shared expert width
@@ -268,7 +284,9 @@ def test_powerinfer_moe_layout_per_expert(cli, tmp_path, converted):
 
 def test_export_from_stats_file(cli, tmp_path, converted):
     stats = tmp_path / "stats.safetensors"
-    code, err, _ = cli("eval", converted["llama"], "--data", "builtin:pydoc", "--seq-len", "64", "--max-tokens", "1024", "--stats-out", stats)
+    code, err, _ = cli(
+        "eval", converted["llama"], "--data", "builtin:pydoc", "--seq-len", "64", "--max-tokens", "1024", "--stats-out", stats
+    )
     assert code == 0, err
     code, err, _ = cli("export", converted["llama"], tmp_path / "out", "--stats", stats, "--reorder", "--dtype", "fp16")
     assert code == 0, err

@@ -13,10 +13,10 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from relufy.activations import GATED_ACTIVATIONS
-from relufy.names import ACTIVATIONS as ACTIVATION_NAMES
 from relufy.families import FAMILIES
 from relufy.io.safetensors_index import Checkpoint
 from relufy.io.shard_writer import recoded_chunks
+from relufy.names import ACTIVATIONS as ACTIVATION_NAMES
 
 
 @pytest.mark.parametrize("family", list(FAMILIES.values()), ids=list(FAMILIES))

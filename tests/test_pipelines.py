@@ -1,12 +1,16 @@
-"""The Makefile pipelines: the cluster dry runs, the ablation miniature and a shrunken demo, run
-through make itself, each producing its report from real outputs."""
+"""The Makefile pipelines: the cluster dry runs, the ablation miniature, a shrunken demo, and the
+recovery -> export -> bench chain on a tiny model, run through make itself, each producing its
+report from real outputs; every target's dry run and the documented commands it prints."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +23,17 @@ from relufy.pipelines import cluster
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make(*args, timeout=900):
-    env = {**os.environ, "MAKEFLAGS": ""}
+def make(*args, timeout=900, **env):
+    env = {**os.environ, "MAKEFLAGS": "", **env}
     return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=timeout, env=env,
                           check=False)  # fmt: skip
+
+
+def dry(*args) -> list[str]:
+    """The commands ``make -n`` prints, one per line (continuations joined, spaces collapsed)."""
+    proc = make("-n", *args)
+    assert proc.returncode == 0, proc.stderr
+    return [" ".join(line.split()) for line in proc.stdout.replace("\\\n", " ").splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("name", sorted(cluster.PIPELINES))
@@ -52,8 +63,8 @@ def test_cluster_dry_run_catches_problems(tmp_path, capsys):
     steps = cluster.plan("mistral", tmp_path / "out", 8, str(ROOT / "recipes/accelerate/fsdp2.yaml"), "x")
     steps[1].argv[steps[1].argv.index("train") + 1] = str(path)
     with pytest.raises(RelufyError, match="sparsity.distill, which relufy train refuses under FSDP"):
-        cluster.check("mistral", steps, str(ROOT / "recipes/accelerate/fsdp2.yaml"), 8)
-    assert cluster.check("mistral", steps, str(ROOT / "recipes/accelerate/ddp.yaml"), 8)  # DDP takes it
+        cluster.check(steps, str(ROOT / "recipes/accelerate/fsdp2.yaml"), 8)
+    assert cluster.check(steps, str(ROOT / "recipes/accelerate/ddp.yaml"), 8)  # DDP takes it
     with pytest.raises(SystemExit):
         cluster.main(["gpt2", "--dry-run"])
 
@@ -110,3 +121,136 @@ def test_demo_pipeline_shrunk(tmp_path):
     assert (demo / "steps-2" / "export" / "predictors.safetensors").exists()
     again = make("demo", *args)
     assert again.returncode == 0 and "relufy convert" not in again.stdout and "relufy train" not in again.stdout
+
+
+# The recovery runs behind docs/results.md: each run's overrides, exactly as documented.
+RECOVERY_ARGS = ("budget.max_steps=60 checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0 sparsity.ffn_warmstart.steps=60 "
+                 "sparsity.ffn_warmstart.tokens=8192 sparsity.ffn_warmstart.l1=0 sparsity.l1=0")  # fmt: skip
+RECOVERY_RUNS = {
+    "recovery/plain": f"{RECOVERY_ARGS} sparsity.distill=null sparsity.ffn_warmstart=null",
+    "recovery/warmstart": f"{RECOVERY_ARGS} sparsity.distill=null",
+    "recovery/warmstart-kd": RECOVERY_ARGS,
+    "recovery-hour/full": "",
+    "recovery-hour/plain": "sparsity.distill=null sparsity.ffn_warmstart=null sparsity.l1=0",
+    "recovery-hour/warmstart-l1": "sparsity.distill=null",
+}
+
+
+def recovery_command(runs: Path, run: str) -> str:
+    return " ".join(f".venv/bin/relufy train recipes/smollm2-recovery-cpu.yaml output_dir={runs}/{run} "
+                    f"model.path={runs}/demo/drelu {RECOVERY_RUNS[run]}".split())  # fmt: skip
+
+
+def test_every_target_dry_runs(tmp_path):
+    """make -n of every target works and writes nothing; the recovery commands are the documented
+    ones; bench-sparse makes what it benchmarks first; each pipeline keeps its eval flags."""
+    runs = tmp_path / "runs"
+    database = make("-pq", f"RUNS={runs}").stdout
+    phony = next(line for line in database.splitlines() if line.startswith(".PHONY:")).split()[1:]
+    targets = [t for t in phony if "/" not in t]
+    assert {"demo", "ablation", "recovery-smollm2", "recovery-smollm2-hour", "export-smollm2", "bench-sparse"} <= set(targets)
+    for target in targets:
+        proc = make("-n", target, f"RUNS={runs}")
+        assert proc.returncode == 0, (target, proc.stderr)
+    assert make("-n", "ablation", "ABLATION=300m", f"RUNS={runs}").returncode == 0
+    assert not runs.exists()
+
+    trains = [line for line in dry("recovery-smollm2", "recovery-smollm2-hour", f"RUNS={runs}") if "relufy train" in line]
+    assert trains == [recovery_command(runs, run) for run in RECOVERY_RUNS]
+
+    chain = dry("bench-sparse", f"RUNS={runs}")
+    assert [line.split()[1] for line in chain if line.startswith(".venv/bin/relufy ")] == ["convert", "train", "export", "bench"]
+    assert recovery_command(runs, "recovery/warmstart-kd") in chain
+    assert (f".venv/bin/relufy export {runs}/recovery/warmstart-kd/final {runs}/export/smollm2 --data "
+            f"../shared/data/wikitext-2-raw/wiki.valid.raw --reorder --predictors --json {runs}/export/smollm2.json --force") in chain  # fmt: skip
+    # another model is exported as given, nothing trained for it
+    other = dry("export-smollm2", f"RUNS={runs}", "EXPORT_MODEL=elsewhere/model")
+    assert [line.split()[1] for line in other if line.startswith(".venv/bin/relufy ")] == ["export"]
+
+    evals = [line for target in ("demo", "eval-smollm2", "ablation") for line in dry(target, f"RUNS={runs}") if "relufy eval" in line]
+    assert len(evals) == 4
+    for line in evals[:2]:
+        assert "--data builtin:pydoc --seq-len 512 --max-tokens 4096 --topk 0,0.5,0.8,0.9 --batch-size 4 --json" in line
+    assert ("--data ../shared/data/wikitext-2-raw/wiki.valid.raw --seq-len 512 --max-tokens 16384 "
+            "--topk 0,0.5,0.8,0.85,0.9 --batch-size 4 --json") in evals[2]  # fmt: skip
+    assert "--seq-len 128 --max-tokens 16384 --topk 0,0.5,0.8,0.85,0.9 --batch-size 8 --json" in evals[3]
+
+
+@pytest.fixture(scope="module")
+def tiny_drelu(tmp_path_factory):
+    """A tiny dReLU conversion with its tokenizer, trained by the recovery targets (RECOVERY_MODEL)."""
+    base = tmp_path_factory.mktemp("recovery-model")
+    save_tiny_with_tokenizer("llama", base / "swiglu")
+    subprocess.run([sys.executable, "-m", "relufy", "convert", str(base / "swiglu"), str(base / "drelu")], check=True,
+                   capture_output=True)  # fmt: skip
+    return base / "drelu"
+
+
+# the recipe shrunk to the tiny model: its context, Python's help text, a short warm start; one
+# thread per process (a tiny model on a busy machine crawls with more)
+TINY_ENV = {"OMP_NUM_THREADS": "1"}
+TINY_TRAIN = ("data.seq_len=64 'data.sources=[{data: \"builtin:pydoc\"}]' data.heldout_fraction=0.05 log.every=1 "
+              "optim.warmup_steps=1 sparsity.ffn_warmstart.steps=2 sparsity.ffn_warmstart.tokens=512")  # fmt: skip
+
+
+def trained(stdout: str) -> list[str]:
+    return re.findall(r"relufy train \S+ output_dir=(\S+)", stdout)
+
+
+def test_recovery_export_bench_chain(tmp_path, tiny_drelu):
+    """Recovery runs, export and bench as file targets: each made once, in order, on demand."""
+    runs = tmp_path / "runs"
+    args = [
+        f"RUNS={runs}", f"RECOVERY_MODEL={tiny_drelu}", "WIKITEXT=builtin:pydoc",
+        f"RECOVERY_ARGS=budget.max_steps=2 checkpoint.every=0 {TINY_TRAIN}",
+        "EXPORT_ARGS=--seq-len 32 --max-tokens 1024 --predictor-steps 5",
+        "BENCH_SPARSE_ARGS=--shapes model --threads 1 --repeats 2 --new-tokens 4 --sparsities 0.9 --dtypes fp32",
+    ]  # fmt: skip
+    # bench-sparse makes what it benchmarks: the warm start + distillation run, then its export
+    proc = make("bench-sparse", *args, **TINY_ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert trained(proc.stdout) == [str(runs / "recovery" / "warmstart-kd")] and "relufy convert" not in proc.stdout
+    assert f"relufy export {runs}/recovery/warmstart-kd/final {runs}/export/smollm2 " in proc.stdout
+    assert json.loads((runs / "export" / "smollm2.json").read_text())["ppl_predicted"] > 1
+    assert json.loads((runs / "bench" / "sparse.json").read_text())["ffn"]
+    # recovery-smollm2 trains the two runs still missing
+    proc = make("recovery-smollm2", *args, **TINY_ENV)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert trained(proc.stdout) == [str(runs / "recovery" / run) for run in ("plain", "warmstart")]
+    for run in ("plain", "warmstart", "warmstart-kd"):
+        assert json.loads((runs / "recovery" / run / "summary.json").read_text())["steps"] == 2
+    # a second make does nothing
+    again = make("recovery-smollm2", "export-smollm2", *args)
+    assert again.returncode == 0 and "relufy train" not in again.stdout and "relufy export" not in again.stdout
+    # another EXPORT_MODEL is exported anew, and the default again after it
+    plain = make("export-smollm2", *args, f"EXPORT_MODEL={runs}/recovery/plain/final", **TINY_ENV)
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    assert f"relufy export {runs}/recovery/plain/final " in plain.stdout and not trained(plain.stdout)
+    back = dry("export-smollm2", *args)
+    assert [line.split()[1:3] for line in back if line.startswith(".venv/bin/relufy ")] == [
+        ["export", f"{runs}/recovery/warmstart-kd/final"]
+    ]
+
+
+def test_killed_run_continues(tmp_path, tiny_drelu):
+    """A recovery run killed mid-way: the next make continues it with --resume from its newest
+    checkpoint; a finished run is left alone."""
+    runs = tmp_path / "runs"
+    run = runs / "recovery-hour" / "full"
+    target = str(run / "summary.json")
+    args = [f"RUNS={runs}", f"RECOVERY_MODEL={tiny_drelu}", f"RECOVERY_HOUR_ARGS=budget.max_steps=30 checkpoint.every=2 {TINY_TRAIN}"]
+    proc = subprocess.Popen(["make", "--no-print-directory", "-C", str(ROOT), target, *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "MAKEFLAGS": "", **TINY_ENV}, start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "step-00000002").exists():
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # make and relufy train
+    proc.wait()
+    assert (run / "run.json").exists() and not (run / "summary.json").exists(), "the run finished before it was killed"
+    resumed = make(target, *args, **TINY_ENV)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert trained(resumed.stdout) == [str(run)] and resumed.stdout.rstrip().endswith(f"wrote {run}/final")
+    assert " --resume\n" in resumed.stdout and "resuming from" in resumed.stderr
+    assert json.loads((run / "summary.json").read_text())["steps"] == 30
+    again = make(target, *args)
+    assert again.returncode == 0 and not trained(again.stdout)

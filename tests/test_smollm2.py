@@ -34,8 +34,16 @@ def smol(tmp_path_factory):
 def test_gguf_conversion_writes_a_full_checkpoint(smol):
     out = smol["drelu"]
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-            "generation_config.json", "modeling_relufy.py", "README.md"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "modeling_relufy.py",
+        "README.md",
+    } <= names
     info = relufy.info(out)
     assert (info.family, info.layers, info.hidden_size, info.ffn_size) == ("llama", 30, 576, 1536)
     assert info.activation == "drelu" and 134_000_000 < info.params_total < 135_000_000
@@ -57,8 +65,9 @@ def test_drelu_loads_without_relufy_and_generates(smol):
     job = [{"path": str(smol["drelu"]), "ids": ids.tolist(), "out": str(smol["root"] / "remote.pt")}]
     (smol["root"] / "jobs.json").write_text(json.dumps(job))
     script = Path(__file__).with_name("remote_logits.py")
-    subprocess.run([sys.executable, str(script), str(smol["root"] / "jobs.json")], check=True,
-                   env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(script), str(smol["root"] / "jobs.json")], check=True, env={**os.environ, "PYTHONPATH": ""}
+    )
     remote = torch.load(smol["root"] / "remote.pt", weights_only=True)
     assert "error" not in remote, remote.get("error")
     model = relufy.load(smol["drelu"], dtype=torch.float32).eval()

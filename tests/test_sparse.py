@@ -7,8 +7,8 @@ import torch
 from tiny import tiny_model
 
 import relufy
-from relufy.modeling.predictor import Predictor
 from relufy.measure.sites import ffn_sites
+from relufy.modeling.predictor import Predictor
 from relufy.sparse import kernels
 from relufy.sparse.engine import sparse_decoding
 from relufy.sparse.ffn import SparseFFN
@@ -100,7 +100,7 @@ def test_predictor_mode(backend):
             got = model(ids).logits
         with sparse_decoding(model, "predictor", keep_none, predictor_threshold=1.0):
             none = model(ids).logits
-        for site, module in ffn_sites(model):  # without FFNs: the model's own output with FFNs zeroed
+        for _, module in ffn_sites(model):  # without FFNs: the model's own output with FFNs zeroed
             module.relufy_observer = lambda m, c, e: c * 0
         no_ffn = model(ids).logits
     torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-4)
@@ -123,8 +123,8 @@ def models(tmp_path_factory):
     from tiny import corpus, save_tiny_with_tokenizer
 
     from relufy.conversion import convert
-    from relufy.export.pipeline import export
     from relufy.export.options import ExportOptions
+    from relufy.export.pipeline import export
 
     root = tmp_path_factory.mktemp("sparse")
     save_tiny_with_tokenizer("llama", root / "llama")
@@ -139,10 +139,14 @@ def models(tmp_path_factory):
 def test_generate_sparse(cli, models):
     code, err, dense = cli("generate", models / "drelu", "--prompt", "The function", "--max-new-tokens", "8", "--no-chat")
     assert code == 0, err
-    code, err, exact = cli("generate", models / "drelu", "--prompt", "The function", "--max-new-tokens", "8", "--no-chat", "--sparse", "exact")
+    code, err, exact = cli(
+        "generate", models / "drelu", "--prompt", "The function", "--max-new-tokens", "8", "--no-chat", "--sparse", "exact"
+    )
     assert code == 0, err
     assert exact == dense and "tokens/s, sparse exact" in err
-    code, err, _ = cli("generate", models / "exported", "--prompt", "The function", "--max-new-tokens", "8", "--no-chat", "--sparse", "predictor")
+    code, err, _ = cli(
+        "generate", models / "exported", "--prompt", "The function", "--max-new-tokens", "8", "--no-chat", "--sparse", "predictor"
+    )
     assert code == 0 and "sparse predictor" in err
 
 
@@ -161,9 +165,28 @@ def test_generate_sparse_errors(cli, models, args, needle):
 
 def test_bench_command(cli, models, tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    code, err, _ = cli("bench", models / "exported", "--stats", models / "exported" / "sparsity.safetensors", "--shapes", "model,64x256",
-                       "--dtypes", "fp32,bf16", "--threads", "1", "--sparsities", "0.5,0.9", "--repeats", "2", "--new-tokens", "4",
-                       "--json", out, "--plot", png)  # fmt: skip
+    code, err, _ = cli(
+        "bench",
+        models / "exported",
+        "--stats",
+        models / "exported" / "sparsity.safetensors",
+        "--shapes",
+        "model,64x256",
+        "--dtypes",
+        "fp32,bf16",
+        "--threads",
+        "1",
+        "--sparsities",
+        "0.5,0.9",
+        "--repeats",
+        "2",
+        "--new-tokens",
+        "4",
+        "--json",
+        out,
+        "--plot",
+        png,
+    )
     assert code == 0, err
     import json
 
@@ -192,8 +215,14 @@ def test_bench_case_has_the_sparsity_it_claims():
     assert ((torch.relu(g) * torch.relu(u)) != 0).float().mean().item() == pytest.approx(0.1, abs=1e-3)
 
 
-@pytest.mark.parametrize("args, needle", [(("--sparsities", "1.5"), "--sparsities: sparsity levels must lie in"), (("--shapes", "huge"), "is not 7b, model or HxI"),
-                                          (("--dtypes", "fp8"), "--dtypes: Input should be")])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (("--sparsities", "1.5"), "--sparsities: sparsity levels must lie in"),
+        (("--shapes", "huge"), "is not 7b, model or HxI"),
+        (("--dtypes", "fp8"), "--dtypes: Input should be"),
+    ],
+)
 def test_bench_errors(cli, args, needle):
     code, err, _ = cli("bench", "--shapes", "7b", *args) if "--shapes" not in args else cli("bench", *args)
     assert code == 2 and needle in err and "Traceback" not in err

@@ -34,12 +34,22 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "qwen2_moe": dict(num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40, **MOE),
     "qwen3_moe": dict(num_experts=4, moe_intermediate_size=24, **MOE),
     "deepseek_v3": dict(
-        n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=24, first_k_dense_replace=1,
-        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        n_group=1, topk_group=1, num_experts_per_tok=2, num_key_value_heads=4,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        moe_intermediate_size=24,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        num_key_value_heads=4,
     ),
     "olmoe": dict(num_experts=4, **MOE),
-}  # fmt: skip
+}
 FAMILIES = list(FAMILY_CONFIGS)
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "olmoe"]
 
@@ -81,9 +91,7 @@ def tiny_tokenizer(vocab_size: int = COMMON["vocab_size"]):
         vocab_size=vocab_size, limit_alphabet=vocab_size - 20, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]
     )
     tok.train_from_iterator([corpus()[:200_000]], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def save_tiny_with_tokenizer(family: str, path, seed: int = 0, **overrides):

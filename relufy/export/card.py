@@ -21,7 +21,10 @@ def _plots(tmp: Path, result) -> list[str]:
     ax.bar(range(len(per_layer)), [100 * s for s in per_layer], color="tab:blue", label="zeros (measured)")
     if result.predictors:
         layers = sorted({p["layer"] for p in result.predictors})
-        pred = [_mean([p["predicted_sparsity"] for p in result.predictors if p["layer"] == L and "predicted_sparsity" in p]) for L in layers]
+        pred = [
+            _mean([p["predicted_sparsity"] for p in result.predictors if p["layer"] == L and "predicted_sparsity" in p])
+            for L in layers
+        ]
         recall = [_mean([p["recall"] for p in result.predictors if p["layer"] == L and "recall" in p]) for L in layers]
         ax.plot(layers, [100 * v for v in pred], "o-", color="tab:orange", label="predicted sparsity")
         ax.plot(layers, [100 * v for v in recall], "s-", color="tab:green", label="predictor recall")
@@ -75,6 +78,10 @@ Predictors (if any) are in `predictors.safetensors` (listed in the index; transf
 def write_card(tmp: Path, config: dict, family, options, result) -> None:
     plots = _plots(tmp, result)
     block = RelufyBlock.read(config)
+    order = "in their original order"
+    if result.reordered:
+        experts = " and expert" if family.is_moe else ""
+        order = f"reordered hottest first per FFN{experts} (permutation in sparsity.safetensors); the function is unchanged"
     lines = [
         "---",
         "library_name: transformers",
@@ -87,8 +94,9 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         "",
         "## What was done",
         f"- Activation statistics from {'`' + options.stats + '`' if options.stats else '`' + str(options.data) + '`'}: "
-        f"{result.sparsity['overall']:.1%} of FFN neurons are exactly zero per token (mean over layers {result.sparsity['mean']:.1%}).",
-        f"- Neurons {'reordered hottest first per FFN' + (' and expert' if family.is_moe else '') + ' (permutation in sparsity.safetensors); the function is unchanged' if result.reordered else 'in their original order'}.",
+        f"{result.sparsity['overall']:.1%} of FFN neurons are exactly zero per token "
+        f"(mean over layers {result.sparsity['mean']:.1%}).",
+        f"- Neurons {order}.",
     ]
     if result.predictors:
         recalls = [p["recall"] for p in result.predictors if "recall" in p]
@@ -107,6 +115,17 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         for m in models:
             topk = ", ".join(f"{p['sparsity']:.0%}: {p['ppl']:.2f}" for p in m.get("topk", []))
             lines.append(f"| `{Path(m['model']).name}` | {m['ppl']:.2f} | {m['sparsity']['overall']:.1%} | {topk} |")
-    lines += ["", "## Sparsity per layer", "", *(f"![{p}]({p})" for p in plots), "", _layer_table(result), "",
-              "## How to load", "", _load_snippet(options, family), ""]  # fmt: skip
+    lines += [
+        "",
+        "## Sparsity per layer",
+        "",
+        *(f"![{p}]({p})" for p in plots),
+        "",
+        _layer_table(result),
+        "",
+        "## How to load",
+        "",
+        _load_snippet(options, family),
+        "",
+    ]
     (tmp / "README.md").write_text("\n".join(lines))

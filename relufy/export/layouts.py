@@ -31,18 +31,12 @@ from pathlib import Path
 import torch
 
 from ..modeling.remote import base_config_dict
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_CONFIG_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-INDEX = "model.safetensors.index.json"
-PREDICTORS_FILE = "predictors.safetensors"
+from ..names import INDEX_FILE, MODELING_FILE, PREDICTORS_FILE, SPARSITY_FILE, dtype_of_config, torch_dtype
 
 
 def target_dtype(option: str, config: dict) -> torch.dtype:
-    if option != "keep":
-        return DTYPES[option]
-    name = str(config.get("dtype") or config.get("torch_dtype") or "float32").replace("torch.", "")
-    return DTYPES[_CONFIG_DTYPES.get(name, "fp32")]
+    """The torch dtype of OUT: ``option``, or with ``keep`` the one config.json records."""
+    return torch_dtype(dtype_of_config(config) if option == "keep" else option)
 
 
 def predictor_prefix(site, expert: int) -> str:
@@ -63,9 +57,13 @@ def write_sparsity(path: Path, stats, perms: dict, predictors: dict, options) ->
         key = f"layers.{site.layer}.{site.kind}"
         extra[f"{key}.frequency"] = (counts.double() / tokens.clamp_min(1).double()[:, None]).float()
         perm = perms.get(site)
-        extra[f"{key}.permutation"] = (perm if perm is not None else torch.arange(site.width).expand(site.experts, -1)).contiguous().long()
+        extra[f"{key}.permutation"] = (
+            (perm if perm is not None else torch.arange(site.width).expand(site.experts, -1)).contiguous().long()
+        )
         if predictors:
-            extra[f"{key}.predictor_rank"] = torch.tensor([predictors[(site, e)].fc1.weight.shape[0] for e in range(site.experts)])
+            extra[f"{key}.predictor_rank"] = torch.tensor(
+                [predictors[(site, e)].fc1.weight.shape[0] for e in range(site.experts)]
+            )
     meta = {"predictor_threshold": options.predictor_threshold, "predictor_input": options.predictor_input} if predictors else {}
     stats.save(path, extra, meta)
 
@@ -75,7 +73,7 @@ def _export_block(options, result) -> dict:
         "layout": options.layout,
         "reordered": result.reordered,
         "sparsity": {"overall": result.sparsity["overall"], "per_layer": result.sparsity["per_layer"]},
-        "sparsity_file": "sparsity.safetensors",
+        "sparsity_file": SPARSITY_FILE,
     }
     if result.predictors:
         recalls = [p["recall"] for p in result.predictors if "recall" in p]
@@ -99,7 +97,7 @@ def _write_hf_predictors(tmp: Path, predictors: dict, dtype) -> None:
         tensors[f"{prefix}.predictor.fc1.weight"] = p.fc1.weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{prefix}.predictor.fc2.weight"] = p.fc2.weight.detach().to("cpu", dtype).contiguous()
     save_file(tensors, str(tmp / PREDICTORS_FILE), metadata={"format": "pt"})
-    index_path = tmp / INDEX
+    index_path = tmp / INDEX_FILE
     if index_path.exists():
         index = json.loads(index_path.read_text())
     else:  # one shard: make the index that lists both files
@@ -169,18 +167,22 @@ def write_layout(tmp: Path, model, tokenizer, family, options, result, stats, pe
         _write_hf_predictors(tmp, predictors, dtype)
     if options.layout == "powerinfer":
         if powerinfer_dense:
-            (tmp / "config.json").write_text(json.dumps(_powerinfer_config(written, family.powerinfer_arch), indent=2, sort_keys=True) + "\n")
-            (tmp / "modeling_relufy.py").unlink(missing_ok=True)
+            (tmp / "config.json").write_text(
+                json.dumps(_powerinfer_config(written, family.powerinfer_arch), indent=2, sort_keys=True) + "\n"
+            )
+            (tmp / MODELING_FILE).unlink(missing_ok=True)
             _write_bpe_files(tmp)
         (tmp / "predictor").mkdir()
         (tmp / "activation").mkdir()
         for (site, e), p in predictors.items():
-            state = {"fc1.weight": p.fc1.weight.detach().to("cpu", torch.float16).contiguous(),
-                     "fc2.weight": p.fc2.weight.detach().to("cpu", torch.float16).contiguous()}  # fmt: skip
+            state = {
+                "fc1.weight": p.fc1.weight.detach().to("cpu", torch.float16).contiguous(),
+                "fc2.weight": p.fc2.weight.detach().to("cpu", torch.float16).contiguous(),
+            }
             torch.save(state, tmp / "predictor" / f"model_{_file_stem(site, e)}.pt")
         (tmp / "predictor" / "config.json").write_text(json.dumps({"sparse_threshold": options.predictor_threshold}) + "\n")
         for site, (counts, _) in stats.sites.items():
             for e in range(site.experts):
                 torch.save(counts[e].float().contiguous(), tmp / "activation" / f"activation_{_file_stem(site, e)}.pt")
-    write_sparsity(tmp / "sparsity.safetensors", stats, perms, predictors, options)
+    write_sparsity(tmp / SPARSITY_FILE, stats, perms, predictors, options)
     write_card(tmp, written, family, options, result)

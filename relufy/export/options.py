@@ -19,24 +19,38 @@ class ExportOptions(Options):
     )
     dtype: Literal[("keep", *DTYPES)] = Field("keep", description="Weight dtype of OUT (keep: the model's own).")
     stats: str | None = Field(None, description="Statistics from `relufy eval --stats-out` (the model's own neuron order).")
-    data: str | None = Field(None, description="Calibration text (same specs as `relufy eval --data`): profiles the model "
-                             "when --stats is not given, and trains and scores predictors.")  # fmt: skip
+    data: str | None = Field(
+        None,
+        description="Calibration text (same specs as `relufy eval --data`): profiles the model "
+        "when --stats is not given, and trains and scores predictors.",
+    )
     seq_len: int = Field(512, ge=2, description="Tokens per calibration window.")
     max_tokens: int | None = Field(32768, ge=2, description="Calibration tokens read from --data (None: all).")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Last fraction of calibration windows held out to score predictors.")
+    heldout_fraction: float = Field(
+        0.1, gt=0, lt=1, description="Last fraction of calibration windows held out to score predictors."
+    )
     reorder: bool = Field(False, description="Permute each FFN's neurons (per expert) hottest first; the function is unchanged.")
     predictors: bool = Field(False, description="Train a predictor fc2(relu(fc1(x))) per FFN (per expert).")
     predictor_input: Literal["residual", "ffn"] = Field(
-        "residual", description="residual: the residual stream entering the FFN's norm (PowerInfer's convention); ffn: the FFN's input."
+        "residual",
+        description="residual: the residual stream entering the FFN's norm (PowerInfer's convention); ffn: the FFN's input.",
     )
     predictor_rank: int | None = Field(None, ge=1, description="Rank of every predictor; None: per layer from its sparsity.")
-    predictor_budget: float = Field(0.5, gt=0, description="Automatic rank: predictor cost as a fraction of the FFN work left at the layer's sparsity.")
-    predictor_threshold: float = Field(0.0, description="A neuron is predicted active when its score >= this (PowerInfer's sparse_threshold).")
+    predictor_budget: float = Field(
+        0.5, gt=0, description="Automatic rank: predictor cost as a fraction of the FFN work left at the layer's sparsity."
+    )
+    predictor_threshold: float = Field(
+        0.0, description="A neuron is predicted active when its score >= this (PowerInfer's sparse_threshold)."
+    )
     predictor_steps: int = Field(300, ge=1, description="Adam steps per predictor.")
     predictor_lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine to a tenth).")
     predictor_batch: int = Field(1024, ge=1, description="Tokens per predictor training step.")
-    predictor_pos_weight: float | None = Field(None, gt=0, description="Weight of active neurons in the BCE; None: negatives/positives of the layer.")
-    predictor_tokens: int = Field(16384, ge=16, description="At most this many training tokens per predictor (memory: tokens x hidden x 4 bytes each).")
+    predictor_pos_weight: float | None = Field(
+        None, gt=0, description="Weight of active neurons in the BCE; None: negatives/positives of the layer."
+    )
+    predictor_tokens: int = Field(
+        16384, ge=16, description="At most this many training tokens per predictor (memory: tokens x hidden x 4 bytes each)."
+    )
     min_expert_tokens: int = Field(32, ge=1, description="Experts routed fewer calibration tokens get an all-active predictor.")
     eval_json: str | None = Field(None, description="`relufy eval --json` output to quote in the model card.")
     batch_size: int = Field(1, ge=1, description="Windows per forward pass while profiling.")

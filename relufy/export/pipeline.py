@@ -73,7 +73,9 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
         raise RelufyError("--predictors needs calibration text: give --data SPEC")
     if options.layout == "powerinfer":
         if not options.predictors:
-            raise RelufyError("layout powerinfer needs predictors (PowerInfer's converter takes a predictor folder): add --predictors")
+            raise RelufyError(
+                "layout powerinfer needs predictors (PowerInfer's converter takes a predictor folder): add --predictors"
+            )
         if not family.is_moe:
             if family.powerinfer_arch is None or activation != "drelu":
                 takes = "/".join(f.model_type for f in FAMILIES.values() if f.powerinfer_arch)
@@ -84,10 +86,15 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
             rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
             rope_type = rope.get("rope_type") or rope.get("type") or "default"
             if rope_type not in POWERINFER_ROPE:
-                raise RelufyError(f"layout powerinfer: PowerInfer's converter cannot take rope type {rope_type!r} (only {', '.join(POWERINFER_ROPE)})")
+                raise RelufyError(
+                    f"layout powerinfer: PowerInfer's converter cannot take rope type {rope_type!r} "
+                    f"(only {', '.join(POWERINFER_ROPE)})"
+                )
     hidden = config.get("hidden_size")
     if options.predictors and options.predictor_rank and isinstance(hidden, int) and options.predictor_rank > hidden:
-        raise RelufyError(f"--predictor-rank {options.predictor_rank} exceeds the model's hidden size {hidden} (no cheaper than the FFN's gate)")
+        raise RelufyError(
+            f"--predictor-rank {options.predictor_rank} exceeds the model's hidden size {hidden} (no cheaper than the FFN's gate)"
+        )
     if options.eval_json is not None:
         _read_eval(options.eval_json)
     return config, family
@@ -111,8 +118,6 @@ def _site_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> list[float]:
 def export(path: str, out: str | Path, options: ExportOptions, show_progress: bool = True) -> ExportResult:
     """``relufy export``: MODEL at ``path`` exported to ``out`` as ``options`` say (see the module
     docstring for the steps); the summary also goes to ``options.json_out`` when given."""
-    from ..text import load_texts, tokenize, windows
-    from ..modeling.tokenizer import load_tokenizer
     from ..io.atomic import atomic_dir
     from ..io.paths import check_output_dir, check_output_file
     from ..io.source import local_inputs, resolve
@@ -120,9 +125,11 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
     from ..measure.sites import ActivationCounter, ffn_sites, observing, tapped
     from ..measure.stats import Stats
     from ..modeling.load import load, skeleton
+    from ..modeling.predictor import Predictor, auto_rank
+    from ..modeling.tokenizer import load_tokenizer
+    from ..text import load_texts, tokenize, windows
     from .calibration import Collector, PredictedOnly
     from .layouts import write_layout
-    from ..modeling.predictor import Predictor, auto_rank
     from .predictors import predictor_metrics, train_predictor
     from .reorder import reorder_
 
@@ -155,7 +162,9 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
             ids = tokenize(texts, tokenizer, options.max_tokens)
             wins = windows(ids, options.seq_len)
             if options.predictors and len(wins) < 2:
-                raise RelufyError(f"{options.data}: too little text to hold out predictor data (need 2 windows of {options.seq_len} tokens)")
+                raise RelufyError(
+                    f"{options.data}: too little text to hold out predictor data (need 2 windows of {options.seq_len} tokens)"
+                )
 
         def task(name, windows_):
             if progress is None:
@@ -181,14 +190,22 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
         result_stats = Stats(
             counts,
             positions,
-            {"model": path, "data": options.data or options.stats, "family": family.model_type,
-             "activation": RelufyBlock.read(model.config).activation},  # fmt: skip
+            {
+                "model": path,
+                "data": options.data or options.stats,
+                "family": family.model_type,
+                "activation": RelufyBlock.read(model.config).activation,
+            },
         )
         per_layer = result_stats.layer_sparsity()
         result = ExportResult(
             out=out,
             layout=options.layout,
-            sparsity={"overall": result_stats.overall_sparsity(), "mean": sum(per_layer) / len(per_layer), "per_layer": per_layer},
+            sparsity={
+                "overall": result_stats.overall_sparsity(),
+                "mean": sum(per_layer) / len(per_layer),
+                "per_layer": per_layer,
+            },
             reordered=options.reorder,
         )
 
@@ -215,9 +232,15 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
                     predictor = predictor.to(device).eval().requires_grad_(False)
                 else:
                     predictor = train_predictor(
-                        x, y, rank, options.predictor_steps, options.predictor_lr, options.predictor_batch,
-                        options.predictor_pos_weight, options.seed,
-                    )  # fmt: skip
+                        x,
+                        y,
+                        rank,
+                        options.predictor_steps,
+                        options.predictor_lr,
+                        options.predictor_batch,
+                        options.predictor_pos_weight,
+                        options.seed,
+                    )
                 predictors[(site, e)] = predictor
                 if progress:
                     progress.advance(t, 1)
@@ -226,10 +249,14 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
             with tapped(model, sites, options.predictor_input) as tap:
                 dense_top1, predicted_top1 = [], []
                 with observing(model, lambda s: Collector(s, tap, options.predictor_tokens)) as collector:
-                    nll, count = score(model, held_wins, options.batch_size, device, task("held-out dense", held_wins), dense_top1)
+                    nll, count = score(
+                        model, held_wins, options.batch_size, device, task("held-out dense", held_wins), dense_top1
+                    )
                 held = collector.data()
                 with observing(model, lambda s: PredictedOnly(s, tap, predictors, options.predictor_threshold)) as masked:
-                    nll_p, _ = score(model, held_wins, options.batch_size, device, task("held-out predicted", held_wins), predicted_top1)
+                    nll_p, _ = score(
+                        model, held_wins, options.batch_size, device, task("held-out predicted", held_wins), predicted_top1
+                    )
             same = sum(int((a == b).sum()) for a, b in zip(dense_top1, predicted_top1, strict=True))
             result.top1_agreement = same / sum(a.numel() for a in dense_top1)
             result.ppl_dense, result.ppl_predicted = math.exp(nll / count), math.exp(nll_p / count)
@@ -237,8 +264,12 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
             result.missed_active = masked.missed / max(masked.active, 1)
             result.heldout_tokens = count
             for (site, e), predictor in predictors.items():
-                row = {"layer": site.layer, "kind": site.kind, "expert": e if site.routed else None,
-                       "rank": predictor.fc1.weight.shape[0]}  # fmt: skip
+                row = {
+                    "layer": site.layer,
+                    "kind": site.kind,
+                    "expert": e if site.routed else None,
+                    "rank": predictor.fc1.weight.shape[0],
+                }
                 if (site, e) in held:
                     row.update(predictor_metrics(predictor, *held[(site, e)], options.predictor_threshold).as_dict())
                 result.predictors.append(row)

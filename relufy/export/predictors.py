@@ -3,9 +3,10 @@
 A predictor scores every neuron of its FFN from the token's predictor input; a neuron is
 predicted active when its score is at least the threshold (default 0, i.e. sigmoid probability
 >= 0.5), PowerInfer's rule. A predictor of all zeros therefore keeps every neuron (used for
-experts that saw too few calibration tokens). Trained with class-weighted binary cross-entropy on "combined activation != 0" labels: active neurons are the minority and missing
-one costs quality, so positives weigh ``pos_weight`` times more (default: the negative/positive
-ratio of the layer, which balances both classes).
+experts that saw too few calibration tokens). Trained with class-weighted binary cross-entropy
+on "combined activation != 0" labels: active neurons are the minority and missing one costs
+quality, so positives weigh ``pos_weight`` times more (default: the negative/positive ratio of
+the layer, which balances both classes).
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ class PredictorMetrics:
         return {k: getattr(self, k) for k in ("recall", "precision", "predicted_sparsity", "sparsity", "tokens")}
 
 
-def predictor_metrics(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, threshold: float, batch: int = 4096) -> PredictorMetrics:
+def predictor_metrics(
+    predictor: Predictor, x: torch.Tensor, y: torch.Tensor, threshold: float, batch: int = 4096
+) -> PredictorMetrics:
     tp = fp = fn = kept = active = 0
     with torch.no_grad():
         for i in range(0, x.shape[0], batch):

@@ -159,7 +159,9 @@ def check_free_space(out: Path, nbytes: int) -> None:
         parent = parent.parent
     free = shutil.disk_usage(parent).free
     if nbytes > free:
-        raise RelufyError(f"no space left on device for {out}: it needs {nbytes / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free")
+        raise RelufyError(
+            f"no space left on device for {out}: it needs {nbytes / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free"
+        )
 
 
 def _publish(tmp: Path, out: Path, force: bool) -> None:

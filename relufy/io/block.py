@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import RelufyError
 from ..names import ACTIVATIONS, SPARSITY_FILE
 
-
 CORE_FIELDS = ("activation", "threshold", "base_model_type", "base_architectures", "base_activation", "source", "relufy_version")
 
 
@@ -26,7 +25,9 @@ class _Block(BaseModel):
 
 
 class PredictorsInfo(_Block):
-    input: Literal["residual", "ffn"] = Field("residual", description="What the predictors read (see relufy.measure.sites.InputTap).")
+    input: Literal["residual", "ffn"] = Field(
+        "residual", description="What the predictors read (see relufy.measure.sites.InputTap)."
+    )
     threshold: float = Field(0.0, description="A neuron is computed when its predictor score is at least this.")
 
 

@@ -33,9 +33,8 @@ from typing import Any
 
 from ..errors import RelufyError
 from ..families import family_for
-from .safetensors_index import INDEX_FILE
+from ..names import INDEX_FILE, dtype_choice, torch_dtype
 
-TORCH_DTYPES = {"keep": "float32", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _ST_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _ST_ORDER = ("F64", "F32", "BF16", "F16")  # safetensors' order of dtypes in a file (then by name)
 _DEQUANT_VALUES = 1 << 22  # quantized rows are dequantized about this many values at a time
@@ -146,9 +145,11 @@ class _Gguf:
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        if dtype not in TORCH_DTYPES:
-            raise RelufyError(f"unknown dtype {dtype!r}; choose from {', '.join(TORCH_DTYPES)}")
-        self.path, self.dtype = path, getattr(torch, TORCH_DTYPES[dtype])
+        try:
+            dtype_choice(dtype)
+        except ValueError as e:
+            raise RelufyError(str(e)) from None
+        self.path, self.dtype = path, torch_dtype("fp32" if dtype == "keep" else dtype)  # GGUF weights come out float32
         self.reader, architecture = _open_reader(path)
         try:  # AutoConfig's steps, keeping the metadata dict from_pretrained gives the tensor processors
             raw_config, kwargs = PreTrainedConfig.get_config_dict(path.parent, gguf_file=path.name)

@@ -93,10 +93,14 @@ def _download(repo_id: str) -> Source:
         shards = sorted(set(read_index(index, folder).values())) if index.exists() else ["model.safetensors"]
         folder = snapshot_download(repo_id, allow_patterns=patterns + shards)
     except RepositoryNotFoundError:
-        raise RelufyError(f"{repo_id}: no such local folder, and no such model on the Hugging Face Hub (or it is gated)") from None
+        raise RelufyError(
+            f"{repo_id}: no such local folder, and no such model on the Hugging Face Hub (or it is gated)"
+        ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RelufyError(f"{repo_id}: no such local folder, and could not download it from the Hugging Face Hub ({first})") from None
+        raise RelufyError(
+            f"{repo_id}: no such local folder, and could not download it from the Hugging Face Hub ({first})"
+        ) from None
     return Source(Path(folder), repo_id)
 
 

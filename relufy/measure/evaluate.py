@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel
 
-from ..text import Window, load_texts, tokenize, windows
 from ..errors import RelufyError
 from ..io.block import RelufyBlock
 from ..names import torch_dtype
+from ..text import Window, load_texts, tokenize, windows
 from .options import EvalOptions
 from .sites import ActivationCounter, TopKMask, observing
 from .stats import Stats
@@ -52,7 +52,9 @@ def parse_device(name: str) -> torch.device:
     except (RuntimeError, ValueError):
         raise RelufyError(f"--device {name}: not a device (auto, cpu, cuda, cuda:N, mps)") from None
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise RelufyError(f"--device {name}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA GPU(s)")
+        raise RelufyError(
+            f"--device {name}: this machine has {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} CUDA GPU(s)"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise RelufyError(f"--device {name}: MPS is not available here")
     if device.type not in ("cpu", "cuda", "mps"):
@@ -69,8 +71,8 @@ def _device_dtype(options: EvalOptions) -> tuple[torch.device, torch.dtype]:
 
 def check_model(path: str, options: EvalOptions) -> None:
     """Config-only checks, so that a bad model or option fails before any weights load."""
-    from ..modeling.spec import base_config
     from ..io.source import resolve
+    from ..modeling.spec import base_config
 
     _, config = base_config(resolve(path).config_dict())
     limit = getattr(config, "max_position_embeddings", None)
@@ -95,7 +97,9 @@ def score(model, wins: list[Window], batch_size: int, device, advance=None, top1
                 if top1 is not None:
                     top1.append(logits.argmax(-1).cpu())
                 target = labels[:, 1:]
-                nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"))
+                nll += float(
+                    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+                )
                 count += int((target != -100).sum())
                 if advance:
                     advance(ids.numel())
@@ -103,8 +107,8 @@ def score(model, wins: list[Window], batch_size: int, device, advance=None, top1
 
 
 def evaluate_model(path: str, options: EvalOptions, texts: list[str], progress=None) -> tuple[ModelEval, Stats]:
-    from ..modeling.tokenizer import load_tokenizer
     from ..modeling.load import load
+    from ..modeling.tokenizer import load_tokenizer
 
     device, dtype = _device_dtype(options)
     tokenizer = load_tokenizer(path)
@@ -135,7 +139,13 @@ def evaluate_model(path: str, options: EvalOptions, texts: list[str], progress=N
     stats = Stats(
         counter.result(),
         positions,
-        {"model": path, "data": options.data, "seq_len": options.seq_len, "family": block.base_model_type, "activation": block.activation},
+        {
+            "model": path,
+            "data": options.data,
+            "seq_len": options.seq_len,
+            "family": block.base_model_type,
+            "activation": block.activation,
+        },
     )
     per_layer = stats.layer_sparsity()
     fraction, fraction_per_layer = stats.active_param_fraction()

@@ -13,7 +13,9 @@ from ..options import Options, option_field
 class EvalOptions(Options):
     """How ``relufy eval`` reads data, scores models and where it writes the results."""
 
-    data: str = option_field(description="Text file, .jsonl (text field), .parquet (text column), hub NAME:CONFIG:SPLIT or builtin:pydoc.")
+    data: str = option_field(
+        description="Text file, .jsonl (text field), .parquet (text column), hub NAME:CONFIG:SPLIT or builtin:pydoc."
+    )
     seq_len: int = option_field(512, ge=2, description="Tokens per window (BOS included).")
     stride: int | None = option_field(None, ge=1, description="New tokens scored per window (default: seq-len - 1).")
     max_tokens: int | None = option_field(None, ge=2, description="Use only the first N tokens of the data.")

@@ -90,8 +90,12 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
         for r in results:
             xs = [100 * p["sparsity"] for p in r.topk]
             ax.plot(xs, [p["ppl"] for p in r.topk], marker="o", label=_label(r))
-        ax.set(xlabel="top-k sparsity (% of FFN neurons dropped per token)", ylabel="perplexity", yscale="log",
-               title="Perplexity vs activation sparsity (paper Eq. 3/4)")  # fmt: skip
+        ax.set(
+            xlabel="top-k sparsity (% of FFN neurons dropped per token)",
+            ylabel="perplexity",
+            yscale="log",
+            title="Perplexity vs activation sparsity (paper Eq. 3/4)",
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
@@ -115,7 +119,9 @@ def run_eval(models: list[str], options: EvalOptions) -> list[ModelEval]:
     targets = []
     if options.stats_out is not None:
         first = check_output_file(options.stats_out, inputs, "--stats-out")
-        targets = [first] if len(models) == 1 else [first.with_name(f"{first.stem}.{i}{first.suffix}") for i in range(len(models))]
+        targets = (
+            [first] if len(models) == 1 else [first.with_name(f"{first.stem}.{i}{first.suffix}") for i in range(len(models))]
+        )
         targets = [check_output_file(t, inputs, "--stats-out") for t in targets]
     results = evaluate(models, options)
     print_table([r for r, _ in results])

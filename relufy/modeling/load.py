@@ -7,8 +7,8 @@ from pathlib import Path
 from ..errors import RelufyError
 from ..families import family_for
 from ..io.block import RelufyBlock
-from .ffn import swap_ffn
 from ..names import is_identity
+from .ffn import swap_ffn
 
 
 def swap_activation(model, activation: str, threshold: float | None = None, source: str | None = None):
@@ -55,8 +55,8 @@ def load(
     """
     from transformers import AutoModelForCausalLM
 
-    from .spec import activation_spec, base_config
     from ..io.source import resolve
+    from .spec import activation_spec, base_config
 
     source = resolve(path)
     config = source.config_dict()

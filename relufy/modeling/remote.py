@@ -15,7 +15,6 @@ The ``swiglu`` (identity) conversion keeps the original config and only adds the
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 from .. import __version__
@@ -82,7 +81,7 @@ def _bundled_source(path: Path) -> str:
     return "\n".join(line for line in lines if "relufy-bundle: drop" not in line)
 
 
-_TAIL = '''
+_TAIL = r"""
 
 # ---- generated for model_type {model_type!r} ----
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -115,7 +114,7 @@ class RelufyForCausalLM(_BaseForCausalLM):
 _conversions = get_checkpoint_conversion_mapping(BASE_MODEL_TYPE)
 if _conversions:
     register_checkpoint_conversion_mapping(RelufyConfig.model_type, _conversions, overwrite=True)
-'''
+"""
 
 
 def render_modeling(family: Family) -> str:

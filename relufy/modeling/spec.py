@@ -71,12 +71,22 @@ def check_sizes(family: Family, config: dict) -> None:
     for key in _POSITIVE:
         value = config.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise RelufyError(f"config.json is not a valid {family.model_type} config: {key} must be a positive whole number, got {value!r}")
+            raise RelufyError(
+                f"config.json is not a valid {family.model_type} config: {key} must be a positive whole number, got {value!r}"
+            )
 
 
 # config fields that size the model: a zero or negative value fails deep inside transformers
-_POSITIVE = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-             "head_dim", "vocab_size", "max_position_embeddings")  # fmt: skip
+_POSITIVE = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
 
 
 class ConfigView:

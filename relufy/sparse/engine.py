@@ -34,13 +34,21 @@ def build(model, predictors: dict | None = None, predictor_threshold: float = 0.
                 if key not in predictors:
                     raise ValueError(f"no predictor for {site.name}" + (f" expert {e}" if site.routed else ""))
                 predictor = predictors[key].float()
-            out[(site, e)] = SparseFFN(*layout_of(module).weights(module, e), block.activation, block.threshold, predictor, predictor_threshold)
+            out[(site, e)] = SparseFFN(
+                *layout_of(module).weights(module, e), block.activation, block.threshold, predictor, predictor_threshold
+            )
     return out
 
 
 @contextlib.contextmanager
-def sparse_decoding(model, mode: str = "exact", predictors: dict | None = None, predictor_threshold: float = 0.0,
-                    predictor_input: str = "residual", max_tokens: int = 8):  # fmt: skip
+def sparse_decoding(
+    model,
+    mode: str = "exact",
+    predictors: dict | None = None,
+    predictor_threshold: float = 0.0,
+    predictor_input: str = "residual",
+    max_tokens: int = 8,
+):
     """Patch ``model``'s FFN modules for sparse decoding inside the block; yields the SparseFFNs."""
     if mode not in MODES:
         raise ValueError(f"sparse mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -21,7 +21,6 @@ from ..names import ZERO_ACTIVATIONS
 from . import kernels
 
 
-
 def _gate_active(gate: torch.Tensor, activation: str, threshold: float | None) -> torch.Tensor:
     if activation == "fatrelu":
         return gate > threshold
@@ -29,10 +28,20 @@ def _gate_active(gate: torch.Tensor, activation: str, threshold: float | None) -
 
 
 class SparseFFN:
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, activation: str,
-                 threshold: float | None = None, predictor=None, predictor_threshold: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        activation: str,
+        threshold: float | None = None,
+        predictor=None,
+        predictor_threshold: float = 0.0,
+    ):
         if activation not in ZERO_ACTIVATIONS:
-            raise ValueError(f"sparse decoding needs exact zeros: {activation} has none (use one of {', '.join(ZERO_ACTIVATIONS)})")
+            raise ValueError(
+                f"sparse decoding needs exact zeros: {activation} has none (use one of {', '.join(ZERO_ACTIVATIONS)})"
+            )
         self.gate = gate.detach().contiguous()  # [I, H]
         self.up = up.detach().contiguous()  # [I, H]
         self.down_t = down.detach().t().contiguous()  # [I, H], neuron-major

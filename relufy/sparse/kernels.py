@@ -57,7 +57,11 @@ def extension():
             verbose=False,
         )
     except Exception as e:  # no compiler / ninja: the PyTorch versions still work
-        warnings.warn(f"relufy: sparse C++ kernels unavailable, using PyTorch ops ({str(e).splitlines()[0] if str(e) else type(e).__name__})", stacklevel=2)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        warnings.warn(
+            f"relufy: sparse C++ kernels unavailable, using PyTorch ops ({reason})",
+            stacklevel=2,
+        )
         _EXT = None
     return _EXT
 

@@ -22,15 +22,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..io.atomic import save_png
 from ..modeling.predictor import Predictor, auto_rank
+from ..names import torch_dtype
 from . import kernels
 from .ffn import SparseFFN
 
 SHAPES = {"7b": (4096, 14336)}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -63,7 +62,12 @@ class FFNCase:
         return 1 / (1 - self.sparsity)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "exact_speedup": self.exact_speedup, "predictor_speedup": self.predictor_speedup, "limit": self.limit}
+        return {
+            **asdict(self),
+            "exact_speedup": self.exact_speedup,
+            "predictor_speedup": self.predictor_speedup,
+            "limit": self.limit,
+        }
 
 
 def _signed(w: torch.Tensor, x: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -98,10 +102,19 @@ def _time(fn) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def bench_ffn(shape: str, hidden: int, width: int, dtype: str, threads: int, sparsity: float, measured: bool = False,
-              repeats: int = 10, seed: int = 0) -> FFNCase:  # fmt: skip
+def bench_ffn(
+    shape: str,
+    hidden: int,
+    width: int,
+    dtype: str,
+    threads: int,
+    sparsity: float,
+    measured: bool = False,
+    repeats: int = 10,
+    seed: int = 0,
+) -> FFNCase:
     gate, up, down, x, gate_frac = make_case(hidden, width, sparsity, seed)
-    dt = DTYPES[dtype]
+    dt = torch_dtype(dtype)
     ffn = SparseFFN(gate.to(dt), up.to(dt), down.to(dt), "drelu")
     del gate, up, down
     rank = auto_rank(hidden, width, sparsity)
@@ -139,8 +152,22 @@ def bench_ffn(shape: str, hidden: int, width: int, dtype: str, threads: int, spa
     finally:
         torch.set_num_threads(previous)
     ms = {k: statistics.median(v) for k, v in times.items()}
-    return FFNCase(shape, hidden, width, dtype, threads, sparsity, measured, min(ms["dense_torch"], ms["dense_kernel"]),
-                   ms["dense_torch"], ms["dense_kernel"], ms["exact"], ms["predictor"], rank, gate_frac)  # fmt: skip
+    return FFNCase(
+        shape,
+        hidden,
+        width,
+        dtype,
+        threads,
+        sparsity,
+        measured,
+        min(ms["dense_torch"], ms["dense_kernel"]),
+        ms["dense_torch"],
+        ms["dense_kernel"],
+        ms["exact"],
+        ms["predictor"],
+        rank,
+        gate_frac,
+    )
 
 
 def write_plot(cases: list[FFNCase], path) -> None:
@@ -155,14 +182,19 @@ def write_plot(cases: list[FFNCase], path) -> None:
     for ax, shape in zip(axes[0], shapes, strict=True):
         fixed = sorted({c.sparsity for c in cases if c.shape == shape})
         ax.plot(fixed, [1 / (1 - s) for s in fixed], "k--", label="limit 1/(1-s)")
-        for (sh, dtype, threads) in groups:
+        for sh, dtype, threads in groups:
             if sh != shape:
                 continue
             rows = sorted((c for c in cases if (c.shape, c.dtype, c.threads) == (sh, dtype, threads)), key=lambda c: c.sparsity)
             s = [c.sparsity for c in rows]
             ax.plot(s, [c.exact_speedup for c in rows], "o-", label=f"exact {dtype} {threads}t")
             ax.plot(s, [c.predictor_speedup for c in rows], "s:", label=f"predictor {dtype} {threads}t")
-        ax.set(xlabel="sparsity s", ylabel="speedup over dense", yscale="log", title=f"FFN decode, {shape} ({rows[0].hidden}x{rows[0].width})")
+        ax.set(
+            xlabel="sparsity s",
+            ylabel="speedup over dense",
+            yscale="log",
+            title=f"FFN decode, {shape} ({rows[0].hidden}x{rows[0].width})",
+        )
         ax.axhline(1, color="grey", lw=0.5)
         ax.legend(fontsize=7)
     fig.tight_layout()

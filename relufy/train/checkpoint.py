@@ -444,7 +444,9 @@ def load_rng(path: Path) -> dict:
     if not (isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1):
         raise ValueError("no torch random state")
     cuda = states.get("torch_cuda_manual_seed")
-    if cuda is not None and not (isinstance(cuda, list) and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda)):
+    if cuda is not None and not (
+        isinstance(cuda, list) and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda)
+    ):
         raise ValueError("a damaged CUDA random state")
     return states
 

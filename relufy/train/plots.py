@@ -34,7 +34,7 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
 
     def draw(ax, points, *args, **kwargs):
         if points:
-            ax.plot(*zip(*points), *args, **kwargs)
+            ax.plot(*zip(*points, strict=True), *args, **kwargs)
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     draw(axes[0], _points(rows, "loss"))

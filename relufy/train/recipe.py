@@ -11,10 +11,9 @@ JSON it writes.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
-
-import math
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator

@@ -75,7 +75,11 @@ def test_leftovers_of_a_killed_conversion_are_cleaned_by_the_next(tmp_path):
 
     src = tmp_path / "src"
     torch.manual_seed(0)
-    big = {f"model.layers.{i}.mlp.{p}.weight": torch.randn(1024, 1024) for i in range(4) for p in ("gate_proj", "up_proj", "down_proj")}
+    big = {
+        f"model.layers.{i}.mlp.{p}.weight": torch.randn(1024, 1024)
+        for i in range(4)
+        for p in ("gate_proj", "up_proj", "down_proj")
+    }
     big["model.embed_tokens.weight"] = torch.randn(96, 1024)
     tiny_config("llama", hidden_size=1024, intermediate_size=1024, num_hidden_layers=4, head_dim=256).save_pretrained(src)
     save_file(big, src / "model.safetensors", metadata={"format": "pt"})

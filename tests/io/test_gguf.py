@@ -30,9 +30,15 @@ from relufy.io.gguf import check_gguf, write_gguf_checkpoint
 
 # relufy's families that transformers reads from GGUF, and llama.cpp's architecture names for them
 GGUF_ARCH = {
-    "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3",
-    "phi3": "phi3", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
-}  # fmt: skip
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+}
 # sizes transformers' GGUF reader does not take from the metadata (it keeps the config defaults)
 OVERRIDES = {
     "qwen3": dict(head_dim=128),
@@ -80,12 +86,16 @@ def write_gguf(
     w.add_name("tiny")
     rope = cfg.rope_parameters
     ints = {
-        "context_length": cfg.max_position_embeddings, "block_count": cfg.num_hidden_layers,
-        "feed_forward_length": cfg.intermediate_size, "embedding_length": cfg.hidden_size,
-        "attention.head_count": cfg.num_attention_heads, "attention.head_count_kv": cfg.num_key_value_heads,
-        "rope.dimension_count": cfg.head_dim, "attention.key_length": cfg.head_dim,
+        "context_length": cfg.max_position_embeddings,
+        "block_count": cfg.num_hidden_layers,
+        "feed_forward_length": cfg.intermediate_size,
+        "embedding_length": cfg.hidden_size,
+        "attention.head_count": cfg.num_attention_heads,
+        "attention.head_count_kv": cfg.num_key_value_heads,
+        "rope.dimension_count": cfg.head_dim,
+        "attention.key_length": cfg.head_dim,
         "attention.value_length": cfg.head_dim,
-    }  # fmt: skip
+    }
     if getattr(cfg, "sliding_window", None):
         ints["attention.sliding_window"] = cfg.sliding_window
     if family.endswith("_moe"):
@@ -113,7 +123,7 @@ def write_gguf(
             continue  # llama.cpp writes no output.weight for tied embeddings
         value = value.numpy()
         names = sorted(gguf_names[hf], key=lambda g: "_up_" in g)  # fused experts: gate, then up
-        for name, v in zip(names, np.split(value, len(names), axis=1) if len(names) > 1 else [value]):
+        for name, v in zip(names, np.split(value, len(names), axis=1) if len(names) > 1 else [value], strict=True):
             if real_arch == "llama" and ".attn_q." in name:
                 v = _permute(v, cfg.num_attention_heads)
             if real_arch == "llama" and ".attn_k." in name:

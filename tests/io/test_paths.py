@@ -94,14 +94,23 @@ def test_export_onto_the_folder_of_its_stats(run, tmp_path, cli):
     (tmp_path / "stats").mkdir()
     (tmp_path / "stats" / "s.safetensors").write_bytes(b"not read before the check")
     snap = Snapshot(run, tmp_path)
-    code, err, _ = cli("export", run / "run" / "final", tmp_path / "stats", "--stats", tmp_path / "stats" / "s.safetensors", "--force")
+    code, err, _ = cli(
+        "export", run / "run" / "final", tmp_path / "stats", "--stats", tmp_path / "stats" / "s.safetensors", "--force"
+    )
     assert_refused(snap, code, err, "contains the input")
 
 
 def test_export_report_inside_the_model(run, tmp_path, cli):
     snap = Snapshot(run, tmp_path)
-    code, err, _ = cli("export", run / "run" / "final", tmp_path / "out", "--data", run / "text.txt",
-                       "--json", run / "run" / "final" / "config.json")  # fmt: skip
+    code, err, _ = cli(
+        "export",
+        run / "run" / "final",
+        tmp_path / "out",
+        "--data",
+        run / "text.txt",
+        "--json",
+        run / "run" / "final" / "config.json",
+    )
     assert_refused(snap, code, err, "--json", "would overwrite the input")
 
 
@@ -123,8 +132,20 @@ def test_eval_outputs_checked_before_the_work(run, cli, option, target, needle):
 
 
 def test_eval_outputs_beside_the_model_are_fine(run, tmp_path, cli):
-    code, err, _ = cli("eval", run / "run" / "final", "--data", run / "text.txt", "--seq-len", "32", "--max-tokens", "128",
-                       "--json", tmp_path / "e.json", "--stats-out", tmp_path / "s.safetensors")  # fmt: skip
+    code, err, _ = cli(
+        "eval",
+        run / "run" / "final",
+        "--data",
+        run / "text.txt",
+        "--seq-len",
+        "32",
+        "--max-tokens",
+        "128",
+        "--json",
+        tmp_path / "e.json",
+        "--stats-out",
+        tmp_path / "s.safetensors",
+    )
     assert code == 0, err
     assert (tmp_path / "e.json").is_file() and (tmp_path / "s.safetensors").is_file()
 
@@ -138,8 +159,21 @@ def test_bench_output_is_a_folder(tmp_path, cli, option):
 
 
 def test_bench_plot_writes_exactly_the_path_given(tmp_path, cli):
-    code, err, _ = cli("bench", "--shapes", "8x16", "--sparsities", "0.5", "--dtypes", "fp32", "--threads", "1",
-                       "--repeats", "1", "--plot", tmp_path / "speed")  # fmt: skip
+    code, err, _ = cli(
+        "bench",
+        "--shapes",
+        "8x16",
+        "--sparsities",
+        "0.5",
+        "--dtypes",
+        "fp32",
+        "--threads",
+        "1",
+        "--repeats",
+        "1",
+        "--plot",
+        tmp_path / "speed",
+    )
     assert code == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speed"]
     assert (tmp_path / "speed").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -158,8 +192,9 @@ def test_no_space_left_is_one_line_and_leaves_nothing(tmp_path, proj):
     from safety import run_on_tmpfs
 
     size = os.path.getsize(proj / "src" / "model.safetensors")
-    proc = run_on_tmpfs(tmp_path / "mnt", ["convert", proj / "src", tmp_path / "mnt" / "out"], size_kb=size // 2048,
-                        after="ls -A {mnt}")  # fmt: skip
+    proc = run_on_tmpfs(
+        tmp_path / "mnt", ["convert", proj / "src", tmp_path / "mnt" / "out"], size_kb=size // 2048, after="ls -A {mnt}"
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1 and "no space left on device" in err, err
     assert proc.stdout.strip() == "", proc.stdout  # the mount held nothing afterwards
@@ -170,8 +205,9 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(tmp_path, proj):
     from safety import run_on_tmpfs
 
     size = os.path.getsize(proj / "src" / "model.safetensors")
-    proc = run_on_tmpfs(tmp_path / "mnt", ["convert", proj / "src", tmp_path / "mnt" / "out", "--link"],
-                        size_kb=size // 2048, after="ls -A {mnt}")  # fmt: skip
+    proc = run_on_tmpfs(
+        tmp_path / "mnt", ["convert", proj / "src", tmp_path / "mnt" / "out", "--link"], size_kb=size // 2048, after="ls -A {mnt}"
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err
     assert f"no space left on device writing {tmp_path / 'mnt' / 'out'}" in err, err
@@ -181,9 +217,24 @@ def test_disk_full_while_writing_is_one_line_and_leaves_nothing(tmp_path, proj):
 def test_disk_full_writing_stats_leaves_nothing(tmp_path, run):
     from safety import run_on_tmpfs
 
-    proc = run_on_tmpfs(tmp_path / "mnt", ["eval", run / "run" / "final", "--data", run / "text.txt", "--seq-len", "32",
-                        "--max-tokens", "64", "--stats-out", tmp_path / "mnt" / "s.safetensors"], size_kb=64,
-                        before="dd if=/dev/zero of={mnt}/fill bs=1k 2>/dev/null", after="rm {mnt}/fill; ls -A {mnt}")  # fmt: skip
+    proc = run_on_tmpfs(
+        tmp_path / "mnt",
+        [
+            "eval",
+            run / "run" / "final",
+            "--data",
+            run / "text.txt",
+            "--seq-len",
+            "32",
+            "--max-tokens",
+            "64",
+            "--stats-out",
+            tmp_path / "mnt" / "s.safetensors",
+        ],
+        size_kb=64,
+        before="dd if=/dev/zero of={mnt}/fill bs=1k 2>/dev/null",
+        after="rm {mnt}/fill; ls -A {mnt}",
+    )
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "no space left on device writing" in err[-1] and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stdout.strip() == "", proc.stdout

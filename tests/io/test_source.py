@@ -102,16 +102,36 @@ def test_model_safetensors_is_a_dangling_link(tmp_path, src, cli):
 BAD_BLOCKS = [
     ("dReLU", "the relufy block is not a JSON object"),
     ({"activation": "drelu"}, "the relufy block's base_model_type: Field required"),
-    ({"activation": 3, "base_model_type": "llama", "base_architectures": [], "base_activation": "silu"},
-     "the relufy block's activation: Input should be 'drelu'"),
-    ({"activation": "fatrelu", "threshold": "high", "base_model_type": "llama", "base_architectures": [],
-      "base_activation": "silu"}, "the relufy block's threshold: Input should be a valid number"),
-    ({"activation": "drelu", "base_model_type": "llama", "base_architectures": [], "base_activation": "silu",
-      "export": {"layout": "tflite"}}, "the relufy block's export.layout: Input should be 'hf' or 'powerinfer'"),
-]  # fmt: skip
+    (
+        {"activation": 3, "base_model_type": "llama", "base_architectures": [], "base_activation": "silu"},
+        "the relufy block's activation: Input should be 'drelu'",
+    ),
+    (
+        {
+            "activation": "fatrelu",
+            "threshold": "high",
+            "base_model_type": "llama",
+            "base_architectures": [],
+            "base_activation": "silu",
+        },
+        "the relufy block's threshold: Input should be a valid number",
+    ),
+    (
+        {
+            "activation": "drelu",
+            "base_model_type": "llama",
+            "base_architectures": [],
+            "base_activation": "silu",
+            "export": {"layout": "tflite"},
+        },
+        "the relufy block's export.layout: Input should be 'hf' or 'powerinfer'",
+    ),
+]
 
 
-@pytest.mark.parametrize("block,needle", BAD_BLOCKS, ids=["string", "missing-keys", "bad-activation", "bad-threshold", "bad-export"])
+@pytest.mark.parametrize(
+    "block,needle", BAD_BLOCKS, ids=["string", "missing-keys", "bad-activation", "bad-threshold", "bad-export"]
+)
 @pytest.mark.parametrize("command", ["convert", "info", "eval", "generate", "export", "bench"])
 def test_malformed_relufy_block(tmp_path, converted, cli, command, block, needle):
     config = json.loads((converted / "config.json").read_text())

@@ -41,7 +41,9 @@ def test_device_this_machine_lacks(models, tmp_path, cli, command, device, needl
 
 def _stats(models, tmp_path, cli, model="llama"):
     path = tmp_path / f"{model}.safetensors"
-    code, err, _ = cli("eval", models[model], "--data", models["text"], "--seq-len", "32", "--max-tokens", "256", "--stats-out", path)
+    code, err, _ = cli(
+        "eval", models[model], "--data", models["text"], "--seq-len", "32", "--max-tokens", "256", "--stats-out", path
+    )
     assert code == 0, err
     return path
 

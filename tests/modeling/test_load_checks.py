@@ -37,8 +37,10 @@ def test_more_layers_than_the_weights(tmp_path, model, cli, command):
     assert_refused(snap, code, err, "model.layers.2.", "config and weights do not belong together")
 
 
-@pytest.mark.parametrize("key,value", [("num_attention_heads", 0), ("hidden_size", -32), ("num_hidden_layers", 1.5),
-                                       ("vocab_size", None if False else "96")])  # fmt: skip
+@pytest.mark.parametrize(
+    "key,value",
+    [("num_attention_heads", 0), ("hidden_size", -32), ("num_hidden_layers", 1.5), ("vocab_size", None if False else "96")],
+)
 @pytest.mark.parametrize("command", ["info", "eval", "convert"])
 def test_sizes_that_are_not_positive_whole_numbers(tmp_path, model, cli, command, key, value):
     _edit(model, **{key: value})
