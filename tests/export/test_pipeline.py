@@ -145,7 +145,7 @@ FAST = ("--seq-len", "64", "--max-tokens", "2048", "--predictor-steps", "30")
 def _remote_logits(tmp_path, paths, ids):
     jobs = [{"path": str(p), "out": str(tmp_path / f"logits{i}.pt"), "ids": ids.tolist()} for i, p in enumerate(paths)]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    script = Path(__file__).with_name("remote_logits.py")
+    script = Path(__file__).parents[1] / "remote_logits.py"
     subprocess.run([sys.executable, str(script), str(tmp_path / "jobs.json")], check=True)
     results = [torch.load(j["out"], weights_only=True) for j in jobs]
     for r in results:

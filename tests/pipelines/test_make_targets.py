@@ -20,7 +20,7 @@ from tiny import save_tiny_with_tokenizer
 from relufy.errors import RelufyError
 from relufy.pipelines import cluster
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def make(*args, timeout=900, **env):
