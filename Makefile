@@ -107,8 +107,9 @@ bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py $(BENCH_TRAIN_ARGS)
 
 # The numbers in docs/results.md: SmolLM2-135M original vs its untrained dReLU / ReGLU conversions
-# on WikiText-2 validation (../shared/data), with the paper's top-k curve.
-WIKITEXT ?= ../shared/data/wikitext-2-raw/wiki.valid.raw
+# on WikiText-2 validation, with the paper's top-k curve. WIKITEXT: the Hub copy by default, or a
+# local wiki.valid.raw (docs/results.md used the local file).
+WIKITEXT ?= wikitext:wikitext-2-raw-v1:validation
 EVAL_TOKENS ?= 16384
 SMOL_EVAL := $(RUNS)/eval-smollm2
 SMOL_EVAL_MODELS := $(SMOL_EVAL)/drelu $(SMOL_EVAL)/reglu
@@ -125,6 +126,9 @@ $(SMOL_EVAL_MODELS:%=%/config.json): $(SMOL_EVAL)/%/config.json: | $(STAMP)
 # from the original. Results: runs/recovery/*/summary.json (docs/results.md).
 # RECOVERY_MODEL: the model trained here and by recovery-smollm2-hour (default: the demo's).
 RECOVERY_MODEL ?= $(DEMO)/drelu
+# RECOVERY_DATA: a data.sources override for both recovery pipelines (default: the recipe's text);
+# docs/results.md used local copies: 'data.sources=[{data: SHAKESPEARE.txt}, {data: wiki.valid.raw}]'
+RECOVERY_DATA ?=
 RECOVERY_STEPS ?= 60
 RECOVERY_ARGS ?= budget.max_steps=$(RECOVERY_STEPS) checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0 \
   sparsity.ffn_warmstart.steps=60 sparsity.ffn_warmstart.tokens=8192 sparsity.ffn_warmstart.l1=0 sparsity.l1=0
@@ -137,7 +141,7 @@ recovery-smollm2: $(RECOVERY_RUNS)
 
 $(RECOVERY_RUNS): $(RUNS)/recovery/%/summary.json: | $(call needs_model,$(RECOVERY_MODEL))
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
-	  $(RECOVERY_ARGS) $(RECOVERY.$*) $(RESUME)
+	  $(RECOVERY_DATA) $(RECOVERY_ARGS) $(RECOVERY.$*) $(RESUME)
 
 # The one-hour recovery on this CPU (the recipe as shipped: warm start with an L1 hold, then
 # distillation + L1; 180 steps), against the same tokens without the teacher ("warmstart-l1") and
@@ -152,7 +156,7 @@ recovery-smollm2-hour: $(RECOVERY_HOUR_RUNS)
 
 $(RECOVERY_HOUR_RUNS): $(RUNS)/recovery-hour/%/summary.json: | $(call needs_model,$(RECOVERY_MODEL))
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
-	  $(RECOVERY_HOUR_ARGS) $(RECOVERY_HOUR.$*) $(RESUME)
+	  $(RECOVERY_DATA) $(RECOVERY_HOUR_ARGS) $(RECOVERY_HOUR.$*) $(RESUME)
 
 # Export the recovered SmolLM2 (recovery-smollm2's warm start + distillation run): statistics and
 # predictors on WikiText-2 validation, neurons reordered; per-layer recall and the perplexity with
@@ -194,7 +198,7 @@ bench-sparse: $(if $(filter $(EXPORT),$(BENCH_MODEL:/=)),$(EXPORT).json) $(STAMP
 # ABLATION=300m: the paper's 300M pair, under accelerate launch (NPROC GPUs, ACCELERATE_CONFIG).
 ABLATION ?= mini
 ABLATION_STEPS ?= 300
-ABLATION_DATA ?= $(if $(wildcard ../shared/data/tinyshakespeare/input.txt),../shared/data/tinyshakespeare/input.txt,builtin:pydoc)
+ABLATION_DATA ?= builtin:pydoc
 ABLATION_EVAL ?= $(ABLATION_DATA)
 ABLATION_TOKENIZER ?= $(DEMO)/drelu
 ABLATION_EVAL_TOKENS ?= 16384

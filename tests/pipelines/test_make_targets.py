@@ -162,7 +162,7 @@ def test_every_target_dry_runs(tmp_path):
     assert [line.split()[1] for line in chain if line.startswith(".venv/bin/relufy ")] == ["convert", "train", "export", "bench"]
     assert recovery_command(runs, "recovery/warmstart-kd") in chain
     assert (f".venv/bin/relufy export {runs}/recovery/warmstart-kd/final {runs}/export/smollm2 --data "
-            f"../shared/data/wikitext-2-raw/wiki.valid.raw --reorder --predictors --json {runs}/export/smollm2.json --force") in chain  # fmt: skip
+            f"wikitext:wikitext-2-raw-v1:validation --reorder --predictors --json {runs}/export/smollm2.json --force") in chain
     # another model is exported as given, nothing trained for it
     other = dry("export-smollm2", f"RUNS={runs}", "EXPORT_MODEL=elsewhere/model")
     assert [line.split()[1] for line in other if line.startswith(".venv/bin/relufy ")] == ["export"]
@@ -171,8 +171,8 @@ def test_every_target_dry_runs(tmp_path):
     assert len(evals) == 4
     for line in evals[:2]:
         assert "--data builtin:pydoc --seq-len 512 --max-tokens 4096 --topk 0,0.5,0.8,0.9 --batch-size 4 --json" in line
-    assert ("--data ../shared/data/wikitext-2-raw/wiki.valid.raw --seq-len 512 --max-tokens 16384 "
-            "--topk 0,0.5,0.8,0.85,0.9 --batch-size 4 --json") in evals[2]  # fmt: skip
+    assert ("--data wikitext:wikitext-2-raw-v1:validation --seq-len 512 --max-tokens 16384 "
+            "--topk 0,0.5,0.8,0.85,0.9 --batch-size 4 --json") in evals[2]
     assert "--seq-len 128 --max-tokens 16384 --topk 0,0.5,0.8,0.85,0.9 --batch-size 8 --json" in evals[3]
 
 
