@@ -94,11 +94,11 @@ def main() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95))
         times = []
         for _ in range(args.steps):
-            ids = mixture.batch(args.batch).to(device)
+            ids, labels = mixture.batch(args.batch).to(device)
             sync(device)
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-                loss = model(input_ids=ids, labels=ids).loss
+                loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()

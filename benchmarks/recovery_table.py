@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     original = relufy.load(gguf, dtype=torch.float32)
     ppl0, sp0 = heldout_eval(original, heldout, torch.device("cpu"))
     print(
-        f"held-out: {heldout.numel():,} tokens ({len(heldout)} x {heldout.shape[1]}) "
+        f"held-out: {heldout.ids.numel():,} tokens ({len(heldout.ids)} x {heldout.ids.shape[1]}) "
         f"of {', '.join(s.data for s in recipe.data.sources)}"
     )
     print("| model | steps | train tokens | held-out ppl before | after | x original | FFN zeros before | after |")

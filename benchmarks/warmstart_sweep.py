@@ -30,7 +30,7 @@ def main(argv=None):
     from relufy.measure.meter import heldout_eval
     from relufy.modeling.load import load
     from relufy.train import mixture as train_mixture
-    from relufy.train.loop import _load
+    from relufy.train.loop import load_student
     from relufy.train.recipe import load_recipe
     from relufy.train.warmstart import ffn_warmstart
 
@@ -39,7 +39,7 @@ def main(argv=None):
     spec = recipe.sparsity.ffn_warmstart
     if spec is None:
         raise SystemExit("the recipe has no sparsity.ffn_warmstart section")
-    model, tokenizer = _load(recipe)
+    model, tokenizer = load_student(recipe)
     mixture, heldout = train_mixture.build(recipe.data, tokenizer, recipe.seed)
     teacher = load(recipe.model.path, activation="swiglu", dtype=torch.float32).eval().requires_grad_(False)
     device = torch.device("cpu")

@@ -45,20 +45,20 @@ class SparsityMeter:
         return [self.fraction(layer) for layer in self.layers]
 
 
-def heldout_eval(model, heldout: torch.Tensor, device, batch_size: int = 4) -> tuple[float | None, float | None]:
-    """Held-out perplexity and mean per-layer FFN sparsity (the counters of relufy eval).
-    Leaves every FFN without an observer: callers reinstall theirs."""
-    if len(heldout) == 0:
+def heldout_eval(model, heldout, device, batch_size: int = 4) -> tuple[float | None, float | None]:
+    """Held-out perplexity and mean per-layer FFN sparsity (the counters of relufy eval) on
+    ``heldout = (ids, labels)``, both ``[n, seq_len]`` (what ``relufy.train.mixture.build`` gives):
+    labels as the model's loss takes them (shifted inside; -100 where not scored; for plain text
+    the ids themselves). Leaves every FFN without an observer: callers reinstall theirs."""
+    ids, labels = heldout
+    if len(ids) == 0:
         return None, None
     from ..text import Window
     from .evaluate import score
     from .sites import ActivationCounter, observing
     from .stats import Stats
 
-    if heldout.dim() == 3:  # chat: (ids, labels) pairs
-        wins = [Window(pair[0], pair[1]) for pair in heldout]
-    else:
-        wins = [Window(seq, torch.cat([torch.tensor([-100]), seq[1:]])) for seq in heldout]
+    wins = [Window(seq, target) for seq, target in zip(ids, labels, strict=True)]
     was_training = model.training
     model.eval()
     with observing(model, ActivationCounter) as counter:

@@ -2,6 +2,7 @@
 
 One process on CPU or GPU with a plain ``relufy train``; DDP / FSDP2 / DeepSpeed through
 ``accelerate launch --config_file recipes/accelerate/*.yaml -m relufy train ...``.
+``train()`` runs a ``RecipeRun``: one method per stage, in the order its docstring lists.
 
 Output folder: ``run.json`` (the run's identity), ``recipe.yaml`` (the resolved recipe),
 ``metrics.jsonl`` (one JSON object per logged step; a value that is not finite is ``null``),
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import pickle
@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RelufyError
-from . import checkpoint as ckpt
 from ..measure.meter import SparsityMeter, heldout_eval
+from . import checkpoint as ckpt
 from .recipe import Recipe, dump
 
 
@@ -51,11 +51,12 @@ def lr_lambda(step: int, warmup: int, total: int, lr: float, min_lr: float) -> f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _load(recipe: Recipe):
+def load_student(recipe: Recipe):
+    """The model to train (``model.path``, or ``model.config`` from scratch) and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from ..modeling.tokenizer import load_tokenizer
     from ..modeling.load import load, swap_activation
+    from ..modeling.tokenizer import load_tokenizer
 
     spec = recipe.model
     if spec.config is not None:  # from scratch
@@ -202,8 +203,8 @@ def _check_context(recipe: Recipe) -> None:
             raise RelufyError(f"model.config: not a valid transformers config ({first})") from None
         where = "model.config"
     else:
-        from ..modeling.spec import base_config
         from ..io.source import resolve
+        from ..modeling.spec import base_config
 
         _, config = base_config(resolve(spec.path).config_dict())
         where = spec.path
@@ -212,7 +213,7 @@ def _check_context(recipe: Recipe) -> None:
         raise RelufyError(f"data.seq_len {recipe.data.seq_len} exceeds the model's context of {limit} tokens ({where})")
 
 
-def _open_run(out: Path, resume: bool, stack: contextlib.ExitStack) -> dict:
+def _claim_folder(out: Path, resume: bool, stack: contextlib.ExitStack) -> dict:
     """Main process, before any weights load: refuse a fresh run into a folder holding one, take
     the folder's lock, and with ``resume`` pick the newest intact checkpoint of this run."""
     from ..io.atomic import target_lock
@@ -247,7 +248,7 @@ def _open_run(out: Path, resume: bool, stack: contextlib.ExitStack) -> dict:
     }
 
 
-def _begin_run(out: Path, plan: dict, recipe: Recipe, resume: bool) -> None:
+def _first_writes(out: Path, plan: dict, recipe: Recipe, resume: bool) -> None:
     """Main process, once model and data have loaded: the first writes into ``output_dir``."""
     out.mkdir(parents=True, exist_ok=True)
     if plan["new_run"]:
@@ -263,277 +264,458 @@ def _begin_run(out: Path, plan: dict, recipe: Recipe, resume: bool) -> None:
 
 
 def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> Path:
-    from datetime import timedelta
+    """Run ``recipe`` (continue it from its newest intact checkpoint with ``resume``); returns ``final/``."""
+    return RecipeRun(recipe, resume=resume, show_progress=show_progress).run()
 
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
 
-    out = preflight(recipe)
-    if recipe.log.tensorboard:
-        from accelerate.utils import is_tensorboard_available
+class RecipeRun:
+    """One run of a training recipe, stage by stage (the shape of torchtune's recipes): each stage
+    is one method and leaves its results on the object (``accelerator``, ``model``, ``teacher``,
+    ``mixture``, ``heldout``, ``optimizer``, ``scheduler``, ``meter``, ...), so that one stage can
+    change (FSDP2 through Accelerate, a sharded teacher, a per-rank warm start) without the others.
 
-        if not is_tensorboard_available():
-            raise RelufyError("log.tensorboard needs TensorBoard: pip install 'relufy[tensorboard]' (or tensorboard)")
-    accelerator = Accelerator(
-        gradient_accumulation_steps=recipe.budget.grad_accum,
-        mixed_precision="bf16" if recipe.precision == "bf16" else "no",
-        log_with=["tensorboard"] if recipe.log.tensorboard else None,
-        project_dir=str(out),
-        # the main process hashes each checkpoint (and verifies one on --resume) while the others
-        # wait in a collective: room for hundreds of GB instead of the default 10-30 minutes
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
-    )
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes == 1:  # each process would train alone, into the same folder
-        raise RelufyError(
-            f"{launched} processes were launched but Accelerate runs each on its own (distributed type "
-            f"{accelerator.distributed_type.value}): FSDP and DeepSpeed need GPUs; on CPU use DDP "
-            "(ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m relufy train ...)"
+    ``run()`` calls the stages in this order:
+
+    1. ``open_run``      checks that need no weights, the ``Accelerator``, the launch check; the main
+                         process locks ``output_dir`` (until ``run`` returns) and picks the checkpoint
+                         to resume from (``plan``)
+    2. ``load_model``    the seed; the model to train and its tokenizer (router auxiliary loss)
+    3. ``setup_data``    the data mixture and the held-out set; the run's steps from the budget
+    4. ``load_teacher``  refusals under FSDP / DeepSpeed; the teacher, for distillation or the warm start
+    5. ``begin_run``     the first writes into ``output_dir``: run.json, leftovers gone, bad checkpoints
+                         set aside
+    6. ``warm_start``    the FFN warm start of a fresh run (the mixture rewound afterwards); the teacher
+                         is kept only to distil
+    7. ``wrap``          LoRA, gradient checkpointing, optimizer and scheduler, ``accelerator.prepare``
+    8. ``resume``        the chosen checkpoint's model, optimizer, RNG, scheduler and mixture states;
+                         metrics logged after it dropped
+    9. ``start_logging`` recipe.yaml, trackers, the sparsity meter on the FFNs
+    10. ``train``        held-out eval before a fresh run, then per step: ``step`` (one optimizer step
+                         over ``grad_accum`` micro-batches), ``log`` (with ``evaluate`` every
+                         ``log.eval_every``), ``save_checkpoint``; ``cleanup`` however the loop ends
+    11. ``save_final``   held-out eval after training, ``final/``, summary.json, curves.png
+    """
+
+    def __init__(self, recipe: Recipe, resume: bool = False, show_progress: bool = True):
+        self.recipe, self.resume_requested, self.show_progress = recipe, resume, show_progress
+        self.stack = contextlib.ExitStack()  # the output folder's lock (main process)
+        self.out: Path | None = None
+        self.accelerator = None
+        self.plan: dict = {}  # from the main process: run_id, new_run, checkpoint, state, rejected
+        self.start_checkpoint: Path | None = None  # the checkpoint resumed from
+        self.last_good: Path | None = None  # the newest checkpoint saved or resumed from
+        self.model = self.tokenizer = self.teacher = None
+        self.mixture = self.heldout = None
+        self.tokens_per_step = self.total_steps = 0
+        self.optimizer = self.scheduler = None
+        self.params: list = []  # the trainable parameters (as prepared)
+        self.start_step = 0
+        self.base = self.sites = self.meter = None  # the model without LoRA/DDP wrappers, its FFNs, their meter
+        self.heldout_before: tuple = (None, None)  # held-out (ppl, sparsity) before training, main process
+        self.window_losses: list[float] = []  # the step losses since the last log
+        self.progress = self.task = None
+        self.clock: tuple[float, int] = (0.0, 0)  # (time, tokens) when the loop began: tokens per second
+
+    def run(self) -> Path:
+        with self.stack:
+            self.open_run()
+            self.load_model()
+            self.setup_data()
+            self.load_teacher()
+            self.begin_run()
+            self.warm_start()
+            self.wrap()
+            self.resume()
+            self.start_logging()
+            self.train()
+            return self.save_final()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+    def open_run(self) -> None:
+        """``output_dir`` and ``data.seq_len`` checked, TensorBoard present, the Accelerator built;
+        processes launched that Accelerate did not join are refused. Then the main process refuses a
+        fresh run into a run's folder, locks it and picks the checkpoint to resume from."""
+        from datetime import timedelta
+
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        recipe = self.recipe
+        self.out = preflight(recipe)
+        if recipe.log.tensorboard:
+            from accelerate.utils import is_tensorboard_available
+
+            if not is_tensorboard_available():
+                raise RelufyError("log.tensorboard needs TensorBoard: pip install 'relufy[tensorboard]' (or tensorboard)")
+        self.accelerator = accelerator = Accelerator(
+            gradient_accumulation_steps=recipe.budget.grad_accum,
+            mixed_precision="bf16" if recipe.precision == "bf16" else "no",
+            log_with=["tensorboard"] if recipe.log.tensorboard else None,
+            project_dir=str(self.out),
+            # the main process hashes each checkpoint (and verifies one on --resume) while the others
+            # wait in a collective: room for hundreds of GB instead of the default 10-30 minutes
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=2))],
         )
-    with contextlib.ExitStack() as stack:  # holds the output folder's lock (main process)
-        plan = _on_main(accelerator, lambda: _open_run(out, resume, stack))
-        return _train(recipe, resume, show_progress, accelerator, out, plan)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and accelerator.num_processes == 1:  # each process would train alone, into the same folder
+            raise RelufyError(
+                f"{launched} processes were launched but Accelerate runs each on its own (distributed type "
+                f"{accelerator.distributed_type.value}): FSDP and DeepSpeed need GPUs; on CPU use DDP "
+                "(ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m relufy train ...)"
+            )
+        self.plan = _on_main(accelerator, lambda: _claim_folder(self.out, self.resume_requested, self.stack))
+        self.start_checkpoint = self.last_good = Path(self.plan["checkpoint"]) if self.plan["checkpoint"] else None
 
+    def load_model(self) -> None:
+        """The seed set, then the model to train and its tokenizer; ``sparsity.router_aux_coef``
+        applied (refused for a model without a router auxiliary loss)."""
+        from accelerate.utils import set_seed
 
-def _train(recipe: Recipe, resume: bool, show_progress: bool, accelerator, out: Path, plan: dict) -> Path:
-    from accelerate.utils import set_seed
+        set_seed(self.recipe.seed)
+        self.model, self.tokenizer = load_student(self.recipe)
+        coef = self.recipe.sparsity.router_aux_coef
+        if coef is not None:
+            if not hasattr(self.model, "router_aux_loss_coef"):
+                raise RelufyError(f"sparsity.router_aux_coef: {type(self.model).__name__} computes no router auxiliary loss")
+            self.model.config.output_router_logits = True
+            self.model.config.router_aux_loss_coef = self.model.router_aux_loss_coef = coef
 
-    from ..measure.sites import ffn_sites
-    from ..modeling.save import save_relufy
-    from . import mixture as train_mixture
+    def setup_data(self) -> None:
+        """The training mixture and the held-out set (``relufy.train.mixture``, both giving
+        ``(ids, labels)``); the tokens of one optimizer step over all processes and the run's steps."""
+        from . import mixture as train_mixture
 
-    metrics_path = out / "metrics.jsonl"
-    start_ckpt = Path(plan["checkpoint"]) if plan["checkpoint"] else None
-    set_seed(recipe.seed)
-    model, tokenizer = _load(recipe)
-    if recipe.sparsity.router_aux_coef is not None:
-        if not hasattr(model, "router_aux_loss_coef"):
-            raise RelufyError(f"sparsity.router_aux_coef: {type(model).__name__} computes no router auxiliary loss")
-        model.config.output_router_logits = True
-        model.config.router_aux_loss_coef = model.router_aux_loss_coef = recipe.sparsity.router_aux_coef
-    mixture, heldout = train_mixture.build(recipe.data, tokenizer, recipe.seed)
+        recipe, budget = self.recipe, self.recipe.budget
+        self.mixture, self.heldout = train_mixture.build(recipe.data, self.tokenizer, recipe.seed)
+        processes = self.accelerator.num_processes
+        self.tokens_per_step = budget.micro_batch_size * budget.grad_accum * recipe.data.seq_len * processes
+        self.total_steps = budget.max_steps or max(1, budget.max_tokens // self.tokens_per_step)
+        if recipe.optim.warmup_steps >= self.total_steps:
+            raise RelufyError(
+                f"optim.warmup_steps ({recipe.optim.warmup_steps}) must be below the run's {self.total_steps} steps"
+            )
 
-    budget = recipe.budget
-    tokens_per_step = budget.micro_batch_size * budget.grad_accum * recipe.data.seq_len * accelerator.num_processes
-    total_steps = budget.max_steps or max(1, budget.max_tokens // tokens_per_step)
-    if recipe.optim.warmup_steps >= total_steps:
-        raise RelufyError(f"optim.warmup_steps ({recipe.optim.warmup_steps}) must be below the run's {total_steps} steps")
-    sharded = accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
-    if sharded and (recipe.sparsity.distill or recipe.sparsity.ffn_warmstart or recipe.lora):
-        raise RelufyError(
-            "distillation, the FFN warm start and LoRA are not supported with FSDP or DeepSpeed yet: use DDP "
-            "(recipes/accelerate/ddp.yaml) for them"
+    def load_teacher(self) -> None:
+        """What FSDP / DeepSpeed runs cannot do yet is refused; the teacher (the original SwiGLU
+        model, frozen, on the CPU until ``wrap``) loads when distillation or the warm start needs it."""
+        sparsity = self.recipe.sparsity
+        sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+        if sharded and (sparsity.distill or sparsity.ffn_warmstart or self.recipe.lora):
+            raise RelufyError(
+                "distillation, the FFN warm start and LoRA are not supported with FSDP or DeepSpeed yet: use DDP "
+                "(recipes/accelerate/ddp.yaml) for them"
+            )
+        if sparsity.distill or sparsity.ffn_warmstart:
+            from ..modeling.load import load
+
+            teacher_path = (sparsity.distill and sparsity.distill.teacher) or self.recipe.model.path
+            if teacher_path is None:
+                raise RelufyError("sparsity.distill.teacher is needed when the model is trained from scratch")
+            self.teacher = load(teacher_path, activation="swiglu", dtype=torch.float32).eval().requires_grad_(False)
+
+    def begin_run(self) -> None:
+        """Everything has loaded: the first writes into ``output_dir`` (main process)."""
+        _on_main(self.accelerator, lambda: _first_writes(self.out, self.plan, self.recipe, self.resume_requested))
+
+    def warm_start(self) -> None:
+        """A fresh run with ``sparsity.ffn_warmstart`` fits each FFN to the teacher's
+        (``relufy.train.warmstart``; report in warmstart.json). Its tokens are not consumed from
+        the training data: the mixture goes back to where it was. The teacher stays only to distil."""
+        spec = self.recipe.sparsity.ffn_warmstart
+        if spec and self.start_checkpoint is None:
+            from .warmstart import ffn_warmstart
+
+            accelerator = self.accelerator
+            mixture_at_start = copy.deepcopy(self.mixture.state_dict())
+            report = ffn_warmstart(
+                self.model,
+                self.teacher,
+                self.mixture,
+                spec,
+                accelerator.device,
+                self.recipe.data.seq_len,
+                show_progress=self.show_progress and accelerator.is_main_process,
+            )
+            self.mixture.load_state_dict(mixture_at_start)
+            if accelerator.is_main_process:
+                ckpt.write_json(self.out / "warmstart.json", report)
+        if self.recipe.sparsity.distill is None:
+            self.teacher = None
+
+    def wrap(self) -> None:
+        """LoRA adapters, gradient checkpointing, the AdamW optimizer and the warmup-cosine
+        scheduler, then ``accelerator.prepare`` of model and optimizer; the teacher to the device.
+        The scheduler and the mixture are not registered with Accelerate (its custom states are
+        pickles, loaded with weights_only=False): relufy keeps them in relufy_state.json."""
+        recipe, o, total = self.recipe, self.recipe.optim, self.total_steps
+        if recipe.lora is not None:
+            from peft import LoraConfig, get_peft_model
+
+            lora = recipe.lora
+            self.model = get_peft_model(
+                self.model,
+                LoraConfig(
+                    r=lora.r,
+                    lora_alpha=lora.alpha,
+                    lora_dropout=lora.dropout,
+                    target_modules=lora.target_modules or None,
+                    target_parameters=lora.target_parameters or None,
+                ),
+            )
+        if recipe.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_lambda(s, o.warmup_steps, total, o.lr, o.min_lr)
         )
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 replaces parameters in prepare
+        if self.teacher is not None:
+            self.teacher.to(self.accelerator.device)
 
-    teacher = None
-    if recipe.sparsity.distill or recipe.sparsity.ffn_warmstart:
-        from ..modeling.load import load
-
-        teacher_path = (recipe.sparsity.distill and recipe.sparsity.distill.teacher) or recipe.model.path
-        if teacher_path is None:
-            raise RelufyError("sparsity.distill.teacher is needed when the model is trained from scratch")
-        teacher = load(teacher_path, activation="swiglu", dtype=torch.float32).eval().requires_grad_(False)
-
-    _on_main(accelerator, lambda: _begin_run(out, plan, recipe, resume))
-    run_id = plan["run_id"]
-    if recipe.sparsity.ffn_warmstart and start_ckpt is None:
-        from .warmstart import ffn_warmstart
-
-        before = copy.deepcopy(mixture.state_dict())
-        report = ffn_warmstart(
-            model, teacher, mixture, recipe.sparsity.ffn_warmstart, accelerator.device, recipe.data.seq_len,
-            show_progress=show_progress and accelerator.is_main_process,
-        )
-        mixture.load_state_dict(before)  # the warm start's tokens are not consumed from the training data
+    def resume(self) -> None:
+        """With a checkpoint chosen in ``open_run``: its states loaded on every process (all go
+        on, or all stop with one line), ``start_step`` set, the metrics logged after it dropped."""
+        path, state, accelerator = self.start_checkpoint, self.plan["state"], self.accelerator
+        if path is None:
+            return
+        error = self._load_checkpoint(path, state)
+        if not _agree(accelerator, error is None):
+            raise RelufyError(error or f"cannot resume from {path}: another process failed to load it")
+        self.start_step = int(state["step"])
+        saved_world = state.get("processes")
         if accelerator.is_main_process:
-            ckpt.write_json(out / "warmstart.json", report)
-    if recipe.sparsity.distill is None:
-        teacher = None
+            ckpt.notice(f"resuming from {path} (step {self.start_step})")
+            if saved_world != accelerator.num_processes:
+                ckpt.notice(
+                    f"{path} was saved by {saved_world} processes, this run has {accelerator.num_processes}: "
+                    "the run goes on, but not as the original one would have"
+                )
+            ckpt.truncate_metrics(self.metrics_path, self.start_step)  # drop what the interrupted run logged later
 
-    if recipe.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        lora = recipe.lora
-        model = get_peft_model(
-            model,
-            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules or None,
-                       target_parameters=lora.target_parameters or None),
-        )  # fmt: skip
-    if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    o = recipe.optim
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, o.warmup_steps, total_steps, o.lr, o.min_lr)
-    )
-    # The scheduler and the data mixture are not registered with Accelerate (its custom states
-    # are pickles, loaded with weights_only=False): relufy keeps them in relufy_state.json.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaces parameters in prepare
-    if teacher is not None:
-        teacher.to(accelerator.device)
-
-    start_step = 0
-    if start_ckpt is not None:
-        state = plan["state"]
+    def _load_checkpoint(self, path: Path, state: dict) -> str | None:
+        """This process's part of ``path`` and relufy's ``state`` loaded; the one-line error, or None."""
         try:
-            accelerator.load_state(str(start_ckpt))
-            rng = start_ckpt / f"random_states_{accelerator.process_index}.pkl"
+            self.accelerator.load_state(str(path))
+            rng = path / f"random_states_{self.accelerator.process_index}.pkl"
             if rng.exists():
                 ckpt.restore_rng(rng)  # Accelerate ignores a failure here; relufy does not
-            scheduler.load_state_dict(state["scheduler"])
-            mixture.load_state_dict(state["mixture"])
-            error = None
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.mixture.load_state_dict(state["mixture"])
+            return None
         except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
-            error = (f"cannot resume from {start_ckpt}: a file holds pickled objects other than tensors and "
-                     "plain containers (possibly code); refused, nothing of it was run")  # fmt: skip
+            return (
+                f"cannot resume from {path}: a file holds pickled objects other than tensors and "
+                "plain containers (possibly code); refused, nothing of it was run"
+            )
         except Exception as e:  # noqa: BLE001 - reported on one line, on every process
             first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
             first = first.splitlines()[0][:300] if first else type(e).__name__
-            error = f"cannot resume from {start_ckpt} (its files match its manifest): {first}; did the recipe's model change?"
-        if not _agree(accelerator, error is None):
-            raise RelufyError(error or f"cannot resume from {start_ckpt}: another process failed to load it")
-        start_step = int(state["step"])
-        saved_world = state.get("processes")
-        if accelerator.is_main_process:
-            ckpt.notice(f"resuming from {start_ckpt} (step {start_step})")
-            if saved_world != accelerator.num_processes:
-                ckpt.notice(f"{start_ckpt} was saved by {saved_world} processes, this run has {accelerator.num_processes}: "
-                            "the run goes on, but not as the original one would have")  # fmt: skip
-            ckpt.truncate_metrics(metrics_path, start_step)  # drop what the interrupted run logged later
-    if accelerator.is_main_process:
-        ckpt.write_text(out / "recipe.yaml", dump(recipe))
-    if recipe.log.tensorboard:
-        accelerator.init_trackers(recipe.name)
+            return f"cannot resume from {path} (its files match its manifest): {first}; did the recipe's model change?"
 
-    unwrapped = accelerator.unwrap_model(model)
-    sites = ffn_sites(unwrapped.get_base_model() if recipe.lora else unwrapped)
-    meter = SparsityMeter(sites, l1=recipe.sparsity.l1 > 0)
+    def start_logging(self) -> None:
+        """recipe.yaml (main process), the TensorBoard trackers, and the sparsity meter over the
+        model's FFNs (installed by ``train``)."""
+        from ..measure.sites import ffn_sites
 
-    def install_meter():
-        if recipe.log.sparsity or meter.l1:
-            for _, module in sites:
-                module.relufy_observer = meter
+        if self.accelerator.is_main_process:
+            ckpt.write_text(self.out / "recipe.yaml", dump(self.recipe))
+        if self.recipe.log.tensorboard:
+            self.accelerator.init_trackers(self.recipe.name)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.base = unwrapped.get_base_model() if self.recipe.lora else unwrapped
+        self.sites = ffn_sites(self.base)
+        self.meter = SparsityMeter(self.sites, l1=self.recipe.sparsity.l1 > 0)
 
-    def diverged(what: str) -> TrainingDiverged:
-        return TrainingDiverged(
-            f"{what}; stopped" + (f" (last good checkpoint: {last_good})" if last_good else " (no checkpoint saved yet)")
-        )
+    def _observe(self) -> None:
+        """The meter on every FFN, when the log or the L1 term reads it (held-out evals remove it)."""
+        if self.recipe.log.sparsity or self.meter.l1:
+            for _, module in self.sites:
+                module.relufy_observer = self.meter
 
-    base = unwrapped.get_base_model() if recipe.lora else unwrapped
-    before = heldout_eval(base, heldout, accelerator.device) if start_step == 0 and accelerator.is_main_process else (None, None)
-    install_meter()
-    model.train()
-    last_good = start_ckpt
-    window_losses: list[float] = []
-    progress = _progress(show_progress and accelerator.is_main_process)
-    task = progress.add_task(recipe.name, total=total_steps, completed=start_step) if progress else None
-    t0, tokens_at_t0 = time.perf_counter(), start_step * tokens_per_step
-    try:
-        for step in range(start_step, total_steps):
-            meter.reset()
-            step_loss = 0.0
-            rank, world = accelerator.process_index, accelerator.num_processes
-            for _ in range(budget.grad_accum):
-                # every rank draws the same global batch (one mixture state) and keeps its slice
-                full = mixture.batch(budget.micro_batch_size * world)
-                batch = full[rank * budget.micro_batch_size : (rank + 1) * budget.micro_batch_size].to(accelerator.device)
-                ids, labels = (batch[:, 0], batch[:, 1]) if batch.dim() == 3 else (batch, batch)
-                meter.l1_terms = []
-                with accelerator.accumulate(model), accelerator.autocast():
-                    outputs = model(input_ids=ids, labels=labels)
-                    loss = outputs.loss
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(input_ids=ids).logits
-                        d = recipe.sparsity.distill
-                        loss = loss + d.weight * _kl(outputs.logits, t_logits, labels, d.temperature)
-                    if meter.l1:
-                        ramp = min(1.0, (step + 1) / recipe.sparsity.l1_warmup_steps) if recipe.sparsity.l1_warmup_steps else 1.0
-                        loss = loss + recipe.sparsity.l1 * ramp * torch.stack(meter.l1_terms).mean()
-                    accelerator.backward(loss)  # divided by grad_accum inside
-                meter.l1_terms = []
-                step_loss += float(loss.detach()) / budget.grad_accum
-            if not _agree(accelerator, math.isfinite(step_loss)):  # every rank stops together
-                raise diverged(f"loss became {step_loss} at step {step + 1}")
-            # the norm is measured without clipping too (max_norm inf scales by exactly 1)
-            grad_norm = accelerator.clip_grad_norm_(params, o.grad_clip if o.grad_clip else float("inf"))
-            if grad_norm is not None and not _agree(accelerator, math.isfinite(float(grad_norm))):
-                raise diverged(f"the gradient norm became {float(grad_norm)} at step {step + 1}")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            window_losses.append(step_loss)
-            done = step + 1
-            if done % recipe.log.every == 0 or done == total_steps:
-                sparsity = meter.per_layer() if recipe.log.sparsity else [float("nan")]
-                record = {
-                    "step": done,
-                    "tokens": done * tokens_per_step,
-                    "loss": sum(window_losses) / len(window_losses),
-                    "lr": scheduler.get_last_lr()[0],
-                    "sparsity": sum(sparsity) / len(sparsity),
-                    "sparsity_per_layer": sparsity,
-                    "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                    "tokens_per_second": (done * tokens_per_step - tokens_at_t0) / (time.perf_counter() - t0),
-                }
-                if recipe.log.eval_every and done % recipe.log.eval_every == 0:
-                    record["heldout_ppl"], record["heldout_sparsity"] = heldout_eval(base, heldout, accelerator.device)
-                    install_meter()
-                window_losses = []
-                if accelerator.is_main_process:
-                    with open(metrics_path, "a") as f:
-                        f.write(ckpt.dumps(record) + "\n")
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, float | int)}, step=done)
-                if progress:
-                    progress.update(task, description=f"{recipe.name} loss {record['loss']:.3f} lr {record['lr']:.1e} "
-                                    f"zeros {record['sparsity']:.1%} {record['tokens_per_second']:,.0f} tok/s")  # fmt: skip
-            if progress:
-                progress.update(task, completed=done)
-            if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < total_steps:
-                if not _agree(accelerator, _state_finite(params, optimizer)):
-                    raise diverged(f"parameters or optimizer state became non-finite at step {done}; not saved")
-                state = {
-                    "format": "relufy-train-state", "version": ckpt.FORMAT_VERSION, "run_id": run_id, "step": done,
-                    "tokens": done * tokens_per_step, "total_steps": total_steps, "processes": accelerator.num_processes,
-                    "scheduler": scheduler.state_dict(), "mixture": mixture.state_dict(),
-                }  # fmt: skip
-                last_good = _save_checkpoint(accelerator, out, done, recipe.checkpoint.keep_last, run_id, state)
-        if not _agree(accelerator, _state_finite(params, optimizer)):
-            raise diverged(f"parameters or optimizer state became non-finite at step {total_steps}; the final model is not written")
-    finally:
-        if progress:
-            progress.stop()
-        for _, module in sites:
+    def evaluate(self) -> tuple[float | None, float | None]:
+        """Held-out perplexity and mean FFN sparsity of the model as it is; leaves the FFNs without observers."""
+        return heldout_eval(self.base, self.heldout, self.accelerator.device)
+
+    def train(self) -> None:
+        """The step loop from ``start_step`` to ``total_steps``: ``step``, then ``log`` and
+        ``save_checkpoint`` when due; after the last step the state must be finite for ``final/``
+        to be written. ``cleanup`` runs however the loop ends."""
+        recipe, accelerator = self.recipe, self.accelerator
+        if self.start_step == 0 and accelerator.is_main_process:
+            self.heldout_before = self.evaluate()
+        self._observe()
+        self.model.train()
+        self.progress = _progress(self.show_progress and accelerator.is_main_process)
+        if self.progress:
+            self.task = self.progress.add_task(recipe.name, total=self.total_steps, completed=self.start_step)
+        self.clock = (time.perf_counter(), self.start_step * self.tokens_per_step)
+        try:
+            for step in range(self.start_step, self.total_steps):
+                grad_norm = self.step(step)
+                done = step + 1
+                if done % recipe.log.every == 0 or done == self.total_steps:
+                    self.log(done, grad_norm)
+                if self.progress:
+                    self.progress.update(self.task, completed=done)
+                if recipe.checkpoint.every and done % recipe.checkpoint.every == 0 and done < self.total_steps:
+                    self.save_checkpoint(done)
+            self._check_state(
+                f"parameters or optimizer state became non-finite at step {self.total_steps}; the final model is not written"
+            )
+        finally:
+            self.cleanup()
+
+    def step(self, step: int):
+        """Optimizer step ``step + 1``: ``grad_accum`` micro-batches forward and backward, the loss
+        and then the gradient norm checked finite on every process (else all stop together),
+        clipping, optimizer and scheduler. Returns the gradient norm (None if Accelerate gives none)."""
+        accelerator, accum = self.accelerator, self.recipe.budget.grad_accum
+        self.meter.reset()
+        step_loss = 0.0
+        for _ in range(accum):
+            ids, labels = self._micro_batch()
+            self.meter.l1_terms = []
+            with accelerator.accumulate(self.model), accelerator.autocast():
+                loss = self._loss(ids, labels, step)
+                accelerator.backward(loss)  # divided by grad_accum inside
+            self.meter.l1_terms = []
+            step_loss += float(loss.detach()) / accum
+        if not _agree(accelerator, math.isfinite(step_loss)):
+            raise self._diverged(f"loss became {step_loss} at step {step + 1}")
+        # the norm is measured without clipping too (max_norm inf scales by exactly 1)
+        clip = self.recipe.optim.grad_clip
+        grad_norm = accelerator.clip_grad_norm_(self.params, clip if clip else float("inf"))
+        if grad_norm is not None and not _agree(accelerator, math.isfinite(float(grad_norm))):
+            raise self._diverged(f"the gradient norm became {float(grad_norm)} at step {step + 1}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.window_losses.append(step_loss)
+        return grad_norm
+
+    def _micro_batch(self):
+        """This process's ``(ids, labels)`` on its device: every process draws the same global
+        batch (one mixture state) and keeps its own rows."""
+        size, rank = self.recipe.budget.micro_batch_size, self.accelerator.process_index
+        batch = self.mixture.batch(size * self.accelerator.num_processes)
+        return batch.rows(rank * size, (rank + 1) * size).to(self.accelerator.device)
+
+    def _loss(self, ids, labels, step: int):
+        """The model's loss, plus the distillation KL to the teacher and the (ramped) L1 term."""
+        outputs = self.model(input_ids=ids, labels=labels)
+        loss = outputs.loss
+        sparsity = self.recipe.sparsity
+        if self.teacher is not None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=ids).logits
+            d = sparsity.distill
+            loss = loss + d.weight * _kl(outputs.logits, teacher_logits, labels, d.temperature)
+        if self.meter.l1:
+            ramp = min(1.0, (step + 1) / sparsity.l1_warmup_steps) if sparsity.l1_warmup_steps else 1.0
+            loss = loss + sparsity.l1 * ramp * torch.stack(self.meter.l1_terms).mean()
+        return loss
+
+    def log(self, done: int, grad_norm) -> None:
+        """One line of metrics.jsonl (main process) and the trackers, after step ``done``: the mean
+        loss since the last line, lr, sparsity, gradient norm, throughput; held-out figures every
+        ``log.eval_every`` steps."""
+        recipe = self.recipe
+        sparsity = self.meter.per_layer() if recipe.log.sparsity else [float("nan")]
+        started, tokens_then = self.clock
+        record = {
+            "step": done,
+            "tokens": done * self.tokens_per_step,
+            "loss": sum(self.window_losses) / len(self.window_losses),
+            "lr": self.scheduler.get_last_lr()[0],
+            "sparsity": sum(sparsity) / len(sparsity),
+            "sparsity_per_layer": sparsity,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_second": (done * self.tokens_per_step - tokens_then) / (time.perf_counter() - started),
+        }
+        if recipe.log.eval_every and done % recipe.log.eval_every == 0:
+            record["heldout_ppl"], record["heldout_sparsity"] = self.evaluate()
+            self._observe()
+        self.window_losses = []
+        if self.accelerator.is_main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(ckpt.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float | int)}, step=done)
+        if self.progress:
+            self.progress.update(
+                self.task,
+                description=f"{recipe.name} loss {record['loss']:.3f} lr {record['lr']:.1e} "
+                f"zeros {record['sparsity']:.1%} {record['tokens_per_second']:,.0f} tok/s",
+            )
+
+    def save_checkpoint(self, done: int) -> None:
+        """``checkpoints/step-N`` after step ``done`` (``relufy.train.checkpoint``), only when the
+        parameters and the optimizer state are finite on every process."""
+        self._check_state(f"parameters or optimizer state became non-finite at step {done}; not saved")
+        state = {
+            "format": "relufy-train-state",
+            "version": ckpt.FORMAT_VERSION,
+            "run_id": self.plan["run_id"],
+            "step": done,
+            "tokens": done * self.tokens_per_step,
+            "total_steps": self.total_steps,
+            "processes": self.accelerator.num_processes,
+            "scheduler": self.scheduler.state_dict(),
+            "mixture": self.mixture.state_dict(),
+        }
+        keep = self.recipe.checkpoint.keep_last
+        self.last_good = _save_checkpoint(self.accelerator, self.out, done, keep, self.plan["run_id"], state)
+
+    def _check_state(self, what: str) -> None:
+        if not _agree(self.accelerator, _state_finite(self.params, self.optimizer)):
+            raise self._diverged(what)
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        last = f" (last good checkpoint: {self.last_good})" if self.last_good else " (no checkpoint saved yet)"
+        return TrainingDiverged(f"{what}; stopped{last}")
+
+    def cleanup(self) -> None:
+        """After the step loop, however it ended: the progress display stopped, the FFNs' observers removed."""
+        if self.progress:
+            self.progress.stop()
+        for _, module in self.sites or []:
             module.relufy_observer = None
 
-    final_ppl, final_sparsity = heldout_eval(base, heldout, accelerator.device)
-    unwrapped = accelerator.unwrap_model(model)
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        if recipe.lora is not None:
-            unwrapped = unwrapped.merge_and_unload()
-            state_dict = None
-        note = f"Trained by `relufy train` ({recipe.name}): {total_steps} steps, {total_steps * tokens_per_step:,} tokens."
-        save_relufy(unwrapped, out / "final", tokenizer=tokenizer, state_dict=state_dict, card_note=note)
-        summary = {
-            "steps": total_steps,
-            "tokens": total_steps * tokens_per_step,
-            "heldout_tokens": int(heldout.numel() if heldout.dim() == 2 else heldout[:, 0].numel()),
-            "heldout_ppl_before": before[0],
-            "heldout_sparsity_before": before[1],
-            "heldout_ppl": final_ppl,
-            "heldout_sparsity": final_sparsity,
-        }
-        ckpt.write_json(out / "summary.json", summary)
+    def save_final(self) -> Path:
+        """The held-out eval after training; ``final/`` in ``relufy convert``'s format (LoRA merged),
+        summary.json and curves.png (main process); Accelerate's trackers ended."""
+        from ..modeling.save import save_relufy
         from .plots import plot_curves
 
-        plot_curves(metrics_path, out / "curves.png")
-    accelerator.end_training()
-    return out / "final"
+        accelerator, recipe = self.accelerator, self.recipe
+        heldout_after = self.evaluate()
+        unwrapped = accelerator.unwrap_model(self.model)
+        state_dict = accelerator.get_state_dict(self.model)
+        if accelerator.is_main_process:
+            if recipe.lora is not None:
+                unwrapped = unwrapped.merge_and_unload()
+                state_dict = None
+            tokens = self.total_steps * self.tokens_per_step
+            note = f"Trained by `relufy train` ({recipe.name}): {self.total_steps} steps, {tokens:,} tokens."
+            save_relufy(unwrapped, self.out / "final", tokenizer=self.tokenizer, state_dict=state_dict, card_note=note)
+            summary = {
+                "steps": self.total_steps,
+                "tokens": tokens,
+                "heldout_tokens": int(self.heldout.ids.numel()),
+                "heldout_ppl_before": self.heldout_before[0],
+                "heldout_sparsity_before": self.heldout_before[1],
+                "heldout_ppl": heldout_after[0],
+                "heldout_sparsity": heldout_after[1],
+            }
+            ckpt.write_json(self.out / "summary.json", summary)
+            plot_curves(self.metrics_path, self.out / "curves.png")
+        accelerator.end_training()
+        return self.out / "final"
 
 
 def _progress(enabled: bool):

@@ -7,16 +7,54 @@ with the EOS token between records, and cut into ``seq_len`` sequences; the last
 source with probability proportional to its weight (from a generator seeded with ``(seed, i)``);
 the ``k``-th draw from a source takes sequence ``perm_e[k mod n]`` of a permutation seeded with
 ``(seed, source, e = k div n)``. With ``data.chat`` (SFT) each conversation of a ``.jsonl`` file
-is one sequence rendered with the tokenizer's chat template, loss on assistant tokens only. The state is ``i`` and the per-source draw counts, so resuming
-costs nothing and gives the same sequences as an uninterrupted run.
+is one sequence rendered with the tokenizer's chat template, loss on assistant tokens only. The
+state is ``i`` and the per-source draw counts, so resuming costs nothing and gives the same
+sequences as an uninterrupted run.
+
+Every batch and the held-out set are a ``Batch``: ``(ids, labels)``, for plain text and chat
+alike (for plain text the labels are the ids themselves), so no consumer asks which kind it has.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from ..text import load_texts, record_text
 from ..errors import RelufyError
+from ..text import load_texts, record_text
+
+
+class Batch(NamedTuple):
+    """``(ids, labels)``, both ``[n, seq_len]``: labels as a causal LM's loss takes them (the
+    token itself, shifted inside the model; -100 where not scored). For plain text ``labels``
+    is ``ids``, the same tensor; for chat data it holds the assistant tokens only."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+    def rows(self, start: int, stop: int) -> Batch:
+        ids = self.ids[start:stop]
+        return Batch(ids, ids if self.labels is self.ids else self.labels[start:stop])
+
+    def to(self, device) -> Batch:
+        ids = self.ids.to(device)
+        return Batch(ids, ids if self.labels is self.ids else self.labels.to(device))
+
+    @staticmethod
+    def text(ids: torch.Tensor) -> Batch:
+        """Plain text: every token is a label."""
+        return Batch(ids, ids)
+
+    @staticmethod
+    def cat(parts: list[Batch], seq_len: int) -> Batch:
+        """``parts`` one after the other (labels stay the ids when they are in every part)."""
+        if not parts:
+            return Batch.text(torch.empty(0, seq_len, dtype=torch.long))
+        ids = torch.cat([p.ids for p in parts])
+        if all(p.labels is p.ids for p in parts):
+            return Batch.text(ids)
+        return Batch(ids, torch.cat([p.labels for p in parts]))
 
 
 def load_conversations(spec: str) -> list[list[dict]]:
@@ -43,29 +81,31 @@ def load_conversations(spec: str) -> list[list[dict]]:
     return out
 
 
-def chat_example(messages: list[dict], tokenizer, seq_len: int) -> torch.Tensor:
-    """``[2, seq_len]``: token ids and labels, labels on assistant tokens only (-100 elsewhere),
+def chat_example(messages: list[dict], tokenizer, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, labels)``, each ``[seq_len]``: labels on assistant tokens only (-100 elsewhere),
     right-padded. Assistant spans are found by rendering the conversation up to each assistant
     turn with and without it, so any chat template works whose rendering grows by appending."""
     if not tokenizer.chat_template:
         raise RelufyError("data.chat needs a tokenizer with a chat template")
 
     def render(msgs, prompt):
-        return list(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=prompt, return_dict=True)["input_ids"])
+        return list(
+            tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=prompt, return_dict=True)["input_ids"]
+        )
 
     ids = render(messages, False)
     labels = [-100] * len(ids)
     for i, msg in enumerate(messages):
         if msg.get("role") != "assistant":
             continue
-        before, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        if upto[: len(before)] != before or ids[: len(upto)] != upto:
+        prompt, turn = render(messages[:i], True), render(messages[: i + 1], False)  # up to the answer, through it
+        if turn[: len(prompt)] != prompt or ids[: len(turn)] != turn:
             raise RelufyError("the chat template does not render conversations by appending turns")
-        labels[len(before) : len(upto)] = ids[len(before) : len(upto)]
+        labels[len(prompt) : len(turn)] = ids[len(prompt) : len(turn)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     ids, labels = ids[:seq_len], labels[:seq_len]
     fill = seq_len - len(ids)
-    return torch.tensor([ids + [pad] * fill, labels + [-100] * fill], dtype=torch.long)
+    return torch.tensor(ids + [pad] * fill, dtype=torch.long), torch.tensor(labels + [-100] * fill, dtype=torch.long)
 
 
 def pack(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -95,7 +135,9 @@ def open_stream(spec: str):
         name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
         return datasets.load_dataset(name, config, split=parts[2] if len(parts) > 2 else "train", streaming=True)
     except Exception as e:  # noqa: BLE001 - offline, unknown name: user-facing
-        raise RelufyError(f"{spec}: cannot stream ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
+        raise RelufyError(
+            f"{spec}: cannot stream ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+        ) from None
 
 
 class StreamSource:
@@ -159,10 +201,11 @@ class StreamSource:
 
 
 class Mixture:
-    """Seeded weighted mixture over packed sources; ``state_dict`` makes its position resumable."""
+    """Seeded weighted mixture over packed sources (each a ``Batch`` of sequences or a
+    ``StreamSource``); ``state_dict`` makes its position resumable."""
 
     def __init__(self, sources: list, weights: list[float], seed: int):
-        if any(isinstance(s, torch.Tensor) and len(s) == 0 for s in sources):
+        if any(isinstance(s, Batch) and len(s.ids) == 0 for s in sources):
             raise RelufyError("a data source is shorter than one training sequence")
         self.sources, self.seed = sources, seed
         total = sum(weights)
@@ -175,27 +218,35 @@ class Mixture:
         key = (source, epoch)
         if key not in self._perms:
             g = torch.Generator().manual_seed(hash((self.seed, source, epoch)) & 0x7FFFFFFF)
-            self._perms = {key: torch.randperm(len(self.sources[source]), generator=g)}
+            self._perms = {key: torch.randperm(len(self.sources[source].ids), generator=g)}
         return self._perms[key]
 
-    def next(self) -> torch.Tensor:
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sequence's ``(ids, labels)``; for plain text the labels are the ids."""
         if len(self.sources) == 1:
             s = 0
         else:
             g = torch.Generator().manual_seed(hash((self.seed, self.position)) & 0x7FFFFFFF)
             s = int(torch.multinomial(self.weights, 1, generator=g))
-        k = self.draws[s]
-        if isinstance(self.sources[s], StreamSource):
-            seq = self.sources[s].next()
+        k, source = self.draws[s], self.sources[s]
+        if isinstance(source, StreamSource):
+            ids = labels = source.next()
         else:
-            n = len(self.sources[s])
-            seq = self.sources[s][self._perm(s, k // n)[k % n]]
+            n = len(source.ids)
+            row = self._perm(s, k // n)[k % n]
+            ids = source.ids[row]
+            labels = ids if source.labels is source.ids else source.labels[row]
         self.draws[s] += 1
         self.position += 1
-        return seq
+        return ids, labels
 
-    def batch(self, size: int) -> torch.Tensor:
-        return torch.stack([self.next() for _ in range(size)])
+    def batch(self, size: int) -> Batch:
+        """The next ``size`` sequences, ``[size, seq_len]`` each of ids and labels."""
+        rows = [self.next() for _ in range(size)]
+        ids = torch.stack([i for i, _ in rows])
+        if all(labels is i for i, labels in rows):
+            return Batch.text(ids)
+        return Batch(ids, torch.stack([labels for _, labels in rows]))
 
     def state_dict(self) -> dict:
         streams = {i: s.state_dict() for i, s in enumerate(self.sources) if isinstance(s, StreamSource)}
@@ -208,8 +259,8 @@ class Mixture:
             self.sources[int(i)].load_state_dict(stream_state)
 
 
-def build(data_spec, tokenizer, seed: int) -> tuple[Mixture, torch.Tensor]:
-    """``(training mixture, held-out sequences)``."""
+def build(data_spec, tokenizer, seed: int) -> tuple[Mixture, Batch]:
+    """``(training mixture, held-out sequences)``; the held-out set is a ``Batch`` too."""
     train, heldout = [], []
     for src in data_spec.sources:
         if src.streaming:
@@ -218,7 +269,7 @@ def build(data_spec, tokenizer, seed: int) -> tuple[Mixture, torch.Tensor]:
             stream = StreamSource(src.data, tokenizer, data_spec.seq_len, skip_on_wrap=data_spec.heldout_sequences)
             held = [stream.next() for _ in range(data_spec.heldout_sequences)]
             if held:
-                heldout.append(torch.stack(held))
+                heldout.append(Batch.text(torch.stack(held)))
             train.append(stream)
             continue
         if data_spec.chat:
@@ -226,14 +277,13 @@ def build(data_spec, tokenizer, seed: int) -> tuple[Mixture, torch.Tensor]:
             examples = [e for e in examples if (e[1] != -100).any()]  # truncation can cut every answer
             if not examples:
                 raise RelufyError(f"{src.data}: no conversation keeps an assistant token within seq_len {data_spec.seq_len}")
-            seqs = torch.stack(examples)
+            seqs = Batch(torch.stack([ids for ids, _ in examples]), torch.stack([labels for _, labels in examples]))
         else:
-            seqs = pack(load_texts(src.data), tokenizer, data_spec.seq_len)
-        n_held = int(len(seqs) * data_spec.heldout_fraction)
-        if len(seqs) - n_held < 1:
+            seqs = Batch.text(pack(load_texts(src.data), tokenizer, data_spec.seq_len))
+        n = len(seqs.ids)
+        n_held = int(n * data_spec.heldout_fraction)
+        if n - n_held < 1:
             raise RelufyError(f"{src.data}: too little text for one {data_spec.seq_len}-token training sequence")
-        train.append(seqs[: len(seqs) - n_held])
-        heldout.append(seqs[len(seqs) - n_held :])
-    return Mixture(train, [s.weight for s in data_spec.sources], seed), (
-        torch.cat(heldout) if heldout else torch.empty(0, data_spec.seq_len, dtype=torch.long)
-    )
+        train.append(seqs.rows(0, n - n_held))
+        heldout.append(seqs.rows(n - n_held, n))
+    return Mixture(train, [s.weight for s in data_spec.sources], seed), Batch.cat(heldout, data_spec.seq_len)

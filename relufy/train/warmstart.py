@@ -1,7 +1,8 @@
 """FFN-local warm start: before full training, fit each converted FFN to the original FFN's
 outputs on the same hidden states, layer by layer (no backprop through the model).
 
-The teacher (the original SwiGLU model) runs once over ``tokens`` training tokens while hooks
+The teacher (the original SwiGLU model) runs once over ``tokens`` training tokens (the ids of
+``mixture.batch``, a ``relufy.train.mixture.Batch``; the labels are not used) while hooks
 record the input and output of every layer's FFN block (the MoE block with its router for MoE
 models). Then for each layer the student's FFN weights (router excluded) take ``steps`` Adam
 steps on the mean squared error to the recorded outputs, on minibatches of recorded tokens.
@@ -47,8 +48,7 @@ def ffn_warmstart(
     from ..progress import token_progress
 
     n_seq = max(1, spec.tokens // seq_len)
-    batch = mixture.batch(n_seq)
-    ids = batch[:, 0] if batch.dim() == 3 else batch  # chat data: (ids, labels) pairs
+    ids, _ = mixture.batch(n_seq)  # the labels are not needed: the fit is on FFN outputs
     t_layers, s_layers = _layers(teacher), _layers(student)
     inputs = [[] for _ in t_layers]
     outputs = [[] for _ in t_layers]
@@ -87,8 +87,8 @@ def _fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, 
     """Fit each student layer's FFNs to the recorded teacher outputs; ``done(row)`` per layer.
     The training loop's sparsity meter counts zeros and carries the L1 terms; the FFNs' own
     observers are put back afterwards."""
-    from ..measure.sites import ffn_sites
     from ..measure.meter import SparsityMeter
+    from ..measure.sites import ffn_sites
 
     sites = ffn_sites(student)
     meter = SparsityMeter(sites, l1=spec.l1 > 0)
@@ -99,11 +99,13 @@ def _fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, 
     report = {"layers": []}
     try:
         for i, layer in enumerate(s_layers):
-            report["layers"].append(_fit_layer(i, layer.mlp.to(device), torch.cat(inputs[i]), torch.cat(outputs[i]), meter, spec, batch_tokens, g))
+            report["layers"].append(
+                _fit_layer(i, layer.mlp.to(device), torch.cat(inputs[i]), torch.cat(outputs[i]), meter, spec, batch_tokens, g)
+            )
             inputs[i] = outputs[i] = None
             done(report["layers"][-1])
     finally:
-        for (_, m), obs in zip(sites, kept):
+        for (_, m), obs in zip(sites, kept, strict=True):
             m.relufy_observer = obs
     n = max(1, len(report["layers"]))
     report["zeros_before"] = sum(r["zeros_before"] for r in report["layers"]) / n
@@ -114,7 +116,7 @@ def _fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, 
 def _fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g) -> dict:
     params = [p for m in mlp.modules() if isinstance(m, RelufyFFN) for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=spec.lr)
-    before, zeros_before = _measure(mlp, meter, i, x[:4096], y[:4096])
+    mse_before, zeros_before = _measure(mlp, meter, i, x[:4096], y[:4096])
     for _ in range(spec.steps):
         idx = torch.randint(0, len(x), (min(batch_tokens, len(x)),), generator=g)
         meter.reset()
@@ -124,7 +126,11 @@ def _fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    after, zeros_after = _measure(mlp, meter, i, x[:4096], y[:4096])
-    return {"layer": i, "mse_before": before, "mse_after": after, "zeros_before": zeros_before, "zeros_after": zeros_after}
-
-
+    mse_after, zeros_after = _measure(mlp, meter, i, x[:4096], y[:4096])
+    return {
+        "layer": i,
+        "mse_before": mse_before,
+        "mse_after": mse_after,
+        "zeros_before": zeros_before,
+        "zeros_after": zeros_after,
+    }

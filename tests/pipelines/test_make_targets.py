@@ -25,8 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def make(*args, timeout=900, **env):
     env = {**os.environ, "MAKEFLAGS": "", **env}
-    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=timeout, env=env,
-                          check=False)  # fmt: skip
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", str(ROOT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
 
 
 def dry(*args) -> list[str]:
@@ -72,9 +78,16 @@ def test_cluster_dry_run_catches_problems(tmp_path, capsys):
 def test_ablation_miniature(tmp_path):
     save_tiny_with_tokenizer("llama", tmp_path / "tok")
     runs = tmp_path / "runs"
-    proc = make("ablation", f"RUNS={runs}", "ABLATION_STEPS=12", f"ABLATION_TOKENIZER={tmp_path / 'tok'}",
-                "ABLATION_DATA=builtin:pydoc", "ABLATION_EVAL=builtin:pydoc", "ABLATION_EVAL_TOKENS=1024",
-                "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01")  # fmt: skip
+    proc = make(
+        "ablation",
+        f"RUNS={runs}",
+        "ABLATION_STEPS=12",
+        f"ABLATION_TOKENIZER={tmp_path / 'tok'}",
+        "ABLATION_DATA=builtin:pydoc",
+        "ABLATION_EVAL=builtin:pydoc",
+        "ABLATION_EVAL_TOKENS=1024",
+        "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = runs / "ablation-mini"
     evals = {m["activation"]: m for m in json.loads((folder / "eval.json").read_text())["models"]}
@@ -89,9 +102,16 @@ def test_ablation_miniature(tmp_path):
     assert "| drelu (paper, 300M) | 28.45 | 28.45 | 28.45 | 28.65 | 29.19 |" in report
     assert (folder / "report-img" / "loss.png").stat().st_size > 1000 and (folder / "report-img" / "topk.png").exists()
     # a second run reuses every finished step
-    again = make("ablation", f"RUNS={runs}", "ABLATION_STEPS=12", f"ABLATION_TOKENIZER={tmp_path / 'tok'}",
-                 "ABLATION_DATA=builtin:pydoc", "ABLATION_EVAL=builtin:pydoc", "ABLATION_EVAL_TOKENS=1024",
-                "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01")  # fmt: skip
+    again = make(
+        "ablation",
+        f"RUNS={runs}",
+        "ABLATION_STEPS=12",
+        f"ABLATION_TOKENIZER={tmp_path / 'tok'}",
+        "ABLATION_DATA=builtin:pydoc",
+        "ABLATION_EVAL=builtin:pydoc",
+        "ABLATION_EVAL_TOKENS=1024",
+        "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01",
+    )
     assert again.returncode == 0 and "relufy train" not in again.stdout and "relufy eval" not in again.stdout
 
 
@@ -99,11 +119,14 @@ def test_demo_pipeline_shrunk(tmp_path):
     """make demo's whole chain on the embedded SmolLM2, with every budget cut to seconds."""
     runs = tmp_path / "runs"
     args = [
-        f"RUNS={runs}", "DEMO_STEPS=2", "DEMO_EVAL_TOKENS=600",
-        "DEMO_TRAIN_ARGS=sparsity.ffn_warmstart.steps=2 sparsity.ffn_warmstart.tokens=512 data.heldout_fraction=0.01 log.every=1 optim.warmup_steps=1",
+        f"RUNS={runs}",
+        "DEMO_STEPS=2",
+        "DEMO_EVAL_TOKENS=600",
+        "DEMO_TRAIN_ARGS=sparsity.ffn_warmstart.steps=2 sparsity.ffn_warmstart.tokens=512 data.heldout_fraction=0.01 "
+        "log.every=1 optim.warmup_steps=1",
         "DEMO_EXPORT_ARGS=--max-tokens 1024 --predictor-steps 5",
         "DEMO_BENCH_ARGS=--shapes model --threads 1 --repeats 2 --new-tokens 4 --sparsities 0.9",
-    ]  # fmt: skip
+    ]
     proc = make("demo", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for n in range(1, 8):
@@ -124,8 +147,10 @@ def test_demo_pipeline_shrunk(tmp_path):
 
 
 # The recovery runs behind docs/results.md: each run's overrides, exactly as documented.
-RECOVERY_ARGS = ("budget.max_steps=60 checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0 sparsity.ffn_warmstart.steps=60 "
-                 "sparsity.ffn_warmstart.tokens=8192 sparsity.ffn_warmstart.l1=0 sparsity.l1=0")  # fmt: skip
+RECOVERY_ARGS = (
+    "budget.max_steps=60 checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0 sparsity.ffn_warmstart.steps=60 "
+    "sparsity.ffn_warmstart.tokens=8192 sparsity.ffn_warmstart.l1=0 sparsity.l1=0"
+)
 RECOVERY_RUNS = {
     "recovery/plain": f"{RECOVERY_ARGS} sparsity.distill=null sparsity.ffn_warmstart=null",
     "recovery/warmstart": f"{RECOVERY_ARGS} sparsity.distill=null",
@@ -137,8 +162,10 @@ RECOVERY_RUNS = {
 
 
 def recovery_command(runs: Path, run: str) -> str:
-    return " ".join(f".venv/bin/relufy train recipes/smollm2-recovery-cpu.yaml output_dir={runs}/{run} "
-                    f"model.path={runs}/demo/drelu {RECOVERY_RUNS[run]}".split())  # fmt: skip
+    return " ".join(
+        f".venv/bin/relufy train recipes/smollm2-recovery-cpu.yaml output_dir={runs}/{run} "
+        f"model.path={runs}/demo/drelu {RECOVERY_RUNS[run]}".split()
+    )
 
 
 def test_every_target_dry_runs(tmp_path):
@@ -161,18 +188,24 @@ def test_every_target_dry_runs(tmp_path):
     chain = dry("bench-sparse", f"RUNS={runs}")
     assert [line.split()[1] for line in chain if line.startswith(".venv/bin/relufy ")] == ["convert", "train", "export", "bench"]
     assert recovery_command(runs, "recovery/warmstart-kd") in chain
-    assert (f".venv/bin/relufy export {runs}/recovery/warmstart-kd/final {runs}/export/smollm2 --data "
-            f"wikitext:wikitext-2-raw-v1:validation --reorder --predictors --json {runs}/export/smollm2.json --force") in chain
+    assert (
+        f".venv/bin/relufy export {runs}/recovery/warmstart-kd/final {runs}/export/smollm2 --data "
+        f"wikitext:wikitext-2-raw-v1:validation --reorder --predictors --json {runs}/export/smollm2.json --force"
+    ) in chain
     # another model is exported as given, nothing trained for it
     other = dry("export-smollm2", f"RUNS={runs}", "EXPORT_MODEL=elsewhere/model")
     assert [line.split()[1] for line in other if line.startswith(".venv/bin/relufy ")] == ["export"]
 
-    evals = [line for target in ("demo", "eval-smollm2", "ablation") for line in dry(target, f"RUNS={runs}") if "relufy eval" in line]
+    evals = [
+        line for target in ("demo", "eval-smollm2", "ablation") for line in dry(target, f"RUNS={runs}") if "relufy eval" in line
+    ]
     assert len(evals) == 4
     for line in evals[:2]:
         assert "--data builtin:pydoc --seq-len 512 --max-tokens 4096 --topk 0,0.5,0.8,0.9 --batch-size 4 --json" in line
-    assert ("--data wikitext:wikitext-2-raw-v1:validation --seq-len 512 --max-tokens 16384 "
-            "--topk 0,0.5,0.8,0.85,0.9 --batch-size 4 --json") in evals[2]
+    assert (
+        "--data wikitext:wikitext-2-raw-v1:validation --seq-len 512 --max-tokens 16384 "
+        "--topk 0,0.5,0.8,0.85,0.9 --batch-size 4 --json"
+    ) in evals[2]
     assert "--seq-len 128 --max-tokens 16384 --topk 0,0.5,0.8,0.85,0.9 --batch-size 8 --json" in evals[3]
 
 
@@ -181,16 +214,19 @@ def tiny_drelu(tmp_path_factory):
     """A tiny dReLU conversion with its tokenizer, trained by the recovery targets (RECOVERY_MODEL)."""
     base = tmp_path_factory.mktemp("recovery-model")
     save_tiny_with_tokenizer("llama", base / "swiglu")
-    subprocess.run([sys.executable, "-m", "relufy", "convert", str(base / "swiglu"), str(base / "drelu")], check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "relufy", "convert", str(base / "swiglu"), str(base / "drelu")], check=True, capture_output=True
+    )
     return base / "drelu"
 
 
 # the recipe shrunk to the tiny model: its context, Python's help text, a short warm start; one
 # thread per process (a tiny model on a busy machine crawls with more)
 TINY_ENV = {"OMP_NUM_THREADS": "1"}
-TINY_TRAIN = ("data.seq_len=64 'data.sources=[{data: \"builtin:pydoc\"}]' data.heldout_fraction=0.05 log.every=1 "
-              "optim.warmup_steps=1 sparsity.ffn_warmstart.steps=2 sparsity.ffn_warmstart.tokens=512")  # fmt: skip
+TINY_TRAIN = (
+    "data.seq_len=64 'data.sources=[{data: \"builtin:pydoc\"}]' data.heldout_fraction=0.05 log.every=1 "
+    "optim.warmup_steps=1 sparsity.ffn_warmstart.steps=2 sparsity.ffn_warmstart.tokens=512"
+)
 
 
 def trained(stdout: str) -> list[str]:
@@ -201,11 +237,13 @@ def test_recovery_export_bench_chain(tmp_path, tiny_drelu):
     """Recovery runs, export and bench as file targets: each made once, in order, on demand."""
     runs = tmp_path / "runs"
     args = [
-        f"RUNS={runs}", f"RECOVERY_MODEL={tiny_drelu}", "WIKITEXT=builtin:pydoc",
+        f"RUNS={runs}",
+        f"RECOVERY_MODEL={tiny_drelu}",
+        "WIKITEXT=builtin:pydoc",
         f"RECOVERY_ARGS=budget.max_steps=2 checkpoint.every=0 {TINY_TRAIN}",
         "EXPORT_ARGS=--seq-len 32 --max-tokens 1024 --predictor-steps 5",
         "BENCH_SPARSE_ARGS=--shapes model --threads 1 --repeats 2 --new-tokens 4 --sparsities 0.9 --dtypes fp32",
-    ]  # fmt: skip
+    ]
     # bench-sparse makes what it benchmarks: the warm start + distillation run, then its export
     proc = make("bench-sparse", *args, **TINY_ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -238,9 +276,18 @@ def test_killed_run_continues(tmp_path, tiny_drelu):
     runs = tmp_path / "runs"
     run = runs / "recovery-hour" / "full"
     target = str(run / "summary.json")
-    args = [f"RUNS={runs}", f"RECOVERY_MODEL={tiny_drelu}", f"RECOVERY_HOUR_ARGS=budget.max_steps=30 checkpoint.every=2 {TINY_TRAIN}"]
-    proc = subprocess.Popen(["make", "--no-print-directory", "-C", str(ROOT), target, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "MAKEFLAGS": "", **TINY_ENV}, start_new_session=True)  # fmt: skip
+    args = [
+        f"RUNS={runs}",
+        f"RECOVERY_MODEL={tiny_drelu}",
+        f"RECOVERY_HOUR_ARGS=budget.max_steps=30 checkpoint.every=2 {TINY_TRAIN}",
+    ]
+    proc = subprocess.Popen(
+        ["make", "--no-print-directory", "-C", str(ROOT), target, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MAKEFLAGS": "", **TINY_ENV},
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "step-00000002").exists():
         time.sleep(0.01)

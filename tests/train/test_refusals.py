@@ -61,7 +61,11 @@ def test_recipe_file_that_is_not_a_mapping(tmp_path, cli, content, needle):
         ("override", "sparsity.l1=-.inf", "sparsity.l1"),
         ("override", "model.threshold=.inf", "model.threshold"),
         ("override", "lora.alpha=.inf", "lora.alpha"),
-        ("file", {"model": {"config": {"model_type": "llama", "rope_theta": float("inf")}, "tokenizer": "x"}}, "model.config.rope_theta"),
+        (
+            "file",
+            {"model": {"config": {"model_type": "llama", "rope_theta": float("inf")}, "tokenizer": "x"}},
+            "model.config.rope_theta",
+        ),
     ],
 )
 def test_non_finite_numbers_are_refused(base, tmp_path, cli, where, value, field):
@@ -113,9 +117,18 @@ def test_seq_len_beyond_the_models_context(base, tmp_path, cli):
 
 def test_seq_len_beyond_a_scratch_configs_context(base, tmp_path, cli):
     raw = recipe_dict(base, tmp_path / "out")
-    raw["model"] = {"config": {"model_type": "llama", "max_position_embeddings": 16, "hidden_size": 32, "intermediate_size": 48,
-                               "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 96},
-                    "tokenizer": str(base / "llama")}  # fmt: skip
+    raw["model"] = {
+        "config": {
+            "model_type": "llama",
+            "max_position_embeddings": 16,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "vocab_size": 96,
+        },
+        "tokenizer": str(base / "llama"),
+    }
     path = write_recipe(tmp_path / "r.yaml", raw)
     snap = Snapshot(tmp_path)
     code, err, _ = cli("train", path)

@@ -13,13 +13,16 @@ STEPS = 5  # the reference run: checkpoints after steps 1..4 (step 5 writes fina
 def recipe_dict(base, out, **overrides) -> dict:
     """A small recipe; ``a__b=value`` sets ``raw[a][b]``."""
     raw = {
-        "name": "t", "output_dir": str(out), "seed": 0,
+        "name": "t",
+        "output_dir": str(out),
+        "seed": 0,
         "model": {"path": str(base / "llama-drelu")},
         "data": {"sources": [{"data": str(base / "text.txt")}], "seq_len": 32, "heldout_fraction": 0.05},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 1},
         "budget": {"max_steps": STEPS, "micro_batch_size": 2, "grad_accum": 1},
-        "log": {"every": 1}, "checkpoint": {"every": 1, "keep_last": 3},
-    }  # fmt: skip
+        "log": {"every": 1},
+        "checkpoint": {"every": 1, "keep_last": 3},
+    }
     for key, value in overrides.items():
         node = raw
         *parents, last = key.split("__")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +22,7 @@ from relufy.errors import RelufyError
 from relufy.train.loop import _kl, lr_lambda, train
 from relufy.train.recipe import load_recipe, validate
 
-RECIPES = sorted(Path(__file__).parents[1].glob("recipes/*.yaml"))
+RECIPES = sorted(Path(__file__).parents[2].glob("recipes/*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +37,16 @@ def base(tmp_path_factory):
 
 def recipe_dict(base, out, **overrides):
     raw = {
-        "name": "t", "output_dir": str(out), "seed": 0,
+        "name": "t",
+        "output_dir": str(out),
+        "seed": 0,
         "model": {"path": str(base / "llama-drelu")},
         "data": {"sources": [{"data": str(base / "text.txt")}], "seq_len": 32, "heldout_fraction": 0.05},
         "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 3},
         "budget": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2},
-        "log": {"every": 1}, "checkpoint": {"every": 0},
-    }  # fmt: skip
+        "log": {"every": 1},
+        "checkpoint": {"every": 0},
+    }
     for key, value in overrides.items():
         node = raw
         *parents, last = key.split("__")
@@ -59,7 +62,9 @@ def write_recipe(path, raw):
 
 
 def losses(out):
-    return [(r["step"], r["loss"], r["lr"], r["sparsity"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    return [
+        (r["step"], r["loss"], r["lr"], r["sparsity"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
@@ -102,7 +107,7 @@ def test_lr_schedule():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert values[10] == pytest.approx(1.0) and values[110] == pytest.approx(0.1)
     assert values[60] == pytest.approx(0.1 + 0.9 * 0.5)
-    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert all(a >= b for a, b in zip(values[10:], values[11:], strict=False))
 
 
 def test_kl_matches_definition():
@@ -121,8 +126,9 @@ def test_resume_is_exact_after_sigkill(base, tmp_path):
     train(load_recipe(tmp_path / "a.yaml"), show_progress=False)
     raw["output_dir"] = str(tmp_path / "b")
     write_recipe(tmp_path / "b.yaml", raw)
-    proc = subprocess.Popen([sys.executable, "-m", "relufy", "train", str(tmp_path / "b.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relufy", "train", str(tmp_path / "b.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (tmp_path / "b" / "checkpoints" / "step-00000060").exists():
         time.sleep(0.01)
@@ -137,8 +143,16 @@ def test_resume_is_exact_after_sigkill(base, tmp_path):
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(base, tmp_path, cli):
-    raw = recipe_dict(base, tmp_path / "out", optim__lr=1e30, optim__min_lr=1e29, optim__warmup_steps=0,
-                      optim__grad_clip=None, checkpoint__every=1, budget__max_steps=20)  # fmt: skip
+    raw = recipe_dict(
+        base,
+        tmp_path / "out",
+        optim__lr=1e30,
+        optim__min_lr=1e29,
+        optim__warmup_steps=0,
+        optim__grad_clip=None,
+        checkpoint__every=1,
+        budget__max_steps=20,
+    )
     code, out, _ = cli("train", write_recipe(tmp_path / "r.yaml", raw))
     err = out.splitlines()[-1]  # before it: the progress display
     assert code == 2 and err.startswith("relufy: error:") and "Traceback" not in out, out
@@ -150,25 +164,28 @@ def test_nan_stops_and_keeps_last_good_checkpoint(base, tmp_path, cli):
 
 
 def test_final_checkpoint_is_convert_format(base, tmp_path):
-    raw = recipe_dict(base, tmp_path / "out", sparsity={"l1": 0.01, "distill": {"weight": 0.5, "temperature": 2.0},
-                      "ffn_warmstart": {"tokens": 1024, "steps": 30}})  # fmt: skip
+    raw = recipe_dict(
+        base,
+        tmp_path / "out",
+        sparsity={"l1": 0.01, "distill": {"weight": 0.5, "temperature": 2.0}, "ffn_warmstart": {"tokens": 1024, "steps": 30}},
+    )
     raw["log"]["eval_every"] = 6
     final = train(validate(raw), show_progress=False)
     config = json.loads((final / "config.json").read_text())
     assert config["model_type"] == "relufy_llama" and config["relufy"]["activation"] == "drelu"
     assert (final / "modeling_relufy.py").exists() and (final / "tokenizer.json").exists()
     report = json.loads((tmp_path / "out" / "warmstart.json").read_text())
-    assert all(l["mse_after"] < l["mse_before"] for l in report["layers"])
-    rows = [json.loads(l) for l in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["mse_after"] < row["mse_before"] for row in report["layers"])
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "tokens", "loss", "lr", "sparsity"} <= rows[0].keys()
     assert rows[5]["heldout_ppl"] > 1 and math.isfinite(rows[-1]["loss"])
     assert (tmp_path / "out" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # the trained weights load back through the converted-checkpoint path and changed
     trained, original = relufy.load(final), relufy.load(base / "llama-drelu")
-    diff = max((a - b).abs().max() for a, b in zip(trained.parameters(), original.parameters()))
+    diff = max((a - b).abs().max() for a, b in zip(trained.parameters(), original.parameters(), strict=True))
     assert diff > 0
     ids = torch.tensor([[5, 6, 7, 8]])
-    script = Path(__file__).with_name("remote_logits.py")
+    script = Path(__file__).parents[1] / "remote_logits.py"
     (tmp_path / "jobs.json").write_text(json.dumps([{"path": str(final), "ids": ids.tolist(), "out": str(tmp_path / "r.pt")}]))
     subprocess.run([sys.executable, str(script), str(tmp_path / "jobs.json")], check=True, env={**os.environ, "PYTHONPATH": ""})
     remote = torch.load(tmp_path / "r.pt", weights_only=True)
@@ -191,9 +208,10 @@ def test_warmstart_l1_holds_zeros(capsys):
     from relufy.train.recipe import WarmstartSpec
     from relufy.train.warmstart import ffn_warmstart
 
-    class Mixture:  # the one method the warm start uses
+    class Mixture:  # the one method the warm start uses: (ids, labels), as relufy.train.mixture gives them
         def batch(self, n):
-            return torch.randint(0, 64, (n, 32), generator=torch.Generator().manual_seed(1))
+            ids = torch.randint(0, 64, (n, 32), generator=torch.Generator().manual_seed(1))
+            return ids, ids
 
     teacher = tiny_model("llama").eval()
     reports, students = {}, {}
@@ -203,7 +221,7 @@ def test_warmstart_l1_holds_zeros(capsys):
         reports[l1] = ffn_warmstart(students[l1], teacher, Mixture(), spec, torch.device("cpu"), seq_len=32, show_progress=l1 > 0)
     plain, held = reports[0.0]["layers"], reports[1.0]["layers"]
     assert [r["zeros_before"] for r in plain] == [r["zeros_before"] for r in held]
-    assert all(h["zeros_after"] > p["zeros_after"] for p, h in zip(plain, held)), (plain, held)
+    assert all(h["zeros_after"] > p["zeros_after"] for p, h in zip(plain, held, strict=True)), (plain, held)
     assert all(p["mse_after"] < p["mse_before"] for p in plain)
     assert reports[1.0]["zeros_after"] > reports[0.0]["zeros_after"]
     assert "warm start: layer" in capsys.readouterr().err  # the progress bar
@@ -223,7 +241,8 @@ def test_warmstart_fits_moe_blocks(family):
 
     class Mixture:
         def batch(self, n):
-            return torch.randint(0, 64, (n, 32), generator=torch.Generator().manual_seed(1))
+            ids = torch.randint(0, 64, (n, 32), generator=torch.Generator().manual_seed(1))
+            return ids, ids
 
     student = swap_activation(tiny_model(family), "drelu")
     spec = WarmstartSpec(tokens=512, steps=20, lr=1e-2, l1=1.0)
@@ -240,15 +259,22 @@ def test_lora_is_merged(base, tmp_path):
     with safe_open(final / "model.safetensors", "pt") as f:
         assert not [k for k in f.keys() if "lora" in k]
     model = relufy.load(final)
-    assert any((a - b).abs().max() > 0 for a, b in zip(model.parameters(), relufy.load(base / "llama-drelu").parameters()))
+    assert any(
+        (a - b).abs().max() > 0 for a, b in zip(model.parameters(), relufy.load(base / "llama-drelu").parameters(), strict=True)
+    )
 
 
 def test_moe_router_aux_coefficient_applies(base, tmp_path):
     """The coefficient reaches the loss: same data and seed, a larger coefficient, a larger loss."""
     first = {}
     for coef in (0.0, 5.0):
-        raw = recipe_dict(base, tmp_path / f"out{coef}", budget__max_steps=4,
-                          model={"path": str(base / "moe"), "activation": "drelu"}, sparsity={"router_aux_coef": coef})  # fmt: skip
+        raw = recipe_dict(
+            base,
+            tmp_path / f"out{coef}",
+            budget__max_steps=4,
+            model={"path": str(base / "moe"), "activation": "drelu"},
+            sparsity={"router_aux_coef": coef},
+        )
         final = train(validate(raw), show_progress=False)
         first[coef] = losses(tmp_path / f"out{coef}")[0][1]
     assert json.loads((final / "config.json").read_text())["model_type"] == "relufy_qwen2_moe"
@@ -269,8 +295,11 @@ def test_two_process_ddp_on_cpu(base, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relufy", "train", str(path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # one writer
@@ -287,8 +316,11 @@ def test_processes_accelerate_does_not_join_are_refused(base, tmp_path):
     env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "relufy", "train", str(path)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode != 0
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("relufy: error:")]
     assert errors and "2 processes were launched" in errors[0] and "FSDP" in errors[0], proc.stderr[-2000:]
@@ -318,17 +350,31 @@ def test_sft_loss_on_assistant_tokens_only(base, tmp_path):
     tok = AutoTokenizer.from_pretrained(model_dir, config=relufy.load(model_dir).config)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(model_dir)
-    convo = [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A mutable sequence."},
-             {"role": "user", "content": "And a tuple?"}, {"role": "assistant", "content": "An immutable one."}]  # fmt: skip
+    convo = [
+        {"role": "user", "content": "What is a list?"},
+        {"role": "assistant", "content": "A mutable sequence."},
+        {"role": "user", "content": "And a tuple?"},
+        {"role": "assistant", "content": "An immutable one."},
+    ]
     ids, labels = chat_example(convo, tok, 160)
-    scored = tok.decode([i for i, l in zip(ids.tolist(), labels.tolist()) if l != -100]).replace(" ", "")
+    scored = tok.decode([i for i, label in zip(ids.tolist(), labels.tolist(), strict=True) if label != -100]).replace(" ", "")
     assert "Amutablesequence" in scored and "Animmutableone" in scored
     assert "list" not in scored and "tuple" not in scored and "user" not in scored
     assert (labels[ids == tok.pad_token_id] == -100).all()
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps({"messages": convo}) for _ in range(40)))
-    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, model={"path": str(model_dir)},
-                      data={"sources": [{"data": str(tmp_path / "chat.jsonl")}], "seq_len": 160, "chat": True,
-                            "heldout_fraction": 0.1})  # fmt: skip
+    raw = recipe_dict(
+        base,
+        tmp_path / "out",
+        budget__max_steps=4,
+        model={"path": str(model_dir)},
+        data={"sources": [{"data": str(tmp_path / "chat.jsonl")}], "seq_len": 160, "chat": True, "heldout_fraction": 0.1},
+    )
+    from relufy.train import mixture as train_mixture
+
+    mixture, held = train_mixture.build(validate(raw).data, tok, seed=0)  # (ids, labels) pairs, like plain text
+    batch_ids, batch_labels = mixture.batch(3)
+    assert batch_ids.shape == batch_labels.shape == (3, 160) and len(held.ids) == len(held.labels) == 4
+    assert torch.equal(batch_ids[0], ids) and torch.equal(batch_labels[0], labels) and torch.equal(held.labels[0], labels)
     final = train(validate(raw), show_progress=False)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert math.isfinite(summary["heldout_ppl"]) and (final / "config.json").exists()
@@ -341,11 +387,17 @@ def test_streaming_source_resumes_exactly(base, tmp_path):
     from relufy.train.recipe import DataSpec
 
     (tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in corpus()[:30_000].split("\n\n") if t))
-    spec = DataSpec(sources=[{"data": str(tmp_path / "s.jsonl"), "streaming": True, "weight": 1.0},
-                             {"data": str(base / "text.txt"), "weight": 1.0}], seq_len=32, heldout_sequences=3)  # fmt: skip
+    spec = DataSpec(
+        sources=[
+            {"data": str(tmp_path / "s.jsonl"), "streaming": True, "weight": 1.0},
+            {"data": str(base / "text.txt"), "weight": 1.0},
+        ],
+        seq_len=32,
+        heldout_sequences=3,
+    )
     tok = AutoTokenizer.from_pretrained(base / "llama")
     first, held = train_mixture.build(spec, tok, seed=3)
-    assert held.shape[1] == 32 and len(held) >= 3
+    assert held.ids.shape[1] == 32 and len(held.ids) >= 3 and held.labels is held.ids  # plain text: labels are the ids
     for _ in range(7):
         first.batch(4)
     state = json.loads(json.dumps(first.state_dict()))  # survives serialization
@@ -353,5 +405,6 @@ def test_streaming_source_resumes_exactly(base, tmp_path):
     second, _ = train_mixture.build(spec, tok, seed=3)
     second.load_state_dict(state)
     for want in expected:
-        assert torch.equal(second.batch(4), want)
+        got = second.batch(4)
+        assert torch.equal(got.ids, want.ids) and got.labels is got.ids
     assert first.draws[0] > 0 and first.draws[1] > 0  # both sources drawn
