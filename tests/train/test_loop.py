@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+import trainkit
 from tiny import corpus, save_tiny_with_tokenizer
+from trainkit import write_recipe
 
 import relufy
 from relufy.errors import RelufyError
@@ -36,29 +37,9 @@ def base(tmp_path_factory):
 
 
 def recipe_dict(base, out, **overrides):
-    raw = {
-        "name": "t",
-        "output_dir": str(out),
-        "seed": 0,
-        "model": {"path": str(base / "llama-drelu")},
-        "data": {"sources": [{"data": str(base / "text.txt")}], "seq_len": 32, "heldout_fraction": 0.05},
-        "optim": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 3},
-        "budget": {"max_steps": 12, "micro_batch_size": 2, "grad_accum": 2},
-        "log": {"every": 1},
-        "checkpoint": {"every": 0},
-    }
-    for key, value in overrides.items():
-        node = raw
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return raw
-
-
-def write_recipe(path, raw):
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    """The recipe of these tests: 12 steps of 2 x 2 sequences, no checkpoints (``a__b=value`` overrides)."""
+    defaults = {"optim__warmup_steps": 3, "budget__max_steps": 12, "budget__grad_accum": 2, "checkpoint": {"every": 0}}
+    return trainkit.recipe_dict(base, out, **{**defaults, **overrides})
 
 
 def losses(out):
