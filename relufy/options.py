@@ -39,10 +39,16 @@ class Options(BaseModel):
         try:
             return cls(**values)
         except ValidationError as e:
-            err = e.errors()[0]
-            name = str(err["loc"][0]) if err["loc"] else ""
+            loc, msg = first_error(e)
+            name = loc[0] if loc else ""
             where = flag_of(cls, name) if name in cls.model_fields else "options"
-            raise RelufyError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+            raise RelufyError(f"{where}: {msg}") from None
+
+
+def first_error(e: ValidationError) -> tuple[list[str], str]:
+    """Where (the field path) and what of a validation error's first problem, for one line."""
+    err = e.errors()[0]
+    return [str(p) for p in err["loc"]], err["msg"].removeprefix("Value error, ")
 
 
 def option_field(default: Any = ..., *, description: str, flag: str | None = None, **kwargs) -> Any:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import RelufyError
 from ..names import ACTIVATIONS, SPARSITY_FILE
+from ..options import first_error
 
 CORE_FIELDS = ("activation", "threshold", "base_model_type", "base_architectures", "base_activation", "source", "relufy_version")
 
@@ -60,6 +61,5 @@ class RelufyBlock(_Block):
         try:
             return cls.model_validate(block)
         except ValidationError as e:
-            err = e.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or "(block)"
-            raise RelufyError(f"{where}: the relufy block's {field}: {err['msg'].removeprefix('Value error, ')}") from None
+            loc, msg = first_error(e)
+            raise RelufyError(f"{where}: the relufy block's {'.'.join(loc) or '(block)'}: {msg}") from None

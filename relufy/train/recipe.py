@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import RelufyError
-from ..options import Options, option_field
+from ..options import Options, first_error, option_field
 
 
 class _Spec(BaseModel):
@@ -245,10 +245,8 @@ def validate(raw: dict, origin: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        raise RelufyError(f"{origin}: {where}: {msg}") from None
+        loc, msg = first_error(e)
+        raise RelufyError(f"{origin}: {'.'.join(loc) or '(top level)'}: {msg}") from None
 
 
 def dump(recipe: Recipe) -> str:
