@@ -110,7 +110,7 @@ class PlainProgress:
         rate = (done - t["base"]) / seconds if seconds > 0 else 0.0
         unit = {"bytes": "/s", "tokens": " tok/s"}.get(self.unit, "/s")
         where = f"{_amount(done, self.unit)}" + (f" of {_amount(total, self.unit)}" if total else "")
-        speed = f", {_amount(rate, self.unit)}{unit}" if rate and self.unit else ""
+        speed = f", {_amount(rate, self.unit)}{unit}" if rate >= 1 and self.unit else ""
         state = f"done in {seconds:,.1f} s" if final else f"{done / total:.0%}" if total else "running"
         console.print(f"{t['description']}: {state} ({where}{speed})", markup=False, highlight=False, soft_wrap=True)
 

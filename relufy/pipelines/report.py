@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from ..errors import RelufyError
+from ..io.atomic import atomic_file, save_png
 
 # Turbo Sparse (arXiv 2406.05955v2), section 3.2: 300M models trained from scratch on 5B FineWeb
 # tokens. Table 2: training loss and WikiText-2 perplexity; Table 3: WikiText-2 perplexity with
@@ -59,7 +60,7 @@ def _plot_curves(series: dict[str, list[tuple[float, float]]], path: Path, xlabe
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
     plt.close(fig)
 
 
@@ -109,7 +110,7 @@ def demo(folder: Path, run: Path | None = None) -> Path:
     ax.set(xlabel="layer", ylabel="FFN zeros (%)", ylim=(0, 100), title="Activation sparsity per layer")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(img / "sparsity_per_layer.png", dpi=120)
+    save_png(fig, img / "sparsity_per_layer.png")
     plt.close(fig)
     if (train_dir / "curves.png").exists():
         shutil.copy(train_dir / "curves.png", img / "training_curves.png")
@@ -198,7 +199,7 @@ small part of a decoding step; the 7B rows show where the kernels pay off.
 """
     )
     out = folder / "report.md"
-    out.write_text(text)
+    _write(out, text)
     return out
 
 
@@ -269,7 +270,7 @@ sparsity while SwiGLU's rises.
 """
     )
     out = folder / "report.md"
-    out.write_text(text)
+    _write(out, text)
     return out
 
 
@@ -289,3 +290,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
