@@ -37,6 +37,11 @@ def _models(eval_json: dict) -> list[dict]:
     return eval_json["models"]
 
 
+def _write(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
 def _metrics(path: Path) -> list[dict]:
     """Logged steps with a finite loss (a partial last line, from a killed run, is skipped)."""
     from ..train.checkpoint import read_metrics
@@ -290,8 +295,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _write(path: Path, text: str) -> None:
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
