@@ -156,6 +156,11 @@ def _train(recipe: str, overrides: list[str] | None, options) -> None:
     if options.dry_run:
         typer.echo(dump(spec))
         return
+    if options.export_step is not None:
+        from .train.midrun import export_checkpoint
+
+        typer.echo(f"wrote {export_checkpoint(spec, options.export_step)}")
+        return
     from .train.loop import train
 
     final = train(spec, resume=options.resume)

@@ -2,7 +2,9 @@
 held-out perplexity and sparsity of a model between them.
 
 Used by ``relufy train`` and its FFN warm start; they live here, beside ``relufy eval``'s counters,
-so that both read activations the same way.
+so that both read activations the same way. Both work across processes: the meter's tallies and
+the held-out eval's sums are added over the default ``torch.distributed`` process group when the
+caller says there are several processes.
 """
 
 from __future__ import annotations
@@ -44,25 +46,77 @@ class SparsityMeter:
     def per_layer(self) -> list[float]:
         return [self.fraction(layer) for layer in self.layers]
 
+    def tallies(self, device) -> torch.Tensor:
+        """``[layers, 2]`` float64 on ``device``: the zeros and the values counted per layer since the
+        last reset (what processes add up before taking fractions: ``fractions``)."""
+        rows = [[float(self.zeros.get(layer, 0)), float(self.total.get(layer, 0))] for layer in self.layers]
+        return torch.tensor(rows, dtype=torch.float64, device=device).reshape(-1, 2)
 
-def heldout_eval(model, heldout, device, batch_size: int = 4) -> tuple[float | None, float | None]:
+    @staticmethod
+    def fractions(tallies: torch.Tensor) -> list[float]:
+        """Zero fraction per layer from (summed) ``tallies``; nan for a layer that ran no FFN."""
+        return [z / t if t else float("nan") for z, t in tallies.tolist()]
+
+
+def heldout_eval(model, heldout, device, batch_size: int = 4, rank: int = 0, world: int = 1) -> tuple[float | None, float | None]:
     """Held-out perplexity and mean per-layer FFN sparsity (the counters of relufy eval) on
     ``heldout = (ids, labels)``, both ``[n, seq_len]`` (what ``relufy.train.mixture.build`` gives):
     labels as the model's loss takes them (shifted inside; -100 where not scored; for plain text
-    the ids themselves). Leaves every FFN without an observer: callers reinstall theirs."""
+    the ids themselves). Leaves every FFN without an observer: callers reinstall theirs.
+
+    With ``world > 1`` every process of the default process group must call it at once (it is a
+    collective): process ``rank`` scores windows ``rank, rank + world, ...``, all processes run
+    the same number of forward passes (one that has run out of windows runs a last batch again,
+    uncounted, so that a sharded model's all-gathers pair up), and the NLL, token and activation
+    counts are summed over the processes; every process gets the same figures. The figures equal
+    a one-process eval's up to float summation order."""
     ids, labels = heldout
     if len(ids) == 0:
         return None, None
-    from ..text import Window
-    from .evaluate import score
-    from .sites import ActivationCounter, observing
+    import torch.nn.functional as F
+
+    from .sites import ActivationCounter, ffn_sites, observing
     from .stats import Stats
 
-    wins = [Window(seq, target) for seq, target in zip(ids, labels, strict=True)]
+    mine = list(range(rank, len(ids), world))
+    share = -(-len(ids) // world)  # the largest share: every process runs this many batches
+    batches = [mine[i : i + batch_size] for i in range(0, share, batch_size)]
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL, scored tokens
     was_training = model.training
     model.eval()
-    with observing(model, ActivationCounter) as counter:
-        nll, count = score(model, wins, batch_size, device)
+    with observing(model, ActivationCounter) as counter, torch.no_grad():
+        modules = [m for _, m in ffn_sites(model)]
+        for rows in batches:
+            counted = bool(rows)
+            rows = rows or mine[-batch_size:] or [0]  # ran out: repeat a batch, uncounted
+            if not counted:
+                for m in modules:
+                    m.relufy_observer = None
+            batch_ids = ids[rows].to(device)
+            logits = model(input_ids=batch_ids).logits[:, :-1].float()
+            if counted:
+                target = labels[rows][:, 1:].to(device)
+                flat = logits.reshape(-1, logits.shape[-1])
+                nll = F.cross_entropy(flat, target.reshape(-1), ignore_index=-100, reduction="sum")
+                sums += torch.stack([nll.double(), (target != -100).sum().double()])
+            else:
+                for m in modules:
+                    m.relufy_observer = counter
     model.train(was_training)
-    per_layer = Stats(counter.result(), 0, {}).layer_sparsity()
-    return math.exp(nll / count), sum(per_layer) / len(per_layer)
+    result = counter.result()
+    if world > 1:
+        import torch.distributed as dist
+
+        flat = torch.cat([sums] + [t.to(device, torch.float64).flatten() for pair in result.values() for t in pair])
+        dist.all_reduce(flat)
+        sums, offset = flat[:2], 2
+        for site, (counts, tokens) in result.items():
+            n, m = counts.numel(), tokens.numel()
+            result[site] = (
+                flat[offset : offset + n].reshape(counts.shape).round().long().cpu(),
+                flat[offset + n : offset + n + m].round().long().cpu(),
+            )
+            offset += n + m
+    nll, count = sums.tolist()
+    per_layer = Stats(result, 0, {}).layer_sparsity()
+    return (math.exp(nll / count) if count else None), sum(per_layer) / len(per_layer)

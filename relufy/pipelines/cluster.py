@@ -39,7 +39,7 @@ PIPELINES = {
     "qwen2.5-7b": Pipeline("Qwen/Qwen2.5-7B", "recipes/turbosparse-qwen2.5-7b.yaml"),
     "qwen3-30b-a3b": Pipeline("Qwen/Qwen3-30B-A3B", "recipes/turbosparse-qwen3-30b-a3b.yaml"),
 }
-DISTRIBUTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED")
+DISTRIBUTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP")
 
 
 @dataclass(frozen=True)
@@ -139,22 +139,14 @@ def check(steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
     except yaml.YAMLError as e:
         raise RelufyError(f"{accelerate_config}: not YAML ({str(e).splitlines()[0]})") from None
     kind = config.get("distributed_type")
+    if kind == "DEEPSPEED":
+        raise RelufyError(f"{accelerate_config}: relufy train does not run under DeepSpeed: use recipes/accelerate/fsdp2.yaml")
     if kind not in DISTRIBUTED:
         raise RelufyError(f"{accelerate_config}: distributed_type {kind!r} is not one of {', '.join(DISTRIBUTED)}")
     if nproc < 1:
         raise RelufyError(f"--nproc must be positive, got {nproc}")
-    sharded = kind in ("FSDP", "DEEPSPEED")
-    uses = [
-        what
-        for what, on in (
-            ("sparsity.distill", recipe.sparsity.distill),
-            ("sparsity.ffn_warmstart", recipe.sparsity.ffn_warmstart),
-            ("lora", recipe.lora),
-        )
-        if on
-    ]
-    if sharded and uses:
-        raise RelufyError(f"{recipe_path.name} uses {', '.join(uses)}, which relufy train refuses under {kind}: use a DDP config")
+    if kind == "FSDP" and (config.get("fsdp_config") or {}).get("fsdp_version") != 2:
+        raise RelufyError(f"{accelerate_config}: relufy train shards with FSDP2 only: set fsdp_config.fsdp_version: 2")
     lines.append(f"accelerate config {path.name}: {kind}, {nproc} processes")
     for tool in ("relufy", "accelerate"):
         if shutil.which(tool) is None and not (Path(sys.executable).parent / tool).exists():

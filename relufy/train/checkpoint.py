@@ -11,7 +11,12 @@
 ``OUTPUT_DIR/checkpoints/step-NNNNNNNN/`` (the newest ``checkpoint.keep_last`` are kept)
     ``model.safetensors``
         The weights (Accelerate's ``save_state``; safetensors holds tensors only, no code).
-        FSDP writes sharded folders instead (``pytorch_model_fsdp_0/``, ``optimizer_0/``).
+        FSDP2 writes sharded folders instead of this file and ``optimizer.bin``:
+        ``pytorch_model_fsdp_0/`` and ``optimizer_0/`` (``torch.distributed.checkpoint``: one
+        ``__R_0.distcp`` per process ``R`` with its shards, tensors loaded with
+        ``weights_only=True``, and a pickled ``.metadata``, see below). Every process writes its
+        own files into the one folder, so with several machines ``output_dir`` must be on a
+        filesystem they share; the manifest lists them all.
     ``optimizer.bin``
         AdamW's state (``torch.save``); Accelerate loads it with ``torch.load(weights_only=True)``,
         which builds tensors and plain containers only.
@@ -45,11 +50,11 @@ The main process hashes while the others wait in a collective, so ``relufy train
 process group's timeout to two hours: a checkpoint of hundreds of GB does not time out.
 
 Checkpoints of earlier relufy versions (``custom_checkpoint_*.pkl``, no manifest) are refused:
-they are never unpickled. DeepSpeed's checkpoint files are read by DeepSpeed's own loader
-(``torch.load`` of pickles): for them the manifest guards against damage, not against someone
-who can write the output folder. FSDP's sharded folders hold a pickled ``.metadata`` that
-PyTorch's loader unpickles; relufy reads each one first with an unpickler that admits only the
-checkpoint metadata classes, and treats anything else as damage.
+they are never unpickled. FSDP2's sharded folders hold a pickled ``.metadata`` that PyTorch's
+loader unpickles; relufy reads each one first with an unpickler that admits only the checkpoint
+metadata classes, and treats anything else as damage. A resumed FSDP2 run continues exactly
+(tested with 2 processes killed by SIGKILL), provided it has as many processes as the one that
+saved: with another count it goes on, with a notice, but not as the original would have.
 """
 
 from __future__ import annotations

@@ -1,8 +1,18 @@
 """``relufy train``: continued pretraining of a relufy model under Accelerate.
 
-One process on CPU or GPU with a plain ``relufy train``; DDP / FSDP2 / DeepSpeed through
-``accelerate launch --config_file recipes/accelerate/*.yaml -m relufy train ...``.
-``train()`` runs a ``RecipeRun``: one method per stage, in the order its docstring lists.
+One process on CPU or GPU with a plain ``relufy train``; DDP or FSDP2 through
+``accelerate launch --config_file recipes/accelerate/{ddp,fsdp2}.yaml -m relufy train ...``
+(DeepSpeed and FSDP1 are refused with one line). ``train()`` runs a ``RecipeRun``: one method
+per stage, in the order its docstring lists.
+
+Under FSDP2 everything a run does works sharded: the student through ``accelerator.prepare``,
+the frozen teacher sharded the same way (``shard_frozen``), the FFN warm start split by layers
+across the processes before the student is sharded, the held-out eval run by every process on
+its share of the windows, LoRA adapters sharded with their layers and merged into ``final/``,
+and checkpoints as Accelerate's sharded DCP folders (``relufy.train.checkpoint``). Every process
+draws the same global batch and trains on its own rows; the logged loss and sparsity are the
+means over all processes, so a run's curve does not depend on how many processes share its
+global batch (up to float reduction order).
 
 Output folder: ``run.json`` (the run's identity), ``recipe.yaml`` (the resolved recipe),
 ``metrics.jsonl`` (one JSON object per logged step; a value that is not finite is ``null``),
@@ -71,11 +81,59 @@ def load_student(recipe: Recipe):
     return model, load_tokenizer(spec.tokenizer or spec.path)
 
 
+def lora_config(lora):
+    """peft's ``LoraConfig`` of a recipe's ``lora`` section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules or None,
+        target_parameters=lora.target_parameters or None,
+    )
+
+
 def _kl(student_logits, teacher_logits, labels, temperature):
     mask = labels[:, 1:] != -100
     s = F.log_softmax(student_logits[:, :-1][mask].float() / temperature, -1)
     t = F.log_softmax(teacher_logits[:, :-1][mask].float() / temperature, -1)
     return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _teacher_top_k(teacher_logits, labels, temperature: float, k: int):
+    """``(log-probs [N, k], token ids [N, k])``: the teacher's ``k`` most likely next tokens at the
+    N scored positions, at ``temperature``; the teacher's full logits can be dropped afterwards."""
+    mask = labels[:, 1:] != -100
+    t = teacher_logits[:, :-1][mask].float() / temperature
+    values, index = t.topk(min(k, t.shape[-1]), dim=-1)
+    return values - torch.logsumexp(t, -1, keepdim=True), index
+
+
+def _log1mexp(x):
+    """``log(1 - exp(x))`` for ``x <= 0``; ``log 1e-30`` where the difference vanishes (finite, and
+    so with a finite gradient: a tail bucket that holds nothing adds nothing)."""
+    return torch.log((-torch.expm1(x)).clamp_min(1e-30))
+
+
+def _kl_top_k(student_logits, teacher_top, labels, temperature):
+    """KL(teacher || student) over k + 1 outcomes: the teacher's top-k tokens and one tail bucket
+    holding the rest of each model's probability (per scored token, mean over them, times T^2,
+    as ``_kl``).
+
+    Chosen over the KL of the top-k renormalised: the tail bucket keeps the student's mass outside
+    the teacher's top k in the loss (renormalising both sides would let the student put any amount
+    there unpenalised), it is a true KL between the two distributions coarsened the same way (so
+    never above the full KL, and equal to it when k is the vocabulary), and it needs no more of the
+    teacher than its top-k log-probabilities."""
+    logp, index = teacher_top
+    mask = labels[:, 1:] != -100
+    s = student_logits[:, :-1][mask].float() / temperature
+    logq = s.gather(-1, index) - torch.logsumexp(s, -1, keepdim=True)
+    logp_tail = _log1mexp(torch.logsumexp(logp, -1).clamp_max(0))
+    logq_tail = _log1mexp(torch.logsumexp(logq, -1).clamp_max(0))
+    kl = (logp.exp() * (logp - logq)).sum(-1) + logp_tail.exp() * (logp_tail - logq_tail)
+    return kl.sum() / max(1, kl.shape[0]) * temperature**2
 
 
 def _on_main(accelerator, fn):
@@ -108,10 +166,7 @@ def _agree(accelerator, ok: bool) -> bool:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's part of ``t``: the local shard of an FSDP2 DTensor, the partition of a
-    DeepSpeed ZeRO-3 parameter, else ``t``."""
-    if hasattr(t, "ds_tensor"):
-        return t.ds_tensor
+    """This process's part of ``t``: the local shard of an FSDP2 DTensor, else ``t``."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -119,11 +174,7 @@ def _state_finite(params, optimizer) -> bool:
     """Every trainable parameter and every floating-point optimizer state tensor is finite
     (this process's shards; callers combine the processes' answers)."""
     tensors = [p.detach() for p in params]
-    try:
-        states = list(getattr(optimizer, "optimizer", optimizer).state.values())
-    except (AttributeError, TypeError):  # an optimizer without per-parameter state dicts (DeepSpeed's)
-        states = []
-    for state in states:
+    for state in getattr(optimizer, "optimizer", optimizer).state.values():
         if isinstance(state, dict):
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
     by_device: dict = {}
@@ -133,6 +184,25 @@ def _state_finite(params, optimizer) -> bool:
             if t.numel():
                 by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
         return all(bool(torch.stack(flags).all()) for flags in by_device.values())
+
+
+def shard_frozen(model, accelerator):
+    """A frozen model (the teacher) sharded with FSDP2 like the student: one unit per decoder layer
+    (the classes of ``_no_split_modules``) and the rest in the root, over the student's mesh; its
+    parameters move to the accelerator's device as shards. Forward only: every process must run
+    each forward together (the all-gathers pair up), which the training step and the warm start do."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"reshard_after_forward": True}
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    if mesh is not None:
+        kwargs["mesh"] = mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)]
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in list(model.modules())[1:]:
+        if type(module).__name__ in layers:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
 
 
 def _save_checkpoint(accelerator, out: Path, step: int, keep_last: int, run_id: str, state: dict) -> Path:
@@ -276,24 +346,30 @@ class RecipeRun:
 
     ``run()`` calls the stages in this order:
 
-    1. ``open_run``      checks that need no weights, the ``Accelerator``, the launch check; the main
-                         process locks ``output_dir`` (until ``run`` returns) and picks the checkpoint
-                         to resume from (``plan``)
+    1. ``open_run``      checks that need no weights, the ``Accelerator`` (``make_accelerator``, the one
+                         seam for how it is built), the launch check; the main process locks
+                         ``output_dir`` (until ``run`` returns) and picks the checkpoint to resume
+                         from (``plan``)
     2. ``load_model``    the seed; the model to train and its tokenizer (router auxiliary loss)
     3. ``setup_data``    the data mixture and the held-out set; the run's steps from the budget
-    4. ``load_teacher``  refusals under FSDP / DeepSpeed; the teacher, for distillation or the warm start
+    4. ``load_teacher``  the teacher, for distillation or the warm start (in ``teacher_dtype``; sharded
+                         under FSDP2)
     5. ``begin_run``     the first writes into ``output_dir``: run.json, leftovers gone, bad checkpoints
                          set aside
-    6. ``warm_start``    the FFN warm start of a fresh run (the mixture rewound afterwards); the teacher
-                         is kept only to distil
+    6. ``warm_start``    the FFN warm start of a fresh run, its layers split across the processes (the
+                         mixture rewound afterwards); the teacher is kept only to distil
     7. ``wrap``          LoRA, gradient checkpointing, optimizer and scheduler, ``accelerator.prepare``
     8. ``resume``        the chosen checkpoint's model, optimizer, RNG, scheduler and mixture states;
                          metrics logged after it dropped
     9. ``start_logging`` recipe.yaml, trackers, the sparsity meter on the FFNs
-    10. ``train``        held-out eval before a fresh run, then per step: ``step`` (one optimizer step
-                         over ``grad_accum`` micro-batches), ``log`` (with ``evaluate`` every
-                         ``log.eval_every``), ``save_checkpoint``; ``cleanup`` however the loop ends
-    11. ``save_final``   held-out eval after training, ``final/``, summary.json, curves.png
+    10. ``train``        held-out eval before a fresh run (by every process, as every eval), then per
+                         step: ``step`` (one optimizer step over ``grad_accum`` micro-batches),
+                         ``log`` (with ``evaluate`` every ``log.eval_every``), ``save_checkpoint``;
+                         ``cleanup`` however the loop ends
+    11. ``save_final``   held-out eval after training, ``final/`` (gathered from the shards; LoRA
+                         merged), summary.json, curves.png
+
+    Every stage runs on every process; what only the main process does is said where it happens.
     """
 
     def __init__(self, recipe: Recipe, resume: bool = False, show_progress: bool = True):
@@ -311,7 +387,8 @@ class RecipeRun:
         self.params: list = []  # the trainable parameters (as prepared)
         self.start_step = 0
         self.base = self.sites = self.meter = None  # the model without LoRA/DDP wrappers, its FFNs, their meter
-        self.heldout_before: tuple = (None, None)  # held-out (ppl, sparsity) before training, main process
+        self.eval_model = None  # what held-out evals run: the prepared model without a DDP wrapper (FSDP2: its root)
+        self.heldout_before: tuple = (None, None)  # held-out (ppl, sparsity) before training
         self.window_losses: list[float] = []  # the step losses since the last log
         self.progress = self.task = None
         self.clock: tuple[float, int] = (0.0, 0)  # (time, tokens) when the loop began: tokens per second
@@ -334,13 +411,25 @@ class RecipeRun:
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the run shards its models (FSDP2)."""
+        return self.accelerator.distributed_type.value == "FSDP"
+
+    def make_accelerator(self, **kwargs):
+        """The ``Accelerator`` of this run, from ``kwargs`` (what the recipe asks); the one place that
+        says how it is built (the environment ``accelerate launch`` sets chooses DDP or FSDP2)."""
+        from accelerate import Accelerator
+
+        return Accelerator(**kwargs)
+
     def open_run(self) -> None:
         """``output_dir`` and ``data.seq_len`` checked, TensorBoard present, the Accelerator built;
-        processes launched that Accelerate did not join are refused. Then the main process refuses a
-        fresh run into a run's folder, locks it and picks the checkpoint to resume from."""
+        processes launched that Accelerate did not join, DeepSpeed and FSDP1 are refused. Then the
+        main process refuses a fresh run into a run's folder, locks it and picks the checkpoint to
+        resume from."""
         from datetime import timedelta
 
-        from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
         recipe = self.recipe
@@ -350,7 +439,7 @@ class RecipeRun:
 
             if not is_tensorboard_available():
                 raise RelufyError("log.tensorboard needs TensorBoard: pip install 'relufy[tensorboard]' (or tensorboard)")
-        self.accelerator = accelerator = Accelerator(
+        self.accelerator = accelerator = self.make_accelerator(
             gradient_accumulation_steps=recipe.budget.grad_accum,
             mixed_precision="bf16" if recipe.precision == "bf16" else "no",
             log_with=["tensorboard"] if recipe.log.tensorboard else None,
@@ -363,9 +452,14 @@ class RecipeRun:
         if launched > 1 and accelerator.num_processes == 1:  # each process would train alone, into the same folder
             raise RelufyError(
                 f"{launched} processes were launched but Accelerate runs each on its own (distributed type "
-                f"{accelerator.distributed_type.value}): FSDP and DeepSpeed need GPUs; on CPU use DDP "
+                f"{accelerator.distributed_type.value}): Accelerate runs FSDP on GPUs only; on CPU use DDP "
                 "(ACCELERATE_USE_CPU=true torchrun --nproc_per_node N -m relufy train ...)"
             )
+        kind = accelerator.distributed_type.value
+        if kind == "DEEPSPEED":
+            raise RelufyError("relufy train does not run under DeepSpeed: use FSDP2 (recipes/accelerate/fsdp2.yaml) or DDP")
+        if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
+            raise RelufyError("relufy train shards with FSDP2 only: set fsdp_version: 2 (recipes/accelerate/fsdp2.yaml)")
         self.plan = _on_main(accelerator, lambda: _claim_folder(self.out, self.resume_requested, self.stack))
         self.start_checkpoint = self.last_good = Path(self.plan["checkpoint"]) if self.plan["checkpoint"] else None
 
@@ -398,23 +492,29 @@ class RecipeRun:
                 f"optim.warmup_steps ({recipe.optim.warmup_steps}) must be below the run's {self.total_steps} steps"
             )
 
+    def _teacher_dtype(self) -> torch.dtype:
+        """``sparsity.distill.teacher_dtype`` resolved: auto is bf16 when sharded, else fp32 (and fp32
+        for a teacher that only serves the warm start)."""
+        distill = self.recipe.sparsity.distill
+        choice = distill.teacher_dtype if distill else "fp32"
+        if choice == "auto":
+            choice = "bf16" if self.sharded else "fp32"
+        return torch.bfloat16 if choice == "bf16" else torch.float32
+
     def load_teacher(self) -> None:
-        """What FSDP / DeepSpeed runs cannot do yet is refused; the teacher (the original SwiGLU
-        model, frozen, on the CPU until ``wrap``) loads when distillation or the warm start needs it."""
+        """The teacher (the original SwiGLU model, frozen, in ``teacher_dtype``) loads when
+        distillation or the warm start needs it: on the CPU until ``wrap``, or, under FSDP2, sharded
+        across the processes at once (``shard_frozen``: each keeps its shard on its device)."""
         sparsity = self.recipe.sparsity
-        sharded = self.accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
-        if sharded and (sparsity.distill or sparsity.ffn_warmstart or self.recipe.lora):
-            raise RelufyError(
-                "distillation, the FFN warm start and LoRA are not supported with FSDP or DeepSpeed yet: use DDP "
-                "(recipes/accelerate/ddp.yaml) for them"
-            )
         if sparsity.distill or sparsity.ffn_warmstart:
             from ..modeling.load import load
 
             teacher_path = (sparsity.distill and sparsity.distill.teacher) or self.recipe.model.path
             if teacher_path is None:
                 raise RelufyError("sparsity.distill.teacher is needed when the model is trained from scratch")
-            self.teacher = load(teacher_path, activation="swiglu", dtype=torch.float32).eval().requires_grad_(False)
+            self.teacher = load(teacher_path, activation="swiglu", dtype=self._teacher_dtype()).eval().requires_grad_(False)
+            if self.sharded:
+                self.teacher = shard_frozen(self.teacher, self.accelerator)
 
     def begin_run(self) -> None:
         """Everything has loaded: the first writes into ``output_dir`` (main process)."""
@@ -422,8 +522,10 @@ class RecipeRun:
 
     def warm_start(self) -> None:
         """A fresh run with ``sparsity.ffn_warmstart`` fits each FFN to the teacher's
-        (``relufy.train.warmstart``; report in warmstart.json). Its tokens are not consumed from
-        the training data: the mixture goes back to where it was. The teacher stays only to distil."""
+        (``relufy.train.warmstart``; report in warmstart.json): every process fits its share of the
+        layers and receives the others', before the student is wrapped or sharded. Its tokens are
+        not consumed from the training data: the mixture goes back to where it was. The teacher
+        stays only to distil."""
         spec = self.recipe.sparsity.ffn_warmstart
         if spec and self.start_checkpoint is None:
             from .warmstart import ffn_warmstart
@@ -438,6 +540,8 @@ class RecipeRun:
                 accelerator.device,
                 self.recipe.data.seq_len,
                 show_progress=self.show_progress and accelerator.is_main_process,
+                rank=accelerator.process_index,
+                world=accelerator.num_processes,
             )
             self.mixture.load_state_dict(mixture_at_start)
             if accelerator.is_main_process:
@@ -447,24 +551,15 @@ class RecipeRun:
 
     def wrap(self) -> None:
         """LoRA adapters, gradient checkpointing, the AdamW optimizer and the warmup-cosine
-        scheduler, then ``accelerator.prepare`` of model and optimizer; the teacher to the device.
+        scheduler, then ``accelerator.prepare`` of model and optimizer (under FSDP2 it shards the
+        model, adapters included, and rebinds the optimizer to the shards); the teacher to the device.
         The scheduler and the mixture are not registered with Accelerate (its custom states are
         pickles, loaded with weights_only=False): relufy keeps them in relufy_state.json."""
         recipe, o, total = self.recipe, self.recipe.optim, self.total_steps
         if recipe.lora is not None:
-            from peft import LoraConfig, get_peft_model
+            from peft import get_peft_model
 
-            lora = recipe.lora
-            self.model = get_peft_model(
-                self.model,
-                LoraConfig(
-                    r=lora.r,
-                    lora_alpha=lora.alpha,
-                    lora_dropout=lora.dropout,
-                    target_modules=lora.target_modules or None,
-                    target_parameters=lora.target_parameters or None,
-                ),
-            )
+            self.model = get_peft_model(self.model, lora_config(recipe.lora))
         if recipe.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
@@ -475,7 +570,7 @@ class RecipeRun:
         )
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP2 replaces parameters in prepare
-        if self.teacher is not None:
+        if self.teacher is not None and not self.sharded:  # a sharded teacher is on its device already
             self.teacher.to(self.accelerator.device)
 
     def resume(self) -> None:
@@ -528,6 +623,7 @@ class RecipeRun:
         if self.recipe.log.tensorboard:
             self.accelerator.init_trackers(self.recipe.name)
         unwrapped = self.accelerator.unwrap_model(self.model)
+        self.eval_model = unwrapped
         self.base = unwrapped.get_base_model() if self.recipe.lora else unwrapped
         self.sites = ffn_sites(self.base)
         self.meter = SparsityMeter(self.sites, l1=self.recipe.sparsity.l1 > 0)
@@ -539,15 +635,19 @@ class RecipeRun:
                 module.relufy_observer = self.meter
 
     def evaluate(self) -> tuple[float | None, float | None]:
-        """Held-out perplexity and mean FFN sparsity of the model as it is; leaves the FFNs without observers."""
-        return heldout_eval(self.base, self.heldout, self.accelerator.device)
+        """Held-out perplexity and mean FFN sparsity of the model as it is, by every process at once
+        (each scores its share of the windows; under FSDP2 a forward on one process alone would
+        pair its all-gathers with the others' collectives); every process gets the same figures.
+        Leaves the FFNs without observers."""
+        a = self.accelerator
+        return heldout_eval(self.eval_model, self.heldout, a.device, rank=a.process_index, world=a.num_processes)
 
     def train(self) -> None:
         """The step loop from ``start_step`` to ``total_steps``: ``step``, then ``log`` and
         ``save_checkpoint`` when due; after the last step the state must be finite for ``final/``
         to be written. ``cleanup`` runs however the loop ends."""
         recipe, accelerator = self.recipe, self.accelerator
-        if self.start_step == 0 and accelerator.is_main_process:
+        if self.start_step == 0:
             self.heldout_before = self.evaluate()
         self._observe()
         self.model.train()
@@ -574,7 +674,8 @@ class RecipeRun:
     def step(self, step: int):
         """Optimizer step ``step + 1``: ``grad_accum`` micro-batches forward and backward, the loss
         and then the gradient norm checked finite on every process (else all stop together),
-        clipping, optimizer and scheduler. Returns the gradient norm (None if Accelerate gives none)."""
+        clipping, optimizer and scheduler. Returns the gradient norm (None if Accelerate gives none);
+        the step's loss (the mean over the processes) goes to ``window_losses``."""
         accelerator, accum = self.accelerator, self.recipe.budget.grad_accum
         self.meter.reset()
         step_loss = 0.0
@@ -586,11 +687,16 @@ class RecipeRun:
                 accelerator.backward(loss)  # divided by grad_accum inside
             self.meter.l1_terms = []
             step_loss += float(loss.detach()) / accum
-        if not _agree(accelerator, math.isfinite(step_loss)):
+        # the mean over the processes (each trained on its rows of the global batch): not finite
+        # on one process, not finite for all, so all stop together
+        step_loss = float(accelerator.gather(torch.tensor([step_loss], device=accelerator.device)).mean())
+        if not math.isfinite(step_loss):
             raise self._diverged(f"loss became {step_loss} at step {step + 1}")
         # the norm is measured without clipping too (max_norm inf scales by exactly 1)
         clip = self.recipe.optim.grad_clip
         grad_norm = accelerator.clip_grad_norm_(self.params, clip if clip else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         if grad_norm is not None and not _agree(accelerator, math.isfinite(float(grad_norm))):
             raise self._diverged(f"the gradient norm became {float(grad_norm)} at step {step + 1}")
         self.optimizer.step()
@@ -607,15 +713,19 @@ class RecipeRun:
         return batch.rows(rank * size, (rank + 1) * size).to(self.accelerator.device)
 
     def _loss(self, ids, labels, step: int):
-        """The model's loss, plus the distillation KL to the teacher and the (ramped) L1 term."""
+        """The model's loss, plus the distillation KL to the teacher (over the vocabulary, or its top k
+        and a tail bucket: ``_kl_top_k``) and the (ramped) L1 term."""
         outputs = self.model(input_ids=ids, labels=labels)
         loss = outputs.loss
         sparsity = self.recipe.sparsity
         if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=ids).logits
             d = sparsity.distill
-            loss = loss + d.weight * _kl(outputs.logits, teacher_logits, labels, d.temperature)
+            with torch.no_grad():
+                teacher = self.teacher(input_ids=ids).logits
+                if d.top_k:  # kept: the top-k log-probabilities; the vocabulary-wide logits go at once
+                    teacher = _teacher_top_k(teacher, labels, d.temperature, d.top_k)
+            kl = _kl_top_k if d.top_k else _kl
+            loss = loss + d.weight * kl(outputs.logits, teacher, labels, d.temperature)
         if self.meter.l1:
             ramp = min(1.0, (step + 1) / sparsity.l1_warmup_steps) if sparsity.l1_warmup_steps else 1.0
             loss = loss + sparsity.l1 * ramp * torch.stack(self.meter.l1_terms).mean()
@@ -623,10 +733,14 @@ class RecipeRun:
 
     def log(self, done: int, grad_norm) -> None:
         """One line of metrics.jsonl (main process) and the trackers, after step ``done``: the mean
-        loss since the last line, lr, sparsity, gradient norm, throughput; held-out figures every
-        ``log.eval_every`` steps."""
-        recipe = self.recipe
-        sparsity = self.meter.per_layer() if recipe.log.sparsity else [float("nan")]
+        loss since the last line, lr, sparsity (over all processes), gradient norm, throughput;
+        held-out figures every ``log.eval_every`` steps. Every process calls it (its sums are
+        collectives)."""
+        recipe, accelerator = self.recipe, self.accelerator
+        if recipe.log.sparsity:  # the zeros counted on every process
+            sparsity = self.meter.fractions(accelerator.reduce(self.meter.tallies(accelerator.device), "sum"))
+        else:
+            sparsity = [float("nan")]
         started, tokens_then = self.clock
         record = {
             "step": done,
@@ -642,10 +756,10 @@ class RecipeRun:
             record["heldout_ppl"], record["heldout_sparsity"] = self.evaluate()
             self._observe()
         self.window_losses = []
-        if self.accelerator.is_main_process:
+        if accelerator.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(ckpt.dumps(record) + "\n")
-        self.accelerator.log({k: v for k, v in record.items() if isinstance(v, float | int)}, step=done)
+        accelerator.log({k: v for k, v in record.items() if isinstance(v, float | int)}, step=done)
         if self.progress:
             self.progress.update(
                 self.task,
@@ -688,18 +802,21 @@ class RecipeRun:
 
     def save_final(self) -> Path:
         """The held-out eval after training; ``final/`` in ``relufy convert``'s format (LoRA merged),
-        summary.json and curves.png (main process); Accelerate's trackers ended."""
+        summary.json and curves.png (main process); Accelerate's trackers ended. Under FSDP2 the
+        weights are gathered from the shards onto the main process's CPU first (every process
+        takes part), and saved from there."""
         from ..modeling.save import save_relufy
         from .plots import plot_curves
 
         accelerator, recipe = self.accelerator, self.recipe
         heldout_after = self.evaluate()
         unwrapped = accelerator.unwrap_model(self.model)
-        state_dict = accelerator.get_state_dict(self.model)
+        state_dict = accelerator.get_state_dict(self.model)  # FSDP2: the full weights, on the main process only
         if accelerator.is_main_process:
             if recipe.lora is not None:
-                unwrapped = unwrapped.merge_and_unload()
-                state_dict = None
+                if self.sharded:
+                    unwrapped = self._unsharded_copy(state_dict)
+                unwrapped, state_dict = unwrapped.merge_and_unload(), None
             tokens = self.total_steps * self.tokens_per_step
             note = f"Trained by `relufy train` ({recipe.name}): {self.total_steps} steps, {tokens:,} tokens."
             save_relufy(unwrapped, self.out / "final", tokenizer=self.tokenizer, state_dict=state_dict, card_note=note)
@@ -714,8 +831,24 @@ class RecipeRun:
             }
             ckpt.write_json(self.out / "summary.json", summary)
             plot_curves(self.metrics_path, self.out / "curves.png")
+        # every process waits for final/: the last collective's work is then released while no
+        # process holds the GIL (gloo's destructor at exit joins its threads holding it, and hung
+        # forever when one of them still had a tensor to release)
+        accelerator.wait_for_everyone()
         accelerator.end_training()
         return self.out / "final"
+
+    def _unsharded_copy(self, state_dict: dict):
+        """Main process, FSDP2 with LoRA: the trained model rebuilt unsharded for peft to merge (the
+        student loaded again, with the config as trained, the same adapters, then the gathered
+        weights). It holds a second copy of the model in CPU memory while ``final/`` is written."""
+        from peft import get_peft_model
+
+        model, _ = load_student(self.recipe)
+        model.config = self.base.config  # as trained (router and cache settings), as the unsharded path saves it
+        model = get_peft_model(model, lora_config(self.recipe.lora))
+        model.load_state_dict(state_dict)
+        return model
 
 
 def _progress(enabled: bool):

@@ -100,6 +100,19 @@ class DistillSpec(_Spec):
     teacher: str | None = Field(None, description="Teacher model; default: model.path with its original activation.")
     weight: float = Field(1.0, ge=0, description="Weight of the KL term added to the LM loss.")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature of teacher and student.")
+    teacher_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="The frozen teacher's weights (and so its forward): auto is bf16 when the run is sharded (FSDP2: "
+        "each process reads the teacher in bf16, keeps only its shard on its device and drops the rest; no fp32 "
+        "copy) and fp32 otherwise. The FFN warm start reads the same teacher (fp32 when there is no distillation).",
+    )
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        description="Distil on the teacher's k most likely tokens plus one tail bucket (the rest of either model's "
+        "probability) instead of the full vocabulary: the teacher's logits are cut to k per token right after its "
+        "forward, and no vocabulary-wide teacher log-probabilities or KL terms are kept; null: full vocabulary.",
+    )
 
 
 class WarmstartSpec(_Spec):
@@ -166,6 +179,12 @@ class TrainOptions(Options):
 
     resume: bool = option_field(False, description="Continue from the newest intact checkpoint in output_dir.")
     dry_run: bool = option_field(False, description="Check the recipe and its paths and print it resolved; train nothing.")
+    export_step: int | None = option_field(
+        None,
+        ge=1,
+        description="Train nothing: write the run's checkpoint of this step as a model folder (relufy convert's format, "
+        "LoRA merged) to OUTPUT_DIR/exports/step-N, to evaluate a run mid-way; runs with one process.",
+    )
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

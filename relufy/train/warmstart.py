@@ -9,7 +9,17 @@ steps on the mean squared error to the recorded outputs, on minibatches of recor
 With ``l1 > 0`` the fit also pays ``l1 x mean |combined activation|`` (ProSparse's penalty, per
 layer): the plain fit trades zeros for accuracy (SmolLM2: 82% -> 77% zeros), the penalty holds
 them. The report gives each layer's error and FFN zero fraction before and after.
-Memory: 2 x tokens x hidden x layers floats of recordings.
+
+Across processes (DDP or FSDP2, before the student is wrapped): every process runs the teacher
+over the same tokens (a sharded teacher needs all of them in its forward), but records and fits
+only its share of the layers (layer ``i`` belongs to process ``i mod world``); each fitted FFN is
+then broadcast from its owner to every process, and the report rows are gathered, so all
+processes leave with the same student and report. Each layer's fit draws its minibatches from
+its own generator (seeded with the layer index), so the numbers do not depend on how the layers
+are split: they equal the one-process warm start's exactly when the teacher's forward does (same
+kernels and thread counts; the tests allow 1e-5 relative for other reduction orders). More
+processes make the fits, which dominate, faster.
+Memory: 2 x tokens x hidden x (layers / processes) recordings, in the teacher's dtype.
 """
 
 from __future__ import annotations
@@ -43,15 +53,29 @@ def _measure(mlp, meter, layer: int, x, y) -> tuple[float, float]:
 
 
 def ffn_warmstart(
-    student, teacher, mixture, spec, device, seq_len: int, batch_tokens: int = 1024, show_progress: bool = False
+    student,
+    teacher,
+    mixture,
+    spec,
+    device,
+    seq_len: int,
+    batch_tokens: int = 1024,
+    show_progress: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
+    """Fit the student's FFNs to the teacher's, layer by layer; returns the report. With
+    ``world > 1`` every process of the default process group calls it at once (see above)."""
+    from torch.distributed.fsdp import FSDPModule
+
     from ..progress import token_progress
 
     n_seq = max(1, spec.tokens // seq_len)
     ids, _ = mixture.batch(n_seq)  # the labels are not needed: the fit is on FFN outputs
     t_layers, s_layers = _layers(teacher), _layers(student)
-    inputs = [[] for _ in t_layers]
-    outputs = [[] for _ in t_layers]
+    mine = [i for i in range(len(s_layers)) if i % world == rank]
+    inputs = {i: [] for i in mine}
+    outputs = {i: [] for i in mine}
 
     def record(i):
         def hook(module, args, output):  # returns None: the output is left as it is
@@ -60,12 +84,13 @@ def ffn_warmstart(
 
         return hook
 
-    hooks = [layer.mlp.register_forward_hook(record(i)) for i, layer in enumerate(t_layers)]
-    teacher.to(device)
+    hooks = [t_layers[i].mlp.register_forward_hook(record(i)) for i in mine]
+    if not isinstance(teacher, FSDPModule):  # a sharded teacher is placed by its sharding
+        teacher.to(device)
     with token_progress() if show_progress else contextlib.nullcontext() as progress:
         if progress:
             record_task = progress.add_task("warm start: teacher pass", total=int(ids.numel()))
-            fit_task = progress.add_task("warm start: layer fits", total=len(s_layers))
+            fit_task = progress.add_task("warm start: layer fits", total=len(mine))
         with torch.no_grad():
             for row in ids:
                 teacher(input_ids=row[None].to(device))
@@ -79,12 +104,37 @@ def ffn_warmstart(
                 desc = f"warm start: layer {row['layer']} mse {row['mse_after']:.3g} zeros {row['zeros_after']:.1%}"
                 progress.update(fit_task, advance=1, description=desc)
 
-        report = {"tokens": int(ids.numel()), **_fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, done)}
-    return report
+        rows = _fit_layers(student, s_layers, mine, inputs, outputs, spec, device, batch_tokens, done)
+    if world > 1:
+        rows = _share(s_layers, rows, device, world)
+    n = max(1, len(rows))
+    return {
+        "tokens": int(ids.numel()),
+        "layers": rows,
+        "zeros_before": sum(r["zeros_before"] for r in rows) / n,
+        "zeros_after": sum(r["zeros_after"] for r in rows) / n,
+    }
 
 
-def _fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, done) -> dict:
-    """Fit each student layer's FFNs to the recorded teacher outputs; ``done(row)`` per layer.
+def _ffn_params(mlp) -> list:
+    """The parameters the fit trains: the swapped FFNs' (a router is not among them)."""
+    return [p for m in mlp.modules() if isinstance(m, RelufyFFN) for p in m.parameters()]
+
+
+def _share(s_layers, rows: list[dict], device, world: int) -> list[dict]:
+    """Every fitted FFN broadcast from the process that fitted it; every process's report rows."""
+    import torch.distributed as dist
+
+    for i, layer in enumerate(s_layers):
+        for p in _ffn_params(layer.mlp.to(device)):
+            dist.broadcast(p.data, src=i % world)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rows)
+    return sorted((row for part in gathered for row in part), key=lambda row: row["layer"])
+
+
+def _fit_layers(student, s_layers, mine, inputs, outputs, spec, device, batch_tokens, done) -> list[dict]:
+    """Fit the student layers ``mine`` to the recorded teacher outputs; ``done(row)`` per layer.
     The training loop's sparsity meter counts zeros and carries the L1 terms; the FFNs' own
     observers are put back afterwards."""
     from ..measure.meter import SparsityMeter
@@ -95,26 +145,23 @@ def _fit_layers(student, s_layers, inputs, outputs, spec, device, batch_tokens, 
     kept = [m.relufy_observer for _, m in sites]
     for _, m in sites:
         m.relufy_observer = meter
-    g = torch.Generator().manual_seed(0)
-    report = {"layers": []}
+    rows = []
     try:
-        for i, layer in enumerate(s_layers):
-            report["layers"].append(
-                _fit_layer(i, layer.mlp.to(device), torch.cat(inputs[i]), torch.cat(outputs[i]), meter, spec, batch_tokens, g)
-            )
-            inputs[i] = outputs[i] = None
-            done(report["layers"][-1])
+        for i in mine:
+            mlp = s_layers[i].mlp.to(device)
+            dtype = _ffn_params(mlp)[0].dtype
+            x, y = torch.cat(inputs.pop(i)).to(dtype), torch.cat(outputs.pop(i)).to(dtype)
+            g = torch.Generator().manual_seed(i)  # per layer: the same draws however layers are split
+            rows.append(_fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g))
+            done(rows[-1])
     finally:
         for (_, m), obs in zip(sites, kept, strict=True):
             m.relufy_observer = obs
-    n = max(1, len(report["layers"]))
-    report["zeros_before"] = sum(r["zeros_before"] for r in report["layers"]) / n
-    report["zeros_after"] = sum(r["zeros_after"] for r in report["layers"]) / n
-    return report
+    return rows
 
 
 def _fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g) -> dict:
-    params = [p for m in mlp.modules() if isinstance(m, RelufyFFN) for p in m.parameters()]
+    params = _ffn_params(mlp)
     opt = torch.optim.Adam(params, lr=spec.lr)
     mse_before, zeros_before = _measure(mlp, meter, i, x[:4096], y[:4096])
     for _ in range(spec.steps):
@@ -126,6 +173,7 @@ def _fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    mlp.zero_grad(set_to_none=True)  # no gradient of the fit (a router's included) may reach the first training step
     mse_after, zeros_after = _measure(mlp, meter, i, x[:4096], y[:4096])
     return {
         "layer": i,

@@ -17,7 +17,6 @@ import pytest
 import yaml
 from tiny import save_tiny_with_tokenizer
 
-from relufy.errors import RelufyError
 from relufy.pipelines import cluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,16 +60,23 @@ def test_cluster_dry_run_catches_problems(tmp_path, capsys):
     bad.write_text("distributed_type: TPU\n")
     assert cluster.main(["mistral", "--dry-run", "--accelerate-config", str(bad)]) == 2
     assert "distributed_type 'TPU'" in capsys.readouterr().err
-    # a recipe feature relufy train refuses under FSDP is caught before any GPU is booked
+    for text, needle in (
+        ("distributed_type: DEEPSPEED\n", "does not run under DeepSpeed"),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", "FSDP2 only"),
+    ):
+        bad.write_text(text)
+        assert cluster.main(["mistral", "--dry-run", "--accelerate-config", str(bad)]) == 2
+        assert needle in capsys.readouterr().err
+    # distillation, the warm start and LoRA run under FSDP2 as under DDP
     recipe = yaml.safe_load((ROOT / cluster.PIPELINES["mistral"].recipe).read_text())
-    recipe["sparsity"] = {"distill": {"weight": 1.0}}
+    recipe["sparsity"] = {"distill": {"weight": 1.0}, "ffn_warmstart": {"tokens": 4096}}
+    recipe["lora"] = {"r": 8}
     path = tmp_path / "kd.yaml"
     path.write_text(yaml.safe_dump(recipe))
     steps = cluster.plan("mistral", tmp_path / "out", 8, str(ROOT / "recipes/accelerate/fsdp2.yaml"), "x")
     steps[1].argv[steps[1].argv.index("train") + 1] = str(path)
-    with pytest.raises(RelufyError, match="sparsity.distill, which relufy train refuses under FSDP"):
-        cluster.check(steps, str(ROOT / "recipes/accelerate/fsdp2.yaml"), 8)
-    assert cluster.check(steps, str(ROOT / "recipes/accelerate/ddp.yaml"), 8)  # DDP takes it
+    for config in ("fsdp2.yaml", "ddp.yaml"):
+        assert cluster.check(steps, str(ROOT / "recipes/accelerate" / config), 8)
     with pytest.raises(SystemExit):
         cluster.main(["gpt2", "--dry-run"])
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 import trainkit
 from tiny import corpus, save_tiny_with_tokenizer
-from trainkit import write_recipe
+from trainkit import train_single_threaded, write_recipe
 
 import relufy
 from relufy.errors import RelufyError
-from relufy.train.loop import _kl, lr_lambda, train
+from relufy.train.loop import _kl, _kl_top_k, _teacher_top_k, lr_lambda, train
 from relufy.train.recipe import load_recipe, validate
 
 RECIPES = sorted(Path(__file__).parents[2].glob("recipes/*.yaml"))
@@ -99,6 +99,38 @@ def test_kl_matches_definition():
     ps, pt = torch.softmax(s[:, :-1] / 2, -1)[mask], torch.softmax(t[:, :-1] / 2, -1)[mask]
     expected = (pt * (pt.log() - ps.log())).sum(-1).mean() * 4
     assert float(_kl(s, t, labels, 2.0)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_kl_top_k_is_the_kl_of_the_coarsened_distributions():
+    """Top-k distillation: KL over the teacher's top k tokens plus one tail bucket. With k the
+    vocabulary it is the full KL; below, the KL of both distributions with the rest merged into
+    one outcome (never above the full KL); its gradient stays finite where the tail is empty."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 7) * 3, torch.randn(2, 5, 7) * 3
+    labels = torch.tensor([[1, 2, 3, -100, 4], [1, -100, -100, 2, 3]])
+    full = _kl(s, t, labels, 2.0)
+    assert float(_kl_top_k(s, _teacher_top_k(t, labels, 2.0, 7), labels, 2.0)) == pytest.approx(float(full), rel=1e-5)
+    mask = labels[:, 1:] != -100
+    ps, pt = torch.softmax(s[:, :-1] / 2, -1)[mask], torch.softmax(t[:, :-1] / 2, -1)[mask]
+    top = pt.topk(3, -1).indices
+    keep = torch.zeros_like(pt, dtype=torch.bool).scatter_(1, top, True)
+
+    def coarse(p):
+        return torch.cat([p.gather(1, top), (p * ~keep).sum(-1, keepdim=True)], -1)
+
+    cp, cs = coarse(pt), coarse(ps)
+    expected = (cp * (cp.log() - cs.log())).sum(-1).mean() * 4
+    student = s.clone().requires_grad_(True)
+    got = _kl_top_k(student, _teacher_top_k(t, labels, 2.0, 3), labels, 2.0)
+    assert float(got.detach()) == pytest.approx(float(expected), rel=1e-5) and float(got.detach()) <= float(full)
+    got.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    peaked = torch.full((1, 3, 7), -1e4)
+    peaked[..., 0] = 0.0  # all the teacher's mass on one token: an empty tail
+    student, ones = torch.randn(1, 3, 7, requires_grad=True), torch.ones(1, 3, dtype=torch.long)
+    loss = _kl_top_k(student, _teacher_top_k(peaked, ones, 1.0, 2), ones, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss.detach()) and torch.isfinite(student.grad).all()
 
 
 def test_resume_is_exact_after_sigkill(base, tmp_path):
@@ -210,6 +242,26 @@ def test_warmstart_l1_holds_zeros(capsys):
     assert all(getattr(m, "relufy_observer", None) is None for m in students[1.0].modules())
 
 
+def test_warmstart_leaves_no_gradients():
+    """The fits' gradients (the routers' included) must not reach the first training step: they
+    did once, adding to its gradient in one process and under DDP, not under FSDP2."""
+    from tiny import tiny_model
+
+    from relufy.modeling.load import swap_activation
+    from relufy.train.mixture import Batch
+    from relufy.train.recipe import WarmstartSpec
+    from relufy.train.warmstart import ffn_warmstart
+
+    class Mixture:
+        def batch(self, n):
+            return Batch.text(torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(1)))
+
+    student = swap_activation(tiny_model("qwen2_moe"), "drelu")
+    spec = WarmstartSpec(tokens=64, steps=2, lr=1e-2)
+    ffn_warmstart(student, tiny_model("qwen2_moe").eval(), Mixture(), spec, torch.device("cpu"), seq_len=16)
+    assert [n for n, p in student.named_parameters() if p.grad is not None] == []
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
 def test_warmstart_fits_moe_blocks(family):
     """MoE blocks (routed experts, shared experts, a dense first layer for deepseek_v3) take the
@@ -270,8 +322,13 @@ def test_router_aux_refused_without_aux_loss(base, tmp_path):
 
 
 def test_two_process_ddp_on_cpu(base, tmp_path):
-    """Two gloo processes on CPU (torchrun + ACCELERATE_USE_CPU): each rank trains on its own slice."""
-    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, checkpoint__every=2)
+    """Two gloo processes on CPU (torchrun + ACCELERATE_USE_CPU): each rank trains on its own slice
+    of the global batch, the warm start splits its layers between the ranks, and the run matches
+    one process with the same global batch: the warm start's figures and the loss curve within
+    1e-5 relative (the gradient's all-reduce averages two halves where one process reduces the
+    batch at once: last-bit differences, measured 1e-7)."""
+    sparsity = {"l1": 0.01, "distill": {"weight": 0.5}, "ffn_warmstart": {"tokens": 512, "steps": 10}}
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, checkpoint__every=2, sparsity=sparsity)
     path = write_recipe(tmp_path / "r.yaml", raw)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
     proc = subprocess.run(
@@ -287,6 +344,14 @@ def test_two_process_ddp_on_cpu(base, tmp_path):
     assert rows[-1]["tokens"] == 4 * 2 * 2 * 32 * 2  # steps x micro-batch x accumulation x seq x processes
     assert proc.stdout.count("wrote ") == 1, proc.stdout
     assert (tmp_path / "out" / "final" / "config.json").exists()
+    one = recipe_dict(base, tmp_path / "one", budget__max_steps=4, budget__micro_batch_size=4, sparsity=sparsity)
+    train_single_threaded(one)
+    for a, b in zip(rows, map(json.loads, (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["lr"] == b["lr"], (a, b)
+    warm = [json.loads((tmp_path / out / "warmstart.json").read_text()) for out in ("out", "one")]
+    assert len(warm[0]["layers"]) == 2
+    for a, b in zip(warm[0]["layers"], warm[1]["layers"], strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
 
 
 def test_processes_accelerate_does_not_join_are_refused(base, tmp_path):

@@ -32,6 +32,22 @@ def recipe_dict(base, out, **overrides) -> dict:
     return raw
 
 
+def train_single_threaded(raw: dict) -> None:
+    """``relufy train`` of the recipe ``raw`` in this process with one thread, as each process of
+    a multi-process test run has (``OMP_NUM_THREADS=1``): the same kernels, so their numbers compare."""
+    import torch
+
+    from relufy.train.loop import train
+    from relufy.train.recipe import validate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(validate(raw), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def write_recipe(path, raw):
     path.write_text(yaml.safe_dump(raw))
     return path
