@@ -7,7 +7,7 @@ RUNS ?= runs
 PYTEST_ARGS ?=
 TURBOSPARSE := mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b
 
-.PHONY: install lint test demo ablation bench-convert bench-gguf bench-eval bench-train bench-sparse eval-smollm2 \
+.PHONY: install lint test demo ablation bench-convert bench-gguf bench-eval bench-train gpu-smoke bench-sharded bench-sparse eval-smollm2 \
   recovery-smollm2 recovery-smollm2-hour export-smollm2 clean $(addprefix turbosparse-,$(TURBOSPARSE))
 
 # Training runs are file targets (their summary.json, written last): make skips a finished run
@@ -105,6 +105,15 @@ bench-eval: $(STAMP)
 BENCH_TRAIN_ARGS ?=
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py $(BENCH_TRAIN_ARGS)
+
+# On a GPU machine: relufy's FSDP2 recovery path on one GPU in bf16 (minutes); tokens/s, MFU, memory.
+gpu-smoke: $(STAMP)
+	$(BIN)/python benchmarks/gpu_fsdp2_smoke.py $(GPU_SMOKE_ARGS)
+
+# 1 process vs 2-process DDP vs 2-process FSDP2 on this CPU, the same recipe and global batch.
+# SHARDED_DATA: data.sources for it, as --data FILE flags (default: Python's own help text).
+bench-sharded: $(DEMO)/drelu/config.json
+	$(BIN)/python benchmarks/sharded_cpu.py --model $(DEMO)/drelu --out $(RUNS)/sharded-cpu $(SHARDED_DATA) $(BENCH_SHARDED_ARGS)
 
 # The numbers in docs/results.md: SmolLM2-135M original vs its untrained dReLU / ReGLU conversions
 # on WikiText-2 validation, with the paper's top-k curve. WIKITEXT: the Hub copy by default, or a

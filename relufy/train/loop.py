@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import RelufyError
 from ..measure.meter import SparsityMeter, heldout_eval
+from ..progress import console
 from . import checkpoint as ckpt
 from .recipe import Recipe, dump
 
@@ -391,6 +392,7 @@ class RecipeRun:
         self.heldout_before: tuple = (None, None)  # held-out (ppl, sparsity) before training
         self.window_losses: list[float] = []  # the step losses since the last log
         self.progress = self.task = None
+        self.log_lines = False  # plain log lines instead of a bar (no terminal)
         self.clock: tuple[float, int] = (0.0, 0)  # (time, tokens) when the loop began: tokens per second
 
     def run(self) -> Path:
@@ -434,15 +436,11 @@ class RecipeRun:
 
         recipe = self.recipe
         self.out = preflight(recipe)
-        if recipe.log.tensorboard:
-            from accelerate.utils import is_tensorboard_available
-
-            if not is_tensorboard_available():
-                raise RelufyError("log.tensorboard needs TensorBoard: pip install 'relufy[tensorboard]' (or tensorboard)")
+        _check_trackers(recipe.log.trackers)
         self.accelerator = accelerator = self.make_accelerator(
             gradient_accumulation_steps=recipe.budget.grad_accum,
             mixed_precision="bf16" if recipe.precision == "bf16" else "no",
-            log_with=["tensorboard"] if recipe.log.tensorboard else None,
+            log_with=list(recipe.log.trackers) or None,
             project_dir=str(self.out),
             # the main process hashes each checkpoint (and verifies one on --resume) while the others
             # wait in a collective: room for hundreds of GB instead of the default 10-30 minutes
@@ -614,14 +612,15 @@ class RecipeRun:
             return f"cannot resume from {path} (its files match its manifest): {first}; did the recipe's model change?"
 
     def start_logging(self) -> None:
-        """recipe.yaml (main process), the TensorBoard trackers, and the sparsity meter over the
+        """recipe.yaml (main process), the trackers (``log.trackers``), and the sparsity meter over the
         model's FFNs (installed by ``train``)."""
         from ..measure.sites import ffn_sites
 
         if self.accelerator.is_main_process:
             ckpt.write_text(self.out / "recipe.yaml", dump(self.recipe))
-        if self.recipe.log.tensorboard:
-            self.accelerator.init_trackers(self.recipe.name)
+        if self.recipe.log.trackers:
+            config = self.recipe.model_dump(mode="json")
+            self.accelerator.init_trackers(self.recipe.name, init_kwargs={"wandb": {"config": config, "dir": str(self.out)}})
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.eval_model = unwrapped
         self.base = unwrapped.get_base_model() if self.recipe.lora else unwrapped
@@ -651,7 +650,9 @@ class RecipeRun:
             self.heldout_before = self.evaluate()
         self._observe()
         self.model.train()
-        self.progress = _progress(self.show_progress and accelerator.is_main_process)
+        shown = self.show_progress and accelerator.is_main_process
+        self.progress = _progress(shown and console.is_terminal)  # a bar on a terminal
+        self.log_lines = shown and not console.is_terminal  # else one line per log.every steps
         if self.progress:
             self.task = self.progress.add_task(recipe.name, total=self.total_steps, completed=self.start_step)
         self.clock = (time.perf_counter(), self.start_step * self.tokens_per_step)
@@ -766,6 +767,22 @@ class RecipeRun:
                 description=f"{recipe.name} loss {record['loss']:.3f} lr {record['lr']:.1e} "
                 f"zeros {record['sparsity']:.1%} {record['tokens_per_second']:,.0f} tok/s",
             )
+        if self.log_lines:
+            console.print(self._log_line(record), markup=False, highlight=False, soft_wrap=True)
+
+    def _log_line(self, record: dict) -> str:
+        """The plain log line of a metrics record: step, loss, lr, zeros, tokens/s, the time left at
+        the pace since the loop began (held-out figures when they were measured)."""
+        done, total = record["step"], self.total_steps
+        elapsed, steps = time.perf_counter() - self.clock[0], done - self.clock[1] // self.tokens_per_step
+        left = _duration(elapsed / steps * (total - done)) if steps > 0 else "-"
+        line = (
+            f"{self.recipe.name} step {done}/{total} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"zeros {record['sparsity']:.1%} {record['tokens_per_second']:,.0f} tok/s ETA {left}"
+        )
+        if record.get("heldout_ppl") is not None:
+            line += f" held-out ppl {record['heldout_ppl']:.2f}"
+        return line
 
     def save_checkpoint(self, done: int) -> None:
         """``checkpoints/step-N`` after step ``done`` (``relufy.train.checkpoint``), only when the
@@ -849,6 +866,25 @@ class RecipeRun:
         model = get_peft_model(model, lora_config(self.recipe.lora))
         model.load_state_dict(state_dict)
         return model
+
+
+def _check_trackers(trackers) -> None:
+    """Each of ``log.trackers`` is installed (one line naming the extra otherwise)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    for name, available in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available)):
+        if name in trackers and not available():
+            raise RelufyError(f"log.trackers: {name} is not installed: pip install 'relufy[{name}]' (or {name})")
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``4m05s``, ``12s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 def _progress(enabled: bool):

@@ -150,7 +150,12 @@ class LoraSpec(_Spec):
 class LogSpec(_Spec):
     every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Held-out perplexity every N steps (0: only at the end).")
-    tensorboard: bool = Field(False, description="Also log to TensorBoard through Accelerate's trackers.")
+    trackers: list[Literal["tensorboard", "wandb"]] = Field(
+        [],
+        description="Also log the metrics through Accelerate's trackers: tensorboard (event files in OUTPUT_DIR/<name>; "
+        "pip install 'relufy[tensorboard]') and/or wandb (the recipe as the run's config; pip install 'relufy[wandb]', "
+        "then `wandb login`, or WANDB_MODE=offline). Main process only.",
+    )
     sparsity: bool = Field(True, description="Count zeros of the FFN activations (per layer) for the logs.")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from relufy.train.loop import _kl, _kl_top_k, _teacher_top_k, lr_lambda, train
 from relufy.train.recipe import load_recipe, validate
 
 RECIPES = sorted(Path(__file__).parents[2].glob("recipes/*.yaml"))
+ACCELERATE = Path(__file__).parents[2] / "recipes" / "accelerate"
 
 
 @pytest.fixture(scope="module")
@@ -454,3 +456,51 @@ def test_streaming_source_resumes_exactly(base, tmp_path):
         got = second.batch(4)
         assert torch.equal(got.ids, want.ids) and got.labels is got.ids
     assert first.draws[0] > 0 and first.draws[1] > 0  # both sources drawn
+
+
+def test_log_lines_without_a_terminal_and_tensorboard(base, tmp_path, cli):
+    """Without a terminal ``relufy train`` prints one plain line per ``log.every`` steps (step,
+    loss, lr, zeros, tokens/s, ETA) and no bar; ``log.trackers: [tensorboard]`` writes the same
+    metrics as TensorBoard events (read back with TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=6, log__every=2, checkpoint__every=0)
+    raw["log"]["trackers"] = ["tensorboard"]
+    code, err, out = cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    lines = [line for line in err.splitlines() if " step " in line]
+    assert len(lines) == 3, err
+    pattern = r"^t step (\d)/6 loss \d+\.\d{4} lr \d\.\d\de-\d\d zeros \d+\.\d% [\d,]+ tok/s ETA (\d+s|\d+m\d\ds)"
+    assert [re.match(pattern, line).group(1) for line in lines] == ["2", "4", "6"], lines
+    assert lines[-1].split("ETA ")[1].startswith("0s")
+    logged = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [f"{r['loss']:.4f}" for r in logged] == [re.search(r"loss (\S+)", line).group(1) for line in lines]
+    events = EventAccumulator(str(tmp_path / "out" / "t")).Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [2, 4, 6]
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_missing_tracker_is_one_line(base, tmp_path, cli):
+    from safety import Snapshot, assert_refused
+
+    raw = recipe_dict(base, tmp_path / "out")
+    raw["log"]["trackers"] = ["wandb"]
+    path = write_recipe(tmp_path / "r.yaml", raw)
+    snap = Snapshot(tmp_path)
+    code, err, _ = cli("train", path)
+    assert_refused(snap, code, err, "wandb is not installed", "relufy[wandb]")
+
+
+@pytest.mark.parametrize("path", sorted(ACCELERATE.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_accelerate_configs_load(path):
+    """Accelerate's own loader takes each shipped config; FSDP ones are FSDP2 (relufy refuses
+    FSDP1) and launch as many processes as their machines hold, 8 GPUs each."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value in ("MULTI_GPU", "FSDP")
+    if config.distributed_type.value == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.num_processes == 8 * config.num_machines
