@@ -154,7 +154,12 @@ def _train(recipe: str, overrides: list[str] | None, options) -> None:
 
     preflight(spec, download=not options.dry_run)  # paths and context length, before anything loads
     if options.dry_run:
+        from .train.mixture import probe_sources
+
+        probes = probe_sources(spec.data)  # every source's first record: its column, or a one-line refusal
         typer.echo(dump(spec))
+        for line in probes:
+            typer.echo(f"# {line}")  # YAML comments: the output stays the resolved recipe
         return
     if options.export_step is not None:
         from .train.midrun import export_checkpoint

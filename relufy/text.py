@@ -1,12 +1,16 @@
-"""Evaluation text: where it comes from, how it is joined, tokenized and cut into windows.
+"""Evaluation and training text: where it comes from, how it is joined, tokenized and cut into windows.
 
-``--data SPEC`` is one of
+``--data SPEC`` (and a training source's ``data``) is one of
 
 - a local ``.txt`` (or any non-JSON, non-Parquet) file: its bytes decoded as UTF-8, as one text;
-- a local ``.jsonl`` file: the ``text`` field of every line;
-- a local ``.parquet`` file: its ``text`` column;
-- a hub dataset ``NAME[:CONFIG][:SPLIT]`` (split defaults to ``test``), its ``text`` column,
-  loaded with ``datasets`` (needs network), e.g. ``wikitext:wikitext-2-raw-v1:test``;
+- a local ``.jsonl`` file: the ``text`` field (``text_column``) of every line;
+- a local ``.parquet`` file: its ``text`` column (``text_column``);
+- a dataset read with ``datasets.load_dataset``: a hub id ``NAME[:CONFIG][:SPLIT]`` (needs network;
+  evaluation's split defaults to ``test``, training's to ``train``), e.g.
+  ``wikitext:wikitext-2-raw-v1:test``; a local dataset folder (data files that ``load_dataset``
+  reads as a repository); or a packaged builder (``json``, ``parquet``, ``csv``, ``text``) with
+  ``data_files``. ``split``, ``data_dir``, ``data_files`` and ``revision`` go to ``load_dataset``
+  (a split given both ways must agree); its ``text`` column (``text_column``) is read;
 - ``builtin:pydoc``: the English help topics of Python's own ``pydoc_data`` (about 0.5 MB, on
   every machine; sorted by topic name), the default text of the demo and the tests.
 
@@ -23,9 +27,12 @@ tokenizer's BOS token (taking one place of ``seq_len``), which is never scored.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -36,6 +43,12 @@ JOIN = "\n\n"
 
 BUILTIN = "builtin:pydoc"
 
+# ``load_dataset``'s own builders, read by name (with data_files)
+PACKAGED = ("json", "parquet", "csv", "text", "arrow")
+# a hub id without ``:CONFIG``: ``owner/name`` whose name does not end like a data file
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv", ".raw", ".md", ".gz", ".zst")
+
 
 def builtin_texts() -> list[str]:
     import pydoc_data.topics
@@ -43,35 +56,174 @@ def builtin_texts() -> list[str]:
     return [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
 
 
-def load_texts(spec: str) -> list[str]:
+def source_kind(spec: str) -> Literal["builtin", "file", "dataset"]:
+    """``builtin`` (``builtin:pydoc``), ``file`` (a local file) or ``dataset`` (read with
+    ``datasets.load_dataset``: a hub id, a local dataset folder, a packaged builder name)."""
     if spec == BUILTIN:
+        return "builtin"
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return "file"
+    if path.is_dir():
+        return "dataset"
+    if path.exists():
+        raise RelufyError(f"{spec}: not a file")
+    local = spec.startswith((".", "/", "~"))
+    if not local and (":" in spec or spec in PACKAGED or (_HUB_ID.fullmatch(spec) and not spec.lower().endswith(_FILE_SUFFIXES))):
+        return "dataset"
+    raise RelufyError(f"data file {spec} not found")
+
+
+def dataset_parts(spec: str, split: str | None = None, default_split: str = "train") -> tuple[str, str | None, str]:
+    """``(name, config, split)`` of a dataset ``NAME[:CONFIG][:SPLIT]``: the split from ``split``
+    or the spec (they must agree), else ``default_split``."""
+    if Path(spec).expanduser().is_dir():  # a folder's name may hold a colon
+        return spec, None, split or default_split
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise RelufyError(f"{spec}: a dataset is NAME[:CONFIG][:SPLIT]")
+    name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
+    in_spec = parts[2] if len(parts) > 2 and parts[2] else None
+    if split and in_spec and split != in_spec:
+        raise RelufyError(f"{spec}: split {split!r} disagrees with the split {in_spec!r} in the spec; give it once")
+    return name, config, split or in_spec or default_split
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def datasets_quiet(progress: bool = False):
+    """``datasets``' progress bars off (unless ``progress``) for the duration, then as they were."""
+    from datasets import utils as bars
+
+    was_off = bars.are_progress_bars_disabled()
+    if not progress:
+        bars.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_off and not progress:
+            bars.enable_progress_bars()
+
+
+def check_file_options(spec: str, text_column: str, options: dict) -> None:
+    """A local file or ``builtin:pydoc`` takes none of ``load_dataset``'s ``options`` (those not None
+    are refused), and ``text_column`` only when it has columns (.jsonl, .parquet)."""
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        raise RelufyError(f"{spec}: {', '.join(given)} apply to datasets read with datasets.load_dataset, not to a local file")
+    if text_column != "text" and (spec == BUILTIN or Path(spec).suffix.lower() not in (".jsonl", ".json", ".parquet")):
+        raise RelufyError(f"{spec}: one text, no columns: text_column applies to .jsonl, .parquet and datasets")
+
+
+def open_dataset(
+    spec: str,
+    *,
+    text_column: str = "text",
+    split: str | None = None,
+    data_dir: str | None = None,
+    data_files: str | list[str] | None = None,
+    revision: str | None = None,
+    streaming: bool = False,
+    default_split: str = "train",
+    progress: bool = False,
+):
+    """``spec`` as a ``datasets.Dataset``, or with ``streaming`` an ``IterableDataset`` (a local file
+    streams through the json, parquet or text builder: a .txt file's lines are its records;
+    ``builtin:pydoc`` streams from memory). A known column list without ``text_column`` is refused."""
+    import datasets
+
+    kind = source_kind(spec)
+    options = {"split": split, "data_dir": data_dir, "data_files": data_files, "revision": revision}
+    try:
+        with datasets_quiet(progress):
+            if kind != "dataset":
+                check_file_options(spec, text_column, options)
+                if kind == "builtin":
+                    ds = datasets.Dataset.from_dict({"text": builtin_texts()})
+                    return ds.to_iterable_dataset() if streaming else ds
+                path = str(Path(spec).expanduser())
+                builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(path).suffix.lower(), "text")
+                ds = datasets.load_dataset(builder, data_files=path, split="train", streaming=streaming)
+            else:
+                name, config, split = dataset_parts(spec, split, default_split)
+                ds = datasets.load_dataset(
+                    name,
+                    config,
+                    split=split,
+                    data_dir=data_dir,
+                    data_files=data_files,
+                    revision=revision,
+                    streaming=streaming,
+                )
+    except RelufyError:
+        raise
+    except Exception as e:  # noqa: BLE001 - offline, unknown name, bad split or config: all user-facing
+        raise RelufyError(f"{spec}: cannot load dataset ({first_line(e)})") from None
+    columns = ds.column_names
+    if columns is not None and text_column not in columns:
+        raise RelufyError(f"{spec}: no {text_column!r} column (columns: {', '.join(columns)})")
+    return ds
+
+
+def check_string_column(ds, spec: str, text_column: str) -> None:
+    """A loaded ``Dataset``'s ``text_column`` must hold strings (or only nulls)."""
+    feature = (ds.features or {}).get(text_column)
+    dtype = getattr(feature, "dtype", None)
+    if dtype not in ("string", "large_string", "null"):
+        kind = dtype or type(feature).__name__
+        raise RelufyError(f"{spec}: the {text_column!r} column holds {kind}, not strings")
+
+
+def load_texts(
+    spec: str,
+    *,
+    text_column: str = "text",
+    split: str | None = None,
+    data_dir: str | None = None,
+    data_files: str | list[str] | None = None,
+    revision: str | None = None,
+    default_split: str = "test",
+) -> list[str]:
+    """The non-empty texts of ``spec`` (see the module's docstring), in order."""
+    kind = source_kind(spec)
+    if kind == "dataset":
+        ds = open_dataset(
+            spec,
+            text_column=text_column,
+            split=split,
+            data_dir=data_dir,
+            data_files=data_files,
+            revision=revision,
+            default_split=default_split,
+        )
+        check_string_column(ds, spec, text_column)
+        return [t for t in (record_text(v, spec, text_column) for v in ds[text_column]) if t]
+    check_file_options(spec, text_column, {"split": split, "data_dir": data_dir, "data_files": data_files, "revision": revision})
+    if kind == "builtin":
         return builtin_texts()
     try:
-        return _load_texts(spec)
+        return _load_file(Path(spec).expanduser(), text_column)
     except OSError as e:  # unreadable file, I/O error: name the file
         raise RelufyError(f"{spec}: cannot read ({e.strerror or e})") from None
 
 
-def _load_texts(spec: str) -> list[str]:
-    path = Path(spec).expanduser()
-    if path.is_file():
-        suffix = path.suffix.lower()
-        if suffix in (".jsonl", ".json"):
-            return _jsonl(path)
-        if suffix == ".parquet":
-            return _parquet(path)
-        try:
-            return [path.read_text(encoding="utf-8")]
-        except UnicodeDecodeError:
-            raise RelufyError(f"{path}: not UTF-8 text") from None
-    if path.exists():
-        raise RelufyError(f"{spec}: not a file")
-    if ":" in spec and not spec.startswith((".", "/", "~")):
-        return _hub(spec)
-    raise RelufyError(f"data file {spec} not found")
+def _load_file(path: Path, text_column: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        return _jsonl(path, text_column)
+    if suffix == ".parquet":
+        return _parquet(path, text_column)
+    try:
+        return [path.read_text(encoding="utf-8")]
+    except UnicodeDecodeError:
+        raise RelufyError(f"{path}: not UTF-8 text") from None
 
 
-def _jsonl(path: Path) -> list[str]:
+def _jsonl(path: Path, column: str = "text") -> list[str]:
     texts = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -84,51 +236,34 @@ def _jsonl(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError:
             raise RelufyError(f"{path}:{n}: not JSON") from None
-        if not isinstance(record, dict) or "text" not in record:
-            raise RelufyError(f"{path}:{n}: no 'text' field")
-        texts.append(record_text(record["text"], f"{path}:{n}"))
+        if not isinstance(record, dict) or column not in record:
+            fields = f" (fields: {', '.join(record)})" if isinstance(record, dict) else ""
+            raise RelufyError(f"{path}:{n}: no {column!r} field{fields}")
+        texts.append(record_text(record[column], f"{path}:{n}", column))
     return [t for t in texts if t]
 
 
-def record_text(value, where: str) -> str | None:
+def record_text(value, where: str, column: str = "text") -> str | None:
     """A record's text: a string, or null for an empty record; anything else is refused."""
     if value is None or isinstance(value, str):
         return value
-    raise RelufyError(f"{where}: 'text' is a {type(value).__name__}, not a string")
+    raise RelufyError(f"{where}: {column!r} is a {type(value).__name__}, not a string")
 
 
-def _parquet(path: Path) -> list[str]:
+def _parquet(path: Path, column: str = "text") -> list[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path, columns=None)
     except (pa.ArrowException, OSError) as e:
-        raise RelufyError(
-            f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
-        ) from None
-    if "text" not in table.column_names:
-        raise RelufyError(f"{path}: no 'text' column (columns: {', '.join(table.column_names)})")
-    column = table.column("text")
-    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_null(column.type)):
-        raise RelufyError(f"{path}: the 'text' column holds {column.type}, not strings")
-    return [t for t in column.to_pylist() if t]
-
-
-def _hub(spec: str) -> list[str]:
-    parts = spec.split(":")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "test")
-    try:
-        import datasets
-
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as e:  # noqa: BLE001 - offline, unknown name, bad split: all user-facing
-        raise RelufyError(
-            f"{spec}: cannot load hub dataset ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
-        ) from None
-    if "text" not in ds.column_names:
-        raise RelufyError(f"{spec}: no 'text' column")
-    return [t for t in (record_text(v, spec) for v in ds["text"]) if t]
+        raise RelufyError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+    if column not in table.column_names:
+        raise RelufyError(f"{path}: no {column!r} column (columns: {', '.join(table.column_names)})")
+    values = table.column(column)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_null(values.type)):
+        raise RelufyError(f"{path}: the {column!r} column holds {values.type}, not strings")
+    return [t for t in values.to_pylist() if t]
 
 
 def tokenize(texts: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:

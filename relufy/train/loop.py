@@ -481,7 +481,10 @@ class RecipeRun:
         from . import mixture as train_mixture
 
         recipe, budget = self.recipe, self.recipe.budget
-        self.mixture, self.heldout = train_mixture.build(recipe.data, self.tokenizer, recipe.seed)
+        a = self.accelerator
+        self.mixture, self.heldout = train_mixture.build(
+            recipe.data, self.tokenizer, recipe.seed, rank=a.process_index, world=a.num_processes
+        )
         processes = self.accelerator.num_processes
         self.tokens_per_step = budget.micro_batch_size * budget.grad_accum * recipe.data.seq_len * processes
         self.total_steps = budget.max_steps or max(1, budget.max_tokens // self.tokens_per_step)
@@ -601,6 +604,8 @@ class RecipeRun:
             self.scheduler.load_state_dict(state["scheduler"])
             self.mixture.load_state_dict(state["mixture"])
             return None
+        except RelufyError as e:  # e.g. a data position saved by another number of processes
+            return f"cannot resume from {path}: {e}"
         except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors
             return (
                 f"cannot resume from {path}: a file holds pickled objects other than tensors and "
@@ -707,11 +712,10 @@ class RecipeRun:
         return grad_norm
 
     def _micro_batch(self):
-        """This process's ``(ids, labels)`` on its device: every process draws the same global
-        batch (one mixture state) and keeps its own rows."""
-        size, rank = self.recipe.budget.micro_batch_size, self.accelerator.process_index
-        batch = self.mixture.batch(size * self.accelerator.num_processes)
-        return batch.rows(rank * size, (rank + 1) * size).to(self.accelerator.device)
+        """This process's ``(ids, labels)`` on its device: its rows of the global batch
+        (``Mixture.local_batch``: in-memory sources give every process its rows of one global draw,
+        node-split streaming sources each process its own next sequences)."""
+        return self.mixture.local_batch(self.recipe.budget.micro_batch_size).to(self.accelerator.device)
 
     def _loss(self, ids, labels, step: int):
         """The model's loss, plus the distillation KL to the teacher (over the vocabulary, or its top k
@@ -787,6 +791,8 @@ class RecipeRun:
     def save_checkpoint(self, done: int) -> None:
         """``checkpoints/step-N`` after step ``done`` (``relufy.train.checkpoint``), only when the
         parameters and the optimizer state are finite on every process."""
+        from accelerate.utils import gather_object
+
         self._check_state(f"parameters or optimizer state became non-finite at step {done}; not saved")
         state = {
             "format": "relufy-train-state",
@@ -797,7 +803,7 @@ class RecipeRun:
             "total_steps": self.total_steps,
             "processes": self.accelerator.num_processes,
             "scheduler": self.scheduler.state_dict(),
-            "mixture": self.mixture.state_dict(),
+            "mixture": self.mixture.checkpoint_state(gather_object),  # per process with node-split streams
         }
         keep = self.recipe.checkpoint.keep_last
         self.last_good = _save_checkpoint(self.accelerator, self.out, done, keep, self.plan["run_id"], state)

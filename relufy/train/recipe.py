@@ -50,20 +50,71 @@ class ModelSpec(_Spec):
 
 
 class SourceSpec(_Spec):
-    data: str = Field(description="Text file, .jsonl, .parquet or hub NAME:CONFIG:SPLIT (see relufy.text).")
-    weight: float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
-    streaming: bool = Field(
-        False,
-        description="Read records lazily with `datasets` streaming (hub datasets too large to download; local "
-        ".txt lines, .jsonl, .parquet); resumable. Held out: the first data.heldout_sequences packed sequences.",
+    data: str = Field(
+        description="A local .txt file (one text), .jsonl (one record per line) or .parquet file; builtin:pydoc; or a "
+        "dataset read with `datasets.load_dataset`: a hub id NAME[:CONFIG][:SPLIT] (e.g. "
+        "`HuggingFaceFW/fineweb-edu:sample-10BT:train`), a local dataset folder, or a packaged builder (json, parquet, "
+        "csv, text) with data_files (see relufy.text)."
     )
+    weight: float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
+    text_column: str = Field(
+        "text",
+        min_length=1,
+        description="The column (a .jsonl record's field) holding the text, e.g. `content` for bigcode/starcoderdata.",
+    )
+    split: str | None = Field(
+        None,
+        min_length=1,
+        description="Datasets only: the split to read; default: the SPLIT of NAME:CONFIG:SPLIT, else `train`. A split "
+        "here and a different one in `data` are refused.",
+    )
+    data_dir: str | None = Field(
+        None,
+        min_length=1,
+        description="Datasets only: `load_dataset`'s data_dir, the dataset's folder to read (starcoderdata: `python`).",
+    )
+    data_files: str | list[str] | None = Field(
+        None,
+        description="Datasets only: `load_dataset`'s data_files: file names or glob patterns within the dataset (or "
+        "local files, for a packaged builder such as `json`).",
+    )
+    revision: str | None = Field(
+        None, min_length=1, description="Hub datasets only: the branch, tag or commit to read (`load_dataset`'s revision)."
+    )
+    streaming: bool | None = Field(
+        None,
+        description="Read records lazily with `datasets` streaming (resumable; local .txt files stream by lines). "
+        "null (auto): datasets read by name or folder (hub ids, dataset folders, packaged builders) stream, local "
+        "files and builtin:pydoc are read into memory; true/false force it. Held out: the first "
+        "data.heldout_sequences packed sequences of the whole stream (the same on every process), whose records are "
+        "left out of training. Under several processes each reads only its share of the stream "
+        "(`datasets.distributed.split_dataset_by_node`: whole shards when their number divides by the process count, "
+        "else every n-th record), and a resume needs the same process count.",
+    )
+
+    @model_validator(mode="after")
+    def _split_once(self):
+        parts = self.data.split(":")
+        if self.split is not None and len(parts) == 3 and parts[2] and not self.data.startswith((".", "/", "~")):
+            if parts[2] != self.split:
+                raise ValueError(
+                    f"split {self.split!r} disagrees with the split {parts[2]!r} in data {self.data!r}; give it once"
+                )
+        return self
 
 
 class DataSpec(_Spec):
     sources: list[SourceSpec] = Field(min_length=1, description="Weighted mixture of text sources.")
     seq_len: int = Field(512, ge=8, description="Tokens per packed training sequence.")
-    heldout_fraction: float = Field(0.05, ge=0, lt=0.5, description="Last fraction of each source held out for eval.")
-    heldout_sequences: int = Field(16, ge=0, description="Streaming sources: leading packed sequences held out.")
+    heldout_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="In-memory sources: the last fraction of each source's sequences held out for eval."
+    )
+    heldout_sequences: int = Field(
+        16, ge=0, description="Streaming sources: the first packed sequences of each stream held out for eval."
+    )
+    num_proc: int = Field(
+        1, ge=1, description="Processes tokenizing each in-memory source (`datasets.map`'s num_proc; 1: in this process)."
+    )
     chat: bool = Field(False, description="SFT: sources are .jsonl with `messages`; loss on assistant tokens only.")
 
 

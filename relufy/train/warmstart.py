@@ -11,7 +11,8 @@ layer): the plain fit trades zeros for accuracy (SmolLM2: 82% -> 77% zeros), the
 them. The report gives each layer's error and FFN zero fraction before and after.
 
 Across processes (DDP or FSDP2, before the student is wrapped): every process runs the teacher
-over the same tokens (a sharded teacher needs all of them in its forward), but records and fits
+over as many sequences (a sharded teacher needs every process in each forward): the same ones for
+in-memory sources, each process its own for streaming sources split across processes; it records and fits
 only its share of the layers (layer ``i`` belongs to process ``i mod world``); each fitted FFN is
 then broadcast from its owner to every process, and the report rows are gathered, so all
 processes leave with the same student and report. Each layer's fit draws its minibatches from
