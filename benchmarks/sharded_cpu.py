@@ -13,7 +13,7 @@ distillation, L1; a shortened budget), the same global batch each, one after the
 The teacher is bf16 in all three (what ``teacher_dtype: auto`` picks under FSDP2), so the curves
 compare. Printed (and written to ``OUT/sharded_cpu.md``): per run the wall time, training
 tokens/s (the loop only, from metrics.jsonl), the warm start's mean zeros, held-out perplexity
-and FFN zeros before and after, the largest relative loss difference to ``one`` over the steps,
+and FFN zeros before and after, the largest relative loss difference to ``one`` and to ``ddp`` over the steps,
 and the peak RSS of the largest process (psutil, polled every 0.2 s over the process tree).
 
     python benchmarks/sharded_cpu.py --model runs/demo/drelu --data FILE [--data FILE ...] [--steps 12]
@@ -49,7 +49,7 @@ def recipe(model: str, data: list[str], out: Path, steps: int, micro: int) -> di
     raw["optim"]["warmup_steps"] = 2
     raw["budget"] = {"max_steps": steps, "micro_batch_size": micro, "grad_accum": 2}
     raw["sparsity"]["distill"]["teacher_dtype"] = "bf16"
-    raw["sparsity"]["ffn_warmstart"].update(tokens=2048, steps=30)
+    raw["sparsity"]["ffn_warmstart"].update(tokens=1024, steps=20)
     raw["log"] = {"every": 1, "eval_every": 0}
     raw["checkpoint"] = {"every": 0, "keep_last": 1}
     return raw
@@ -119,22 +119,25 @@ def main() -> None:
         (out / f"{kind}.json").write_text(json.dumps(results[kind]))
     rows = {k: [json.loads(x) for x in (out / k / "metrics.jsonl").read_text().splitlines()] for k in results}
     lines = [
-        f"SmolLM2-135M dReLU, {args.steps} steps x {rows['one'][0]['tokens']:,} tokens, warm start 2,048 tokens x 30 "
+        f"SmolLM2-135M dReLU, {args.steps} steps x {rows['one'][0]['tokens']:,} tokens, warm start 1,024 tokens x 20 "
         "steps per layer (L1 20), distillation (bf16 teacher) + L1 5; `python benchmarks/sharded_cpu.py "
         f"--model {args.model} {' '.join('--data ' + d for d in data)} --steps {args.steps}`",
         "",
         "| run | processes | wall | train tokens/s | warm-start zeros | held-out ppl before -> after | FFN zeros after "
-        "| max rel. loss diff to one | peak RSS per process |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max rel. loss diff to one | to ddp | peak RSS per process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, r in results.items():
         summary = json.loads((out / kind / "summary.json").read_text())
         warm = json.loads((out / kind / "warmstart.json").read_text())
-        diff = max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(rows[kind], rows["one"], strict=True))
+        diff = [
+            max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(rows[kind], rows[ref], strict=True))
+            for ref in ("one", "ddp")
+        ]
         lines.append(
             f"| {kind} | {1 if kind == 'one' else 2} | {r['wall']:.0f} s | {rows[kind][-1]['tokens_per_second']:.0f} "
             f"| {warm['zeros_after']:.1%} | {summary['heldout_ppl_before']:.2f} -> {summary['heldout_ppl']:.2f} "
-            f"| {summary['heldout_sparsity']:.1%} | {diff:.1e} | {r['rss'] / 2**20:,.0f} MiB |"
+            f"| {summary['heldout_sparsity']:.1%} | {diff[0]:.1e} | {diff[1]:.1e} | {r['rss'] / 2**20:,.0f} MiB |"
         )
     text = "\n".join(lines) + "\n"
     (out / "sharded_cpu.md").write_text(text)

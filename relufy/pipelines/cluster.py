@@ -40,6 +40,7 @@ PIPELINES = {
     "qwen3-30b-a3b": Pipeline("Qwen/Qwen3-30B-A3B", "recipes/turbosparse-qwen3-30b-a3b.yaml"),
 }
 DISTRIBUTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP")
+GPUS_PER_MACHINE = 8  # what a launch may start per machine (an 8-GPU node)
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,16 @@ def check(steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
         raise RelufyError(f"{accelerate_config}: distributed_type {kind!r} is not one of {', '.join(DISTRIBUTED)}")
     if nproc < 1:
         raise RelufyError(f"--nproc must be positive, got {nproc}")
+    machines = int(config.get("num_machines") or 1)
+    if nproc > GPUS_PER_MACHINE * machines:
+        raise RelufyError(
+            f"{nproc} processes on {machines} machine(s) of {GPUS_PER_MACHINE} GPUs: use a config for more machines "
+            "(recipes/accelerate/fsdp2-multinode.yaml: num_machines) or --nproc at most "
+            f"{GPUS_PER_MACHINE * machines}"
+        )
     if kind == "FSDP" and (config.get("fsdp_config") or {}).get("fsdp_version") != 2:
         raise RelufyError(f"{accelerate_config}: relufy train shards with FSDP2 only: set fsdp_config.fsdp_version: 2")
-    lines.append(f"accelerate config {path.name}: {kind}, {nproc} processes")
+    lines.append(f"accelerate config {path.name}: {kind}, {nproc} processes on {machines} machine(s)")
     for tool in ("relufy", "accelerate"):
         if shutil.which(tool) is None and not (Path(sys.executable).parent / tool).exists():
             raise RelufyError(f"{tool} is not on PATH (install relufy in this environment)")

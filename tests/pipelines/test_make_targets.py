@@ -43,13 +43,13 @@ def dry(*args) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(cluster.PIPELINES))
 def test_cluster_dry_run_through_make(name):
-    proc = make(f"turbosparse-{name}", "DRY_RUN=1", "NPROC=64")
+    proc = make(f"turbosparse-{name}", "DRY_RUN=1", "NPROC=64", "ACCELERATE_CONFIG=recipes/accelerate/fsdp2-multinode.yaml")
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
-    assert "ok: recipe turbosparse-" in out and "FSDP, 64 processes" in out
+    assert "ok: recipe turbosparse-" in out and "FSDP, 64 processes on 8 machine(s)" in out
     steps = [line.split(":", 1)[0] for line in out.splitlines() if re.match(r"^(convert|train|eval|export): ", line)]
     assert steps == ["convert", "train", "eval", "export"]
-    assert "accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 64 -m relufy train" in out
+    assert "accelerate launch --config_file recipes/accelerate/fsdp2-multinode.yaml --num_processes 64 -m relufy train" in out
     assert f"model.path=runs/turbosparse-{name}/drelu" in out
 
 
@@ -67,6 +67,9 @@ def test_cluster_dry_run_catches_problems(tmp_path, capsys):
         bad.write_text(text)
         assert cluster.main(["mistral", "--dry-run", "--accelerate-config", str(bad)]) == 2
         assert needle in capsys.readouterr().err
+    # 64 processes need more than one machine's config
+    assert cluster.main(["mistral", "--dry-run", "--nproc", "64"]) == 2
+    assert "64 processes on 1 machine(s) of 8 GPUs: use a config for more machines" in capsys.readouterr().err
     # distillation, the warm start and LoRA run under FSDP2 as under DDP
     recipe = yaml.safe_load((ROOT / cluster.PIPELINES["mistral"].recipe).read_text())
     recipe["sparsity"] = {"distill": {"weight": 1.0}, "ffn_warmstart": {"tokens": 4096}}
