@@ -99,12 +99,24 @@ bench-gguf: $(STAMP)
 	$(BIN)/python benchmarks/bench_gguf.py $(BENCH_GGUF_ARGS)
 
 bench-eval: $(STAMP)
-	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_eval.py $(BENCH_EVAL_ARGS)
 
 # BENCH_TRAIN_ARGS: e.g. --precision bf16 --batch 16 on a GPU (MFU printed for known GPUs)
 BENCH_TRAIN_ARGS ?=
 bench-train: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py $(BENCH_TRAIN_ARGS)
+
+# The memory plan of relufy train --dry-run against the measured peak RSS of short real runs of
+# recipes/smollm2-recovery-cpu.yaml in 1 and 2 processes (DDP, FSDP2); docs/benchmarks.md.
+# BENCH_MEMORY_MODEL: the SmolLM2 dReLU (default: the demo's conversion, made first when missing);
+# BENCH_MEMORY_DATA: the training text; BENCH_MEMORY_ARGS: e.g. --runs single,ddp --steps 2.
+.PHONY: bench-memory-plan
+BENCH_MEMORY_MODEL ?= $(DEMO)/drelu
+BENCH_MEMORY_DATA ?= builtin:pydoc
+BENCH_MEMORY_ARGS ?=
+bench-memory-plan: | $(call needs_model,$(BENCH_MEMORY_MODEL))
+	$(BIN)/python benchmarks/bench_memory_plan.py --model $(BENCH_MEMORY_MODEL) --data "$(BENCH_MEMORY_DATA)" \
+	  $(BENCH_MEMORY_ARGS)
 
 # On a GPU machine: relufy's FSDP2 recovery path on one GPU in bf16 (minutes); tokens/s, MFU, memory.
 gpu-smoke: $(STAMP)

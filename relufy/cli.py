@@ -160,6 +160,19 @@ def _train(recipe: str, overrides: list[str] | None, options) -> None:
         typer.echo(dump(spec))
         for line in probes:
             typer.echo(f"# {line}")  # YAML comments: the output stays the resolved recipe
+        from .train.memory import plan_recipe
+
+        o = options
+        try:  # per GPU with --gpus, else this machine's CPU processes; from config.json alone
+            plan = plan_recipe(spec, o.gpus, o.nodes, o.gpu_memory, o.strategy, o.processes)
+        except RelufyError as e:
+            if o.gpus is not None:
+                raise
+            typer.echo(f"# memory plan: skipped ({e})")  # e.g. a hub model's config offline
+            return
+        for line in plan.table().splitlines():
+            typer.echo(f"# {line}")
+        plan.check()  # one line naming what to change, exit 2
         return
     if options.export_step is not None:
         from .train.midrun import export_checkpoint

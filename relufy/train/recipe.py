@@ -234,13 +234,56 @@ class TrainOptions(Options):
     """How ``relufy train`` starts."""
 
     resume: bool = option_field(False, description="Continue from the newest intact checkpoint in output_dir.")
-    dry_run: bool = option_field(False, description="Check the recipe and its paths and print it resolved; train nothing.")
+    dry_run: bool = option_field(
+        False,
+        description="Check the recipe and its paths, print it resolved and its memory plan (relufy.train.memory; "
+        "refused if it does not fit); train nothing.",
+    )
+    gpus: int | None = option_field(
+        None,
+        ge=1,
+        description="With --dry-run: plan the memory of each GPU of a run on N GPUs per node; without it the plan "
+        "is for this machine's CPU.",
+    )
+    nodes: int = option_field(1, ge=1, description="With --gpus: nodes of --gpus GPUs each (FSDP2 shards over all).")
+    gpu_memory: str = option_field(
+        "80GB", description="With --gpus: the memory of one GPU (GB: 10^9 bytes, GiB: 2^30; e.g. 80GB, 141GiB)."
+    )
+    strategy: Literal["fsdp2", "ddp"] | None = option_field(
+        None,
+        description="With --dry-run: how the planned processes hold the model: fsdp2 shards it, ddp keeps a full "
+        "copy in each; default: fsdp2 for several GPUs, ddp for several CPU processes.",
+    )
+    processes: int | None = option_field(
+        None,
+        ge=1,
+        description="With --dry-run and no --gpus: plan N CPU processes (torchrun --nproc_per_node N); default: "
+        "the launch's WORLD_SIZE, or 1.",
+    )
     export_step: int | None = option_field(
         None,
         ge=1,
         description="Train nothing: write the run's checkpoint of this step as a model folder (relufy convert's format, "
         "LoRA merged) to OUTPUT_DIR/exports/step-N, to evaluate a run mid-way; runs with one process.",
     )
+
+    @model_validator(mode="after")
+    def _plan_flags(self):
+        from .memory import parse_size
+
+        try:
+            parse_size(self.gpu_memory)
+        except ValueError as e:
+            raise ValueError(f"--gpu-memory: {e}") from None
+        flags = (("--gpus", self.gpus), ("--processes", self.processes), ("--strategy", self.strategy))
+        given = [flag for flag, value in flags if value is not None]
+        if given and not self.dry_run:
+            raise ValueError(f"{given[0]} plans memory: it goes with --dry-run")
+        if self.nodes > 1 and self.gpus is None:
+            raise ValueError("--nodes goes with --gpus (GPUs per node)")
+        if self.gpus is not None and self.processes is not None:
+            raise ValueError("--processes plans CPU processes; with --gpus the processes are the GPUs")
+        return self
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -126,9 +126,11 @@ def _share(s_layers, rows: list[dict], device, world: int) -> list[dict]:
     """Every fitted FFN broadcast from the process that fitted it; every process's report rows."""
     import torch.distributed as dist
 
-    for i, layer in enumerate(s_layers):
+    for i, layer in enumerate(s_layers):  # one layer on the device at a time (NCCL sends device tensors)
+        home = _ffn_params(layer.mlp)[0].device
         for p in _ffn_params(layer.mlp.to(device)):
             dist.broadcast(p.data, src=i % world)
+        layer.mlp.to(home)
     gathered = [None] * world
     dist.all_gather_object(gathered, rows)
     return sorted((row for part in gathered for row in part), key=lambda row: row["layer"])
@@ -149,11 +151,13 @@ def _fit_layers(student, s_layers, mine, inputs, outputs, spec, device, batch_to
     rows = []
     try:
         for i in mine:
+            home = _ffn_params(s_layers[i].mlp)[0].device  # back there after the fit: one FFN on the device at a time
             mlp = s_layers[i].mlp.to(device)
             dtype = _ffn_params(mlp)[0].dtype
             x, y = torch.cat(inputs.pop(i)).to(dtype), torch.cat(outputs.pop(i)).to(dtype)
             g = torch.Generator().manual_seed(i)  # per layer: the same draws however layers are split
             rows.append(_fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g))
+            mlp.to(home)
             done(rows[-1])
     finally:
         for (_, m), obs in zip(sites, kept, strict=True):
