@@ -20,7 +20,7 @@ What it does (see docs/benchmarks.md for results):
 4. Prints a markdown table and the verdict for each target; writes JSON to ``--json PATH``
    (default ``bench-out/bench_convert.json``).
 
-Targets (from the issue): convert wall time <= 1.2x ``cp -r``; peak RSS <= 1 GiB for a 6 GiB
+Targets: convert wall time <= 1.2x ``cp -r``; peak RSS <= 1 GiB for a 6 GiB
 checkpoint; peak RSS flat as the checkpoint grows.
 
     python benchmarks/bench_convert.py --gib 6            # make bench-convert

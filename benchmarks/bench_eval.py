@@ -8,7 +8,7 @@ the median tokens/s of each is reported:
 - ``relufy tracking``: relufy.load with the activation counter of ``relufy eval``.
 
 The model is the embedded SmolLM2-135M converted to dReLU (or ``--model``); the text is WikiText-2
-validation from ``../shared/data`` when present, else Python's pydoc topics.
+validation passed with ``--data``, else Python's pydoc topics.
 
     python benchmarks/bench_eval.py [--tokens 4096] [--seq-len 512] [--repeats 3] [--json out.json]
 """
@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 
 
 def main() -> None:
@@ -39,6 +38,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a relufy checkpoint (default: SmolLM2-135M converted to dReLU)")
+    ap.add_argument("--data", help="a text file to score (e.g. WikiText-2's wiki.valid.raw); default: Python's help text")
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
@@ -48,7 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     scratch = tempfile.TemporaryDirectory()
     model_path = args.model or relufy.convert(smollm2_gguf(), Path(scratch.name) / "drelu")
-    data = str(WIKITEXT) if WIKITEXT.exists() else None
+    data = args.data
     if data is None:
         import pydoc_data.topics
 

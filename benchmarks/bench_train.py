@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def main() -> None:
@@ -42,6 +41,7 @@ def main() -> None:
     from relufy.train.recipe import validate
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, help="a text file to train on (e.g. Tiny Shakespeare); default: Python's help text")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
@@ -53,7 +53,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scratch = Path(tempfile.mkdtemp())
     model_path = relufy.convert(smollm2_gguf(), scratch / "drelu")
-    text = TEXT if TEXT.exists() else None
+    text = args.data
     if text is None:
         import pydoc_data.topics
 

@@ -2,7 +2,7 @@
 the fraction of neurons computed, of active neurons missed, perplexity and next-token top-1
 agreement with the dense model, for each threshold.
 
-    python benchmarks/predictor_fidelity.py runs/export/smollm2 --data ../shared/data/wikitext-2-raw/wiki.valid.raw \
+    python benchmarks/predictor_fidelity.py runs/export/smollm2 --data path/to/wikitext-2-raw/wiki.valid.raw \
         [--thresholds=-2,-1,-0.5,0,0.5] [--seq-len 512 --max-tokens 32768 --heldout-fraction 0.1]
 """
 
