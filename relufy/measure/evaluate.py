@@ -87,7 +87,9 @@ def score(model, wins: list[Window], batch_size: int, device, advance=None, top1
     groups: dict[int, list[Window]] = {}
     for w in wins:
         groups.setdefault(len(w.input_ids), []).append(w)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: FSDP2 updates its all-gather buffers in place, which inference
+    # tensors forbid, and training's held-out eval scores sharded models through here
+    with torch.no_grad():
         for group in groups.values():
             for i in range(0, len(group), batch_size):
                 batch = group[i : i + batch_size]

@@ -66,42 +66,29 @@ def heldout_eval(model, heldout, device, batch_size: int = 4, rank: int = 0, wor
 
     With ``world > 1`` every process of the default process group must call it at once (it is a
     collective): process ``rank`` scores windows ``rank, rank + world, ...``, all processes run
-    the same number of forward passes (one that has run out of windows runs a last batch again,
-    uncounted, so that a sharded model's all-gathers pair up), and the NLL, token and activation
+    the same number of forward passes (one with fewer windows runs a batch again, uncounted, so
+    that a sharded model's all-gathers pair up), and the NLL, token and activation
     counts are summed over the processes; every process gets the same figures. The figures equal
     a one-process eval's up to float summation order."""
     ids, labels = heldout
     if len(ids) == 0:
         return None, None
-    import torch.nn.functional as F
-
-    from .sites import ActivationCounter, ffn_sites, observing
+    from ..text import Window
+    from .evaluate import score
+    from .sites import ActivationCounter, observing
     from .stats import Stats
 
-    mine = list(range(rank, len(ids), world))
-    share = -(-len(ids) // world)  # the largest share: every process runs this many batches
-    batches = [mine[i : i + batch_size] for i in range(0, share, batch_size)]
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # NLL, scored tokens
+    mine = [Window(ids[i], labels[i]) for i in range(rank, len(ids), world)]
+    share = -(-len(ids) // world)  # the largest share of windows
+    spare = -(-share // batch_size) - -(-len(mine) // batch_size)  # batches the largest share runs more than this one
     was_training = model.training
     model.eval()
-    with observing(model, ActivationCounter) as counter, torch.no_grad():
-        modules = [m for _, m in ffn_sites(model)]
-        for rows in batches:
-            counted = bool(rows)
-            rows = rows or mine[-batch_size:] or [0]  # ran out: repeat a batch, uncounted
-            if not counted:
-                for m in modules:
-                    m.relufy_observer = None
-            batch_ids = ids[rows].to(device)
-            logits = model(input_ids=batch_ids).logits[:, :-1].float()
-            if counted:
-                target = labels[rows][:, 1:].to(device)
-                flat = logits.reshape(-1, logits.shape[-1])
-                nll = F.cross_entropy(flat, target.reshape(-1), ignore_index=-100, reduction="sum")
-                sums += torch.stack([nll.double(), (target != -100).sum().double()])
-            else:
-                for m in modules:
-                    m.relufy_observer = counter
+    with observing(model, ActivationCounter) as counter:
+        nll, count = score(model, mine, batch_size, device)
+    with torch.no_grad():  # uncounted (no observers now): a sharded model's all-gathers pair up with the others'
+        for _ in range(spare):
+            model(input_ids=ids[:batch_size].to(device))
+    sums = torch.tensor([nll, count], dtype=torch.float64, device=device)
     model.train(was_training)
     result = counter.result()
     if world > 1:

@@ -82,6 +82,16 @@ def load_student(recipe: Recipe):
     return model, load_tokenizer(spec.tokenizer or spec.path)
 
 
+def apply_router_aux(model, coef: float | None) -> None:
+    """``sparsity.router_aux_coef`` set on ``model`` (refused for a model without a router auxiliary loss)."""
+    if coef is None:
+        return
+    if not hasattr(model, "router_aux_loss_coef"):
+        raise RelufyError(f"sparsity.router_aux_coef: {type(model).__name__} computes no router auxiliary loss")
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = model.router_aux_loss_coef = coef
+
+
 def lora_config(lora):
     """peft's ``LoraConfig`` of a recipe's ``lora`` section."""
     from peft import LoraConfig
@@ -468,12 +478,7 @@ class RecipeRun:
 
         set_seed(self.recipe.seed)
         self.model, self.tokenizer = load_student(self.recipe)
-        coef = self.recipe.sparsity.router_aux_coef
-        if coef is not None:
-            if not hasattr(self.model, "router_aux_loss_coef"):
-                raise RelufyError(f"sparsity.router_aux_coef: {type(self.model).__name__} computes no router auxiliary loss")
-            self.model.config.output_router_logits = True
-            self.model.config.router_aux_loss_coef = self.model.router_aux_loss_coef = coef
+        apply_router_aux(self.model, self.recipe.sparsity.router_aux_coef)
 
     def setup_data(self) -> None:
         """The training mixture and the held-out set (``relufy.train.mixture``, both giving

@@ -61,17 +61,12 @@ def export_checkpoint(recipe: Recipe, step: int, out: str | Path | None = None) 
 def _student(recipe: Recipe):
     """The model as training held it when it saved: the recipe's student (router settings
     applied) with its LoRA adapters."""
-    from .loop import load_student
+    from .loop import apply_router_aux, load_student, lora_config
 
     model, tokenizer = load_student(recipe)
-    coef = recipe.sparsity.router_aux_coef
-    if coef is not None and hasattr(model, "router_aux_loss_coef"):
-        model.config.output_router_logits = True
-        model.config.router_aux_loss_coef = model.router_aux_loss_coef = coef
+    apply_router_aux(model, recipe.sparsity.router_aux_coef)
     if recipe.lora is not None:
         from peft import get_peft_model
-
-        from .loop import lora_config
 
         model = get_peft_model(model, lora_config(recipe.lora))
     return model, tokenizer

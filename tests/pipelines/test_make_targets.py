@@ -87,7 +87,7 @@ def test_cluster_dry_run_catches_problems(tmp_path, capsys):
 def test_ablation_miniature(tmp_path):
     save_tiny_with_tokenizer("llama", tmp_path / "tok")
     runs = tmp_path / "runs"
-    proc = make(
+    args = [
         "ablation",
         f"RUNS={runs}",
         "ABLATION_STEPS=12",
@@ -96,7 +96,8 @@ def test_ablation_miniature(tmp_path):
         "ABLATION_EVAL=builtin:pydoc",
         "ABLATION_EVAL_TOKENS=1024",
         "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01",
-    )
+    ]
+    proc = make(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     folder = runs / "ablation-mini"
     evals = {m["activation"]: m for m in json.loads((folder / "eval.json").read_text())["models"]}
@@ -111,16 +112,7 @@ def test_ablation_miniature(tmp_path):
     assert "| drelu (paper, 300M) | 28.45 | 28.45 | 28.45 | 28.65 | 29.19 |" in report
     assert (folder / "report-img" / "loss.png").stat().st_size > 1000 and (folder / "report-img" / "topk.png").exists()
     # a second run reuses every finished step
-    again = make(
-        "ablation",
-        f"RUNS={runs}",
-        "ABLATION_STEPS=12",
-        f"ABLATION_TOKENIZER={tmp_path / 'tok'}",
-        "ABLATION_DATA=builtin:pydoc",
-        "ABLATION_EVAL=builtin:pydoc",
-        "ABLATION_EVAL_TOKENS=1024",
-        "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01",
-    )
+    again = make(*args)
     assert again.returncode == 0 and "relufy train" not in again.stdout and "relufy eval" not in again.stdout
 
 
