@@ -1,5 +1,12 @@
 """``relufy bench``: FFN decode latency (``relufy.sparse.timing``) at fixed and measured sparsity,
-and end-to-end generation tokens/s of a model per sparse mode."""
+and end-to-end generation tokens/s of a model per sparse mode.
+
+With ``--data`` the model is run on real text with its own predictors (an hf export's, at their
+exported thresholds) computing only the neurons they select: per layer the true density (active
+neurons) and the predicted density (neurons computed); then the FFN decode time at exactly those
+densities, summed over layers, for each shape (the model's, 7B's with the predictor ranks scaled
+to the same share of the FFN), beside the synthetic case at the mean density (a predictor exactly
+as sparse as the model) and the bound ``1 / density``."""
 
 from __future__ import annotations
 
@@ -30,6 +37,13 @@ class BenchOptions(Options):
     dtypes: tuple[Literal["fp32", "bf16"], ...] = option_field(("fp32", "bf16"), description="Weight dtypes.")
     threads: tuple[int, ...] = option_field((1, 2), description="Thread counts (at most this machine's CPUs).")
     repeats: int = option_field(10, ge=1, description="Timed repeats per variant (the median is reported).")
+    data: str | None = option_field(
+        None,
+        description="Text (relufy eval --data specs) to run MODEL's predictors on: FFN time at its real per-layer "
+        "true and predicted densities.",
+    )
+    max_tokens: int = option_field(4096, ge=2, description="Tokens of --data read.")
+    seq_len: int = option_field(512, ge=2, description="Tokens per --data window.")
     generation: bool = option_field(True, description="Also time end-to-end generation of MODEL (off / exact / predictor).")
     new_tokens: int = option_field(32, ge=1, description="Tokens generated per mode.")
     json_out: str | None = option_field(None, flag="--json", description="Write the results as JSON here.")
@@ -67,7 +81,9 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     from .io.paths import check_output_file
     from .io.source import local_inputs, resolve
 
-    inputs = local_inputs(model, stats)
+    inputs = local_inputs(model, stats, o.data)
+    if o.data is not None and model is None:
+        raise RelufyError("--data needs MODEL (its predictors and activations are read on that text)")
     json_out = json_out and check_output_file(json_out, inputs, "--json")
     plot = plot and check_output_file(plot, inputs, "--plot")
     measured = None
@@ -108,6 +124,9 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
         raise RelufyError("no FFN shape to measure (--shapes model needs MODEL)")
     for shape, (h, i) in named.items():
         _check_fits(shape, h, i)
+    real_layers = None
+    if o.data is not None:
+        real_layers = measure_densities(model, o.data, o.max_tokens, o.seq_len)
 
     from .sparse.kernels import backend
 
@@ -124,6 +143,9 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
         for name, h, i, d, t, s, is_measured in plan:
             cases.append(bench_ffn(name, h, i, d, t, s, is_measured, repeats))
             progress.advance(task, 1)
+    real = []
+    if real_layers is not None:
+        real = bench_real_cases(real_layers, named, config, dtype_names, thread_counts, repeats)
     gen = []
     if model is not None and generation:
         modes = ["off", "exact"] + (["predictor"] if (Path(model) / PREDICTORS_FILE).is_file() else [])
@@ -148,6 +170,8 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
             f"{c.limit:.1f}",
         )
     console.print(table)
+    if real:
+        _print_real(real, repeats)
     for row in gen:
         console.print(
             f"generation {row['mode']}: {row['decode_tokens_per_second']:.1f} tokens/s decoding, {row['tokens_per_second']:.1f} "
@@ -162,6 +186,7 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
         "model": model,
         "measured_sparsity": measured,
         "ffn": [c.as_dict() for c in cases],
+        "real": real,
         "generation": gen,
     }
     if json_out:
@@ -172,6 +197,134 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     if plot:
         write_plot(cases, plot)
     return result
+
+
+def measure_densities(path: str, data: str, max_tokens: int, seq_len: int) -> list[dict]:
+    """Per layer, on ``data``: the true density (active neurons) and, when MODEL has predictors
+    (an hf export), the density they select, the model computing only those (so later layers see
+    what a predictor-sparse engine feeds them); MoE layers: the token-weighted mean over the
+    layer's FFNs and experts."""
+    import torch
+
+    from .io.block import PredictorsInfo
+    from .measure.evaluate import score
+    from .measure.sites import ActivationCounter, ffn_sites, observing, tapped
+    from .modeling.load import load
+    from .modeling.tokenizer import load_tokenizer
+    from .text import load_texts, tokenize, windows
+
+    model = load(path, dtype=torch.float32).eval()
+    sites = ffn_sites(model)
+    wins = windows(tokenize(load_texts(data), load_tokenizer(path), max_tokens), seq_len)
+    block = RelufyBlock.read(model.config)
+    export = block.export if block else None
+    has_predictors = (Path(path) / PREDICTORS_FILE).is_file() and not (export is not None and export.layout == "powerinfer")
+    per_key: dict = {}
+    if has_predictors:
+        from .export.calibration import PredictedOnly
+        from .modeling.predictor import load_predictors
+        from .sparse.engine import predictor_thresholds
+
+        info = (export.predictors if export else None) or PredictorsInfo()
+        loaded = load_predictors(path)
+        predictors = {(s, e): loaded[(s.name, e if s.routed else None)].float() for s, _ in sites for e in range(s.experts)}
+        by_name = predictor_thresholds(path, model)
+        thresholds = (
+            {(s, e): by_name[(s.name, e if s.routed else None)] for s, _ in sites for e in range(s.experts)}
+            if by_name is not None
+            else info.threshold
+        )
+        with tapped(model, sites, info.input) as tap:
+            with observing(model, lambda s: PredictedOnly(s, tap, predictors, thresholds)) as masked:
+                score(model, wins, 1, torch.device("cpu"))
+        for key, p in predictors.items():
+            m = masked.key_metrics(key)
+            per_key[key] = (m["tokens"], m["density"], m["computed"], p.fc1.weight.shape[0])
+    else:
+        with observing(model, ActivationCounter) as counter:
+            score(model, wins, 1, torch.device("cpu"))
+        for site, (counts, tokens) in counter.result().items():
+            for e in range(site.experts):
+                n = int(tokens[e])
+                per_key[(site, e)] = (n, float(counts[e].sum()) / (n * site.width) if n else float("nan"), None, None)
+    layers: dict[int, list] = {}
+    for (site, _), (n, density, computed, rank) in per_key.items():
+        if n and density == density:
+            layers.setdefault(site.layer, []).append((n, density, computed, rank))
+    out = []
+    for layer in sorted(layers):
+        rows = layers[layer]
+        n = sum(r[0] for r in rows)
+        row = {"layer": layer, "tokens": n, "density": sum(r[0] * r[1] for r in rows) / n}
+        row["predicted_density"] = sum(r[0] * r[2] for r in rows) / n if has_predictors else None
+        row["rank"] = round(sum(r[0] * r[3] for r in rows) / n) if has_predictors else None
+        out.append(row)
+    return out
+
+
+def bench_real_cases(layers: list[dict], named: dict, config, dtypes, threads, repeats: int) -> list[dict]:
+    """``bench_real`` per shape, dtype and thread count at ``layers``' densities, each beside the
+    synthetic case at the mean density."""
+    from .progress import token_progress
+    from .sparse.timing import bench_ffn, bench_real, scaled_rank
+
+    model_shape = (config["hidden_size"], config.get("intermediate_size") or config.get("moe_intermediate_size"))
+    mean_density = sum(r["density"] for r in layers) / len(layers)
+    out = []
+    plan = [(name, h, i, d, t) for name, (h, i) in named.items() for d in dtypes for t in threads]
+    with token_progress() as progress:
+        task = progress.add_task("FFN at real densities", total=len(plan))
+        for name, h, i, d, t in plan:
+            spec = [
+                (
+                    r["layer"],
+                    r["density"],
+                    r["predicted_density"],
+                    scaled_rank(r["rank"], model_shape, (h, i)) if r["rank"] is not None else None,
+                )
+                for r in layers
+            ]
+            case = bench_real(name, h, i, d, t, spec, repeats).as_dict()
+            synthetic = bench_ffn(name, h, i, d, t, min(max(1 - mean_density, 0.0), 0.999), True, repeats)
+            case["synthetic_exact_speedup"] = synthetic.exact_speedup
+            case["synthetic_predictor_speedup"] = synthetic.predictor_speedup
+            out.append(case)
+            progress.advance(task, 1)
+    return out
+
+
+def _print_real(real: list[dict], repeats: int) -> None:
+    from rich.table import Table
+
+    from .progress import console
+
+    table = Table(title=f"FFN decode per token at the model's real densities (ms summed over layers, median of {repeats})")
+    cols = ("shape", "dtype", "threads", "active", "predicted", "dense", "exact", "predictor", "exact x", "predictor x")
+    for col in (*cols, "synthetic predictor x", "limit"):
+        table.add_column(col, justify="right")
+    for c in real:
+
+        def pct(v):
+            return "-" if v is None else f"{v:.1%}"
+
+        def num(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        table.add_row(
+            f"{c['shape']} {c['hidden']}x{c['width']}",
+            c["dtype"],
+            str(c["threads"]),
+            pct(c["density"]),
+            pct(c["predicted_density"]),
+            f"{c['dense_ms']:.2f}",
+            f"{c['exact_ms']:.2f}",
+            num(c["predictor_ms"], ".2f"),
+            f"{c['exact_speedup']:.2f}",
+            num(c["predictor_speedup"], ".2f"),
+            f"{c['synthetic_predictor_speedup']:.2f}",
+            f"{c['limit']:.1f}",
+        )
+    console.print(table)
 
 
 def _check_fits(shape: str, hidden: int, width: int) -> None:

@@ -42,16 +42,34 @@ def _mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
+_LAYER_COLUMNS = (
+    ("threshold", "threshold", "{:.2f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("computed", "neurons computed", "{:.1%}"),
+    ("missed", "active missed", "{:.1%}"),
+    ("computed_in_situ", "computed (predicted-only run)", "{:.1%}"),
+    ("missed_in_situ", "missed (predicted-only run)", "{:.1%}"),
+)
+
+
 def _layer_table(result) -> str:
-    rows = ["| layer | zeros | predictor rank | recall | precision | predicted sparsity |", "|---:|---:|---:|---:|---:|---:|"]
+    """Per layer: zeros, and with predictors their rank, threshold and held-out figures (the mean
+    over a layer's predictors: its experts for MoE)."""
+    columns = _LAYER_COLUMNS if result.predictors else ()
+    head = ["layer", "zeros", *(["predictor rank"] if columns else []), *(title for _, title, _ in columns)]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for layer, s in enumerate(result.sparsity["per_layer"]):
         preds = [p for p in result.predictors if p["layer"] == layer]
-        if preds:
-            rank = "/".join(sorted({str(p["rank"]) for p in preds}))
-            cells = [f"{_mean([p.get(k) for p in preds]):.3f}" for k in ("recall", "precision", "predicted_sparsity")]
-        else:
-            rank, cells = "-", ["-", "-", "-"]
-        rows.append(f"| {layer} | {s:.1%} | {rank} | " + " | ".join(cells) + " |")
+        cells = [str(layer), f"{s:.1%}"]
+        if columns and preds:
+            cells.append("/".join(sorted({str(p["rank"]) for p in preds}, key=int)))
+            for key, _, fmt in columns:
+                v = _mean([p.get(key) for p in preds])
+                cells.append(fmt.format(v) if v == v else "-")
+        elif columns:
+            cells += ["-"] * (1 + len(columns))
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -100,11 +118,26 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
     ]
     if result.predictors:
         recalls = [p["recall"] for p in result.predictors if "recall" in p]
+        folded = ""
+        if options.layout == "powerinfer":
+            folded = "; folded into the predictor weights for PowerInfer's one `sparse_threshold`"
+        if result.predictor_recall:
+            rule = (
+                f"a neuron is computed when its score >= its predictor's threshold, set per predictor to keep "
+                f"{result.predictor_recall:.0%} of the active neurons on {result.tune_tokens} held-out tokens "
+                f"(`.predictor_threshold` in sparsity.safetensors{folded})"
+            )
+        else:
+            rule = f"a neuron is computed when its score >= {options.predictor_threshold}"
+        cost = ""
+        if result.predictor_cost:
+            cost = f" The predictors cost {result.predictor_cost:.1%} of the dense FFN's multiply-adds."
         lines += [
             f"- Predictors `fc2(relu(fc1(x)))` per FFN{' and expert' if family.is_moe else ''}, input: "
             f"{'the residual stream entering the FFN norm' if options.predictor_input == 'residual' else 'the FFN input'}; "
-            f"a neuron is computed when its score >= {options.predictor_threshold}.",
-            f"- Held-out ({result.heldout_tokens} tokens): mean recall {_mean(recalls):.3f}; the model computes "
+            f"{rule}.{cost}",
+            f"- Held-out ({result.heldout_tokens} other tokens): recall mean {_mean(recalls):.3f}, lowest "
+            f"{min(recalls, default=float('nan')):.3f}; the model computes "
             f"{result.predicted_kept:.1%} of neurons and drops {result.missed_active:.1%} of the active ones; "
             f"perplexity {result.ppl_dense:.2f} dense -> {result.ppl_predicted:.2f} with predicted neurons only; "
             f"the next-token argmax agrees with dense at {result.top1_agreement:.1%} of positions.",

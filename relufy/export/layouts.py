@@ -50,8 +50,43 @@ def _file_stem(site, expert: int) -> str:
     return f"{site.layer}.shared" if site.kind == "shared" else f"{site.layer}"
 
 
-def write_sparsity(path: Path, stats, perms: dict, predictors: dict, options) -> None:
-    """``stats`` saved as a stats file, plus frequencies, permutations and predictor ranks."""
+def fold_thresholds(predictors: dict, thresholds: dict) -> tuple[float, dict]:
+    """One engine threshold ``T`` and, per predictor, a scale ``c > 0`` such that the predictor with
+    ``fc1`` and ``fc2`` each multiplied by ``sqrt(c)`` keeps neuron j (score >= ``T``) exactly when the
+    original keeps it at its own threshold ``t`` (scores are positively homogeneous: ``c * s >= T``
+    iff ``s >= T / c``). For engines that take one threshold for all layers (PowerInfer's
+    ``sparse_threshold``).
+
+    Equal thresholds: ``T`` is that value, no scaling. Otherwise ``T = -1`` and ``c = -1 / t`` (all
+    ``t > 0``: ``T = 1``, ``c = 1 / t``). A ``t >= 0`` under ``T = -1`` cannot be reached by a positive
+    scale; it gets ``c`` large, i.e. a threshold just below 0, which keeps every neuron ``t`` keeps and
+    a few more. ``c`` is also capped so that fp16 weights stay finite, which again only keeps more."""
+    values = {float(t) for t in thresholds.values()}
+    if len(values) <= 1:
+        return (values.pop() if values else 0.0), dict.fromkeys(predictors, 1.0)
+    target = 1.0 if min(values) > 0 else -1.0
+    scales = {}
+    for key, p in predictors.items():
+        t = float(thresholds[key])
+        largest = max(float(p.fc1.weight.abs().max()), float(p.fc2.weight.abs().max()), 1e-30)
+        cap = (6e4 / largest) ** 2  # sqrt(c) * largest <= 6e4 (fp16's max is 65504)
+        if largest <= 1e-30:  # an all-zero predictor: its scores are 0 at any scale
+            c = 1.0
+        elif t * target > 0:
+            c = target / t
+        else:
+            c = 1e4
+        scales[key] = min(c, cap)
+    return target, scales
+
+
+def _scaled(p, c: float) -> dict:
+    r = c**0.5
+    return {"fc1.weight": p.fc1.weight.detach().cpu().float() * r, "fc2.weight": p.fc2.weight.detach().cpu().float() * r}
+
+
+def write_sparsity(path: Path, stats, perms: dict, predictors: dict, options, thresholds: dict | None = None) -> None:
+    """``stats`` saved as a stats file, plus frequencies, permutations and predictor ranks and thresholds."""
     extra = {}
     for site, (counts, tokens) in stats.sites.items():
         key = f"layers.{site.layer}.{site.kind}"
@@ -64,11 +99,20 @@ def write_sparsity(path: Path, stats, perms: dict, predictors: dict, options) ->
             extra[f"{key}.predictor_rank"] = torch.tensor(
                 [predictors[(site, e)].fc1.weight.shape[0] for e in range(site.experts)]
             )
-    meta = {"predictor_threshold": options.predictor_threshold, "predictor_input": options.predictor_input} if predictors else {}
+            extra[f"{key}.predictor_threshold"] = torch.tensor(
+                [float(thresholds[(site, e)]) for e in range(site.experts)], dtype=torch.float32
+            )
+    meta = {}
+    if predictors:
+        meta = {
+            "predictor_threshold": min(float(t) for t in thresholds.values()),
+            "predictor_input": options.predictor_input,
+            "predictor_recall": options.predictor_recall,
+        }
     stats.save(path, extra, meta)
 
 
-def _export_block(options, result) -> dict:
+def _export_block(options, result, threshold: float | None = None) -> dict:
     block = {
         "layout": options.layout,
         "reordered": result.reordered,
@@ -79,8 +123,14 @@ def _export_block(options, result) -> dict:
         recalls = [p["recall"] for p in result.predictors if "recall" in p]
         block["predictors"] = {
             "input": options.predictor_input,
-            "threshold": options.predictor_threshold,
+            "threshold": threshold,
+            "thresholds": "per predictor (sparsity.safetensors .predictor_threshold)" if options.predictor_recall else "one",
+            "recall_target": options.predictor_recall or None,
             "mean_recall": sum(recalls) / len(recalls) if recalls else None,
+            "min_recall": result.min_recall,
+            "heldout_computed": result.predicted_kept,
+            "heldout_missed_active": result.missed_active,
+            "predictor_cost": result.predictor_cost,
             "heldout_ppl_dense": result.ppl_dense,
             "heldout_ppl_predicted": result.ppl_predicted,
             "heldout_top1_agreement": result.top1_agreement,
@@ -152,13 +202,26 @@ def _untie(model) -> None:
         model._tied_weights_keys = {}
 
 
-def write_layout(tmp: Path, model, tokenizer, family, options, result, stats, perms, predictors, source_config) -> None:
+def write_layout(
+    tmp: Path, model, tokenizer, family, options, result, stats, perms, predictors, source_config, thresholds: dict | None = None
+) -> None:
+    """OUT's files in ``tmp``. ``thresholds``: per (site, expert) (default: ``options.predictor_threshold``
+    for all). The hf layout keeps the predictors as trained and their thresholds in
+    ``sparsity.safetensors``; the powerinfer layout folds them into the predictor weights
+    (``fold_thresholds``) since PowerInfer reads one ``sparse_threshold`` for every layer."""
     from ..modeling.save import write_relufy
     from .card import write_card
 
+    if thresholds is None:
+        thresholds = dict.fromkeys(predictors, options.predictor_threshold)
+    folded, scales = None, {}
+    if options.layout == "powerinfer" and predictors:
+        folded, scales = fold_thresholds(predictors, thresholds)
+        thresholds = dict.fromkeys(predictors, folded)
+    engine_threshold = min((float(t) for t in thresholds.values()), default=options.predictor_threshold)
     dtype = target_dtype(options.dtype, source_config)
     model.to(dtype)
-    model.config.relufy = {**model.config.relufy, "export": _export_block(options, result)}
+    model.config.relufy = {**model.config.relufy, "export": _export_block(options, result, engine_threshold)}
     powerinfer_dense = options.layout == "powerinfer" and not family.is_moe
     if powerinfer_dense:
         _untie(model)
@@ -175,14 +238,11 @@ def write_layout(tmp: Path, model, tokenizer, family, options, result, stats, pe
         (tmp / "predictor").mkdir()
         (tmp / "activation").mkdir()
         for (site, e), p in predictors.items():
-            state = {
-                "fc1.weight": p.fc1.weight.detach().to("cpu", torch.float16).contiguous(),
-                "fc2.weight": p.fc2.weight.detach().to("cpu", torch.float16).contiguous(),
-            }
+            state = {k: v.to(torch.float16).contiguous() for k, v in _scaled(p, scales[(site, e)]).items()}
             torch.save(state, tmp / "predictor" / f"model_{_file_stem(site, e)}.pt")
-        (tmp / "predictor" / "config.json").write_text(json.dumps({"sparse_threshold": options.predictor_threshold}) + "\n")
+        (tmp / "predictor" / "config.json").write_text(json.dumps({"sparse_threshold": folded}) + "\n")
         for site, (counts, _) in stats.sites.items():
             for e in range(site.experts):
                 torch.save(counts[e].float().contiguous(), tmp / "activation" / f"activation_{_file_stem(site, e)}.pt")
-    write_sparsity(tmp / SPARSITY_FILE, stats, perms, predictors, options)
+    write_sparsity(tmp / SPARSITY_FILE, stats, perms, predictors, options, thresholds)
     write_card(tmp, written, family, options, result)

@@ -40,7 +40,21 @@ class ExportOptions(Options):
         0.5, gt=0, description="Automatic rank: predictor cost as a fraction of the FFN work left at the layer's sparsity."
     )
     predictor_threshold: float = Field(
-        0.0, description="A neuron is predicted active when its score >= this (PowerInfer's sparse_threshold)."
+        0.0,
+        description="A neuron is predicted active when its score >= this (PowerInfer's sparse_threshold); "
+        "used for every predictor when --predictor-recall is 0.",
+    )
+    predictor_recall: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="Per predictor, the highest threshold that keeps this fraction of the active neurons on the first "
+        "half of the held-out windows (the second half is scored); 0: one --predictor-threshold for all.",
+    )
+    predictor_magnitude_power: float = Field(
+        0.0,
+        ge=0,
+        description="Weight a missed active neuron by |activation|^p in the loss (average weight unchanged); 0: count only.",
     )
     predictor_steps: int = Field(300, ge=1, description="Adam steps per predictor.")
     predictor_lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine to a tenth).")
@@ -49,7 +63,10 @@ class ExportOptions(Options):
         None, gt=0, description="Weight of active neurons in the BCE; None: negatives/positives of the layer."
     )
     predictor_tokens: int = Field(
-        16384, ge=16, description="At most this many training tokens per predictor (memory: tokens x hidden x 4 bytes each)."
+        16384,
+        ge=16,
+        description="At most this many training tokens per predictor (kept on disk beside OUT, "
+        "2 x hidden + FFN width bytes each; one predictor's are in memory at a time).",
     )
     min_expert_tokens: int = Field(32, ge=1, description="Experts routed fewer calibration tokens get an all-active predictor.")
     eval_json: str | None = Field(None, description="`relufy eval --json` output to quote in the model card.")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,11 @@ class ExportResult:
     predicted_kept: float | None = None  # fraction of neurons computed with predictors
     missed_active: float | None = None  # fraction of active neurons the predictors dropped
     top1_agreement: float | None = None  # next-token argmax equal with predicted neurons only vs dense
-    heldout_tokens: int = 0
+    heldout_tokens: int = 0  # tokens of the report windows (every held-out figure is read there)
+    tune_tokens: int = 0  # tokens of the windows that picked the per-predictor thresholds
+    predictor_recall: float | None = None  # the recall each predictor's threshold was set to reach (None: one threshold)
+    min_recall: float | None = None  # lowest held-out recall over predictors
+    predictor_cost: float | None = None  # predictor multiply-adds per token / the dense FFN's
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -115,22 +120,158 @@ def _site_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> list[float]:
     return [1 - int(counts[e].sum()) / (int(tokens[e]) * width) if tokens[e] else float("nan") for e in range(counts.shape[0])]
 
 
+def split_windows(wins: list, options: ExportOptions) -> dict[str, list]:
+    """Calibration windows for predictors: ``train`` (the first ones), then the held-out ones: with
+    ``predictor_recall`` the first half of those (``tune``) picks each predictor's threshold and the
+    rest (``report``) is where every held-out figure is read; else all are ``report``. A short last
+    window (the text's tail, under half a window) trains rather than skewing a held-out half."""
+    tuned = bool(options.predictor_recall)
+    tail = []
+    if len(wins) > 1 and len(wins[-1].input_ids) < len(wins[0].input_ids) // 2:
+        wins, tail = wins[:-1], wins[-1:]
+    n_held = max(2 if tuned else 1, round(len(wins) * options.heldout_fraction))
+    if len(wins) < n_held + 1:
+        raise RelufyError(
+            f"{options.data}: too little text to hold out predictor data (need {n_held + 1} windows of {options.seq_len} "
+            f"tokens{', two held out: one to pick thresholds, one to score them' if tuned else ''})"
+        )
+    train, held = wins[:-n_held] + tail, wins[-n_held:]
+    if not tuned:
+        return {"train": train, "report": held}
+    return {"train": train, "tune": held[: n_held // 2], "report": held[n_held // 2 :]}
+
+
+def calibration_bytes(config, sites, parts: dict, max_rows: int) -> int:
+    """An upper bound of the disk the calibration rows take (``calibration.row_bytes`` per row)."""
+    from .calibration import row_bytes
+
+    tokens = {part: sum(len(w.input_ids) for w in ws) for part, ws in parts.items()}
+    top_k = getattr(config, "num_experts_per_tok", None) or 1
+    total = 0
+    for site, _ in sites:
+        per_row = row_bytes(config.hidden_size, site.width)
+        for part, n in tokens.items():
+            rows = min(n, max_rows) if part == "train" else n
+            total += per_row * (min(site.experts * rows, top_k * n) if site.routed else rows)
+    return total
+
+
+class Chain:
+    """Observer: several observers in turn (each gets the previous one's output)."""
+
+    def __init__(self, observers):
+        self.observers = list(observers)
+
+    def __call__(self, module, combined, expert):
+        for observer in self.observers:
+            combined = observer(module, combined, expert)
+        return combined
+
+
+def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOptions, device, advance=None):
+    """One predictor per (site, expert), trained on ``stores["train"]`` rows one key at a time; its
+    threshold picked on ``stores["tune"]`` to reach ``options.predictor_recall`` (else the global
+    ``predictor_threshold``); scored on ``stores["report"]``. Each key's rows are dropped once used.
+    Returns ``(predictors, thresholds, rows)``, all keyed by (site, expert); ``rows`` are the
+    per-predictor report rows (layer, kind, expert, rank, threshold, held-out metrics)."""
+    from ..modeling.predictor import Predictor, auto_rank
+    from .predictors import predictor_metrics, recall_threshold, train_predictor
+
+    hidden = model.config.hidden_size
+    predictors, thresholds, rows = {}, {}, {}
+    recall = options.predictor_recall or None
+
+    def load(part, site, e):
+        store = stores.get(part)
+        got = store.load((site, e)) if store is not None else None
+        if got is None:
+            return None
+        x, codes = got
+        if site in perms:
+            codes = codes[:, perms[site][e].cpu()]
+        store.drop((site, e))
+        return x, codes
+
+    for site, _ in sites:
+        for e in range(site.experts):
+            key = (site, e)
+            train = load("train", site, e)
+            sparsity = _site_sparsity(*counts[site])[e]
+            rank = options.predictor_rank or auto_rank(hidden, site.width, sparsity, options.predictor_budget)
+            source = "global"
+            if train is None or train[0].shape[0] < options.min_expert_tokens:
+                predictor = Predictor(hidden, site.width, rank)  # all zeros: every neuron active at a threshold <= 0
+                torch.nn.init.zeros_(predictor.fc1.weight)
+                torch.nn.init.zeros_(predictor.fc2.weight)
+                predictor = predictor.to(device).eval().requires_grad_(False)
+                threshold = min(0.0, options.predictor_threshold)
+                tune = load("tune", site, e)
+            else:
+                predictor = train_predictor(
+                    *train,
+                    rank,
+                    options.predictor_steps,
+                    options.predictor_lr,
+                    options.predictor_batch,
+                    options.predictor_pos_weight,
+                    options.seed,
+                    magnitude_power=options.predictor_magnitude_power,
+                    device=device,
+                )
+                threshold = options.predictor_threshold
+                tune = load("tune", site, e)
+                if recall is not None:
+                    for name, data in (("tune", tune), ("train", train)):
+                        found = recall_threshold(predictor, *data, recall) if data is not None else None
+                        if found is not None:
+                            threshold, source = found, name
+                            break
+            del train, tune
+            predictors[key], thresholds[key] = predictor, threshold
+            row = {
+                "layer": site.layer,
+                "kind": site.kind,
+                "expert": e if site.routed else None,
+                "rank": predictor.fc1.weight.shape[0],
+                "threshold": threshold,
+                "threshold_from": source,
+            }
+            report = load("report", site, e)
+            if report is not None:
+                row.update(predictor_metrics(predictor, *report, threshold).as_dict())
+            rows[key] = row
+            if advance:
+                advance()
+    return predictors, thresholds, rows
+
+
+def predictor_cost(predictors: dict, counts: dict, positions: int) -> float:
+    """Multiply-adds of the predictors per token over those of the dense FFNs (experts weighted by
+    the share of the ``positions`` tokens routed to them)."""
+    pred = ffn = 0.0
+    for (site, e), p in predictors.items():
+        tokens = counts[site][1]
+        share = float(tokens[e]) / max(positions, 1) if site.routed else 1.0
+        rank, hidden = p.fc1.weight.shape
+        pred += share * rank * (hidden + site.width)
+        ffn += share * site.params_per_neuron * site.width
+    return pred / ffn if ffn else float("nan")
+
+
 def export(path: str, out: str | Path, options: ExportOptions, show_progress: bool = True) -> ExportResult:
     """``relufy export``: MODEL at ``path`` exported to ``out`` as ``options`` say (see the module
     docstring for the steps); the summary also goes to ``options.json_out`` when given."""
-    from ..io.atomic import atomic_dir
+    from ..io.atomic import atomic_dir, check_free_space, scratch_dir
     from ..io.paths import check_output_dir, check_output_file
     from ..io.source import local_inputs, resolve
     from ..measure.evaluate import EvalOptions, _device_dtype, score
     from ..measure.sites import ActivationCounter, ffn_sites, observing, tapped
     from ..measure.stats import Stats
     from ..modeling.load import load, skeleton
-    from ..modeling.predictor import Predictor, auto_rank
     from ..modeling.tokenizer import load_tokenizer
     from ..text import load_texts, tokenize, windows
-    from .calibration import Collector, PredictedOnly
+    from .calibration import Collector, DiskRows, PredictedOnly
     from .layouts import write_layout
-    from .predictors import predictor_metrics, train_predictor
     from .reorder import reorder_
 
     start = time.perf_counter()
@@ -156,15 +297,13 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
         from ..progress import token_progress
 
         progress = stack.enter_context(token_progress())
+    scratch = None
     with stack:
         wins = []
         if texts is not None:
             ids = tokenize(texts, tokenizer, options.max_tokens)
             wins = windows(ids, options.seq_len)
-            if options.predictors and len(wins) < 2:
-                raise RelufyError(
-                    f"{options.data}: too little text to hold out predictor data (need 2 windows of {options.seq_len} tokens)"
-                )
+        parts = split_windows(wins, options) if options.predictors else {}
 
         def task(name, windows_):
             if progress is None:
@@ -172,13 +311,40 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
             t = progress.add_task(name, total=sum(len(w.input_ids) for w in windows_))
             return lambda n: progress.advance(t, n)
 
-        # 2. statistics
+        # 2. statistics, and (--predictors) the calibration rows, in one pass over the windows
+        counter = None
+        stores: dict = {}
+        limits = {"train": options.predictor_tokens}
+        dense_top1: list = []
+        nll = count = 0
+        if stats is None or options.predictors:
+            observers = []
+            if stats is None:
+                counter = ActivationCounter(sites)
+                observers.append(counter)
+            if options.predictors:
+                check_free_space(out, calibration_bytes(model.config, sites, parts, options.predictor_tokens))
+                scratch = scratch_dir(out, "tmp")
+                stores = {part: DiskRows(scratch / part) for part in parts}
+            with contextlib.ExitStack() as passes:
+                tap = passes.enter_context(tapped(model, sites, options.predictor_input)) if options.predictors else None
+                collector = Collector(sites, tap, stores=stores, limits=limits) if options.predictors else None
+                if collector is not None:
+                    observers.append(collector)
+                passes.enter_context(observing(model, lambda _: Chain(observers)))
+                if options.predictors:
+                    for part, part_wins in parts.items():
+                        collector.part = part
+                        top1 = dense_top1 if part == "report" else None
+                        got = score(model, part_wins, options.batch_size, device, task(f"calibrate ({part})", part_wins), top1)
+                        if part == "report":
+                            nll, count = got
+                else:
+                    score(model, wins, options.batch_size, device, task("profile", wins))
         if stats is not None:
             counts = stats.match(sites, options.stats)
             positions = stats.positions
         else:
-            with observing(model, ActivationCounter) as counter:
-                score(model, wins, options.batch_size, device, task("profile", wins))
             counts = counter.result()
             positions = sum(len(w.input_ids) for w in wins)
 
@@ -209,53 +375,35 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
             reordered=options.reorder,
         )
 
-        # 4. predictors
+        # 4. predictors: trained one (site, expert) at a time from the rows on disk, thresholds
+        # picked on the tune windows, everything scored on the report windows
         predictors: dict = {}
+        thresholds: dict = {}
+        try:
+            if options.predictors:
+                t = progress.add_task("predictors", total=sum(s.experts for s, _ in sites)) if progress else None
+                predictors, thresholds, rows = fit_predictors(
+                    model,
+                    sites,
+                    counts,
+                    perms,
+                    stores,
+                    options,
+                    device,
+                    (lambda: progress.advance(t, 1)) if progress else None,
+                )
+        finally:
+            for store in stores.values():
+                store.close()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
         if options.predictors:
-            n_held = max(1, round(len(wins) * options.heldout_fraction))
-            train_wins, held_wins = wins[:-n_held], wins[-n_held:]
+            report_wins = parts["report"]
+            predicted_top1: list = []
             with tapped(model, sites, options.predictor_input) as tap:
-                with observing(model, lambda s: Collector(s, tap, options.predictor_tokens)) as collector:
-                    score(model, train_wins, options.batch_size, device, task("calibrate", train_wins))
-            data = collector.data()
-            hidden = model.config.hidden_size
-            keys = [(site, e) for site, _ in sites for e in range(site.experts)]
-            t = progress.add_task("predictors", total=len(keys)) if progress else None
-            for site, e in keys:
-                x, y = data.pop((site, e), (None, None))
-                sparsity = _site_sparsity(*counts[site])[e]
-                rank = options.predictor_rank or auto_rank(hidden, site.width, sparsity, options.predictor_budget)
-                if x is None or x.shape[0] < options.min_expert_tokens:
-                    predictor = Predictor(hidden, site.width, rank)  # all zeros: every neuron active
-                    torch.nn.init.zeros_(predictor.fc1.weight)
-                    torch.nn.init.zeros_(predictor.fc2.weight)
-                    predictor = predictor.to(device).eval().requires_grad_(False)
-                else:
-                    predictor = train_predictor(
-                        x,
-                        y,
-                        rank,
-                        options.predictor_steps,
-                        options.predictor_lr,
-                        options.predictor_batch,
-                        options.predictor_pos_weight,
-                        options.seed,
-                    )
-                predictors[(site, e)] = predictor
-                if progress:
-                    progress.advance(t, 1)
-            del data
-            # held-out: predictor metrics, dense and predicted-only perplexity
-            with tapped(model, sites, options.predictor_input) as tap:
-                dense_top1, predicted_top1 = [], []
-                with observing(model, lambda s: Collector(s, tap, options.predictor_tokens)) as collector:
-                    nll, count = score(
-                        model, held_wins, options.batch_size, device, task("held-out dense", held_wins), dense_top1
-                    )
-                held = collector.data()
-                with observing(model, lambda s: PredictedOnly(s, tap, predictors, options.predictor_threshold)) as masked:
+                with observing(model, lambda s: PredictedOnly(s, tap, predictors, thresholds)) as masked:
                     nll_p, _ = score(
-                        model, held_wins, options.batch_size, device, task("held-out predicted", held_wins), predicted_top1
+                        model, report_wins, options.batch_size, device, task("held-out predicted", report_wins), predicted_top1
                     )
             same = sum(int((a == b).sum()) for a, b in zip(dense_top1, predicted_top1, strict=True))
             result.top1_agreement = same / sum(a.numel() for a in dense_top1)
@@ -263,20 +411,18 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
             result.predicted_kept = masked.kept / max(masked.total, 1)
             result.missed_active = masked.missed / max(masked.active, 1)
             result.heldout_tokens = count
-            for (site, e), predictor in predictors.items():
-                row = {
-                    "layer": site.layer,
-                    "kind": site.kind,
-                    "expert": e if site.routed else None,
-                    "rank": predictor.fc1.weight.shape[0],
-                }
-                if (site, e) in held:
-                    row.update(predictor_metrics(predictor, *held[(site, e)], options.predictor_threshold).as_dict())
+            result.tune_tokens = sum(len(w.input_ids) for w in parts.get("tune", []))
+            result.predictor_recall = options.predictor_recall or None
+            for key, row in rows.items():
+                row.update({f"{k}_in_situ": v for k, v in masked.key_metrics(key).items() if k != "tokens"})
                 result.predictors.append(row)
+            recalls = [r["recall"] for r in result.predictors if "recall" in r]
+            result.min_recall = min(recalls) if recalls else None
+            result.predictor_cost = predictor_cost(predictors, counts, positions)
 
     # 5. layout
     with atomic_dir(out, force=force, inputs=inputs) as tmp:
-        write_layout(tmp, model, tokenizer, family, options, result, result_stats, perms, predictors, config)
+        write_layout(tmp, model, tokenizer, family, options, result, result_stats, perms, predictors, config, thresholds)
     result.seconds = time.perf_counter() - start
     if report:
         from ..io.atomic import atomic_file

@@ -1,22 +1,34 @@
-"""Training and scoring sparsity predictors (the module itself: ``relufy.modeling.predictor``).
+"""Training, thresholding and scoring sparsity predictors (the module itself: ``relufy.modeling.predictor``).
 
 A predictor scores every neuron of its FFN from the token's predictor input; a neuron is
-predicted active when its score is at least the threshold (default 0, i.e. sigmoid probability
->= 0.5), PowerInfer's rule. A predictor of all zeros therefore keeps every neuron (used for
-experts that saw too few calibration tokens). Trained with class-weighted binary cross-entropy
-on "combined activation != 0" labels: active neurons are the minority and missing one costs
-quality, so positives weigh ``pos_weight`` times more (default: the negative/positive ratio of
-the layer, which balances both classes).
+predicted active when its score is at least the threshold, PowerInfer's rule. A predictor of all
+zeros therefore keeps every neuron at any threshold <= 0 (used for experts that saw too few
+calibration tokens).
+
+Training: binary cross-entropy on "combined activation != 0" labels. Active neurons are the
+minority and missing one costs quality, so positives weigh ``pos_weight`` times more (default:
+the negative/positive ratio of the layer, which balances both classes). With
+``magnitude_power`` p > 0 a positive's weight is further multiplied by ``|a|^p / mean(|a|^p)``
+(``a`` its activation; the mean over the layer's positives): missing a large activation costs
+more, and the average weight of positives is unchanged.
+
+Threshold: ``recall_threshold`` picks, per predictor, the largest threshold whose recall on the
+given rows is at least a target (the (1 - target) quantile of the active neurons' scores).
+
+Inputs ``x`` may be any float dtype (bfloat16 calibration rows are cast batch by batch); labels
+``y`` are a bool mask or ``relufy.export.calibration.encode_magnitude`` codes (0: inactive).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..modeling.predictor import Predictor
+from .calibration import decode_magnitude
 
 
 @dataclass(frozen=True)
@@ -26,32 +38,73 @@ class PredictorMetrics:
     predicted_sparsity: float  # fraction of neurons predicted inactive
     sparsity: float  # true fraction of inactive neurons
     tokens: int
+    computed: float = float("nan")  # fraction of neurons predicted active (1 - predicted_sparsity)
+    missed: float = float("nan")  # fraction of active neurons predicted inactive (1 - recall)
+    missed_magnitude: float = float("nan")  # share of the active neurons' |activation| predicted inactive (codes only)
 
     def as_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("recall", "precision", "predicted_sparsity", "sparsity", "tokens")}
+        keys = ("recall", "precision", "predicted_sparsity", "sparsity", "tokens", "computed", "missed", "missed_magnitude")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _scores(predictor: Predictor, x: torch.Tensor) -> torch.Tensor:
+    w = predictor.fc1.weight
+    with torch.no_grad():
+        return predictor(x.to(w.device, w.dtype))
 
 
 def predictor_metrics(
     predictor: Predictor, x: torch.Tensor, y: torch.Tensor, threshold: float, batch: int = 4096
 ) -> PredictorMetrics:
     tp = fp = fn = kept = active = 0
-    with torch.no_grad():
-        for i in range(0, x.shape[0], batch):
-            pred = predictor(x[i : i + batch]) >= threshold
-            truth = y[i : i + batch]
-            tp += int((pred & truth).sum())
-            fp += int((pred & ~truth).sum())
-            fn += int((~pred & truth).sum())
-            kept += int(pred.sum())
-            active += int(truth.sum())
+    mass = missed_mass = 0.0
+    codes = y.dtype == torch.uint8
+    for i in range(0, x.shape[0], batch):
+        pred = (_scores(predictor, x[i : i + batch]) >= threshold).cpu()
+        truth = y[i : i + batch] != 0
+        tp += int((pred & truth).sum())
+        fp += int((pred & ~truth).sum())
+        fn += int((~pred & truth).sum())
+        kept += int(pred.sum())
+        active += int(truth.sum())
+        if codes:
+            m = decode_magnitude(y[i : i + batch])
+            mass += float(m.sum())
+            missed_mass += float((m * ~pred).sum())
     total = y.numel()
+    recall = tp / (tp + fn) if tp + fn else 1.0
     return PredictorMetrics(
-        recall=tp / (tp + fn) if tp + fn else 1.0,
+        recall=recall,
         precision=tp / (tp + fp) if tp + fp else 1.0,
         predicted_sparsity=1 - kept / total if total else float("nan"),
         sparsity=1 - active / total if total else float("nan"),
         tokens=int(y.shape[0]),
+        computed=kept / total if total else float("nan"),
+        missed=1 - recall,
+        missed_magnitude=missed_mass / mass if mass > 0 else (0.0 if codes else float("nan")),
     )
+
+
+def recall_threshold(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, recall: float, batch: int = 4096) -> float | None:
+    """The largest threshold at which ``predictor`` keeps at least ``recall`` of the active neurons of
+    rows ``x`` / ``y`` (None when they hold no active neuron)."""
+    positives = []
+    for i in range(0, x.shape[0], batch):
+        s = _scores(predictor, x[i : i + batch]).cpu()
+        positives.append(s[y[i : i + batch] != 0])
+    scores = torch.cat(positives) if positives else torch.empty(0)
+    n = scores.numel()
+    if n == 0:
+        return None
+    # keep the k highest-scoring positives, k = ceil(recall * n): threshold = the k-th highest score
+    k = min(n, math.ceil(round(recall * n, 6)))
+    if k <= 0:
+        return float("inf")
+    return float(scores.float().kthvalue(n - k + 1).values)
+
+
+def _chunks(n: int, size: int = 8192):
+    return ((i, min(i + size, n)) for i in range(0, n, size))
 
 
 def train_predictor(
@@ -63,28 +116,47 @@ def train_predictor(
     batch_size: int = 1024,
     pos_weight: float | None = None,
     seed: int = 0,
+    magnitude_power: float = 0.0,
+    device=None,
 ) -> Predictor:
-    """Fit a predictor to inputs ``x [N, hidden]`` and active masks ``y [N, width]`` (bool)."""
+    """Fit a predictor to inputs ``x [N, hidden]`` and labels ``y [N, width]`` (bool, or uint8
+    magnitude codes, which ``magnitude_power`` > 0 needs); trains on ``device`` (default: x's)."""
+    if magnitude_power and y.dtype != torch.uint8:
+        raise ValueError("a magnitude-weighted loss needs magnitude codes (relufy.export.calibration.encode_magnitude)")
+    device = torch.device(device) if device is not None else x.device
     generator = torch.Generator().manual_seed(seed)
-    hidden, width = x.shape[1], y.shape[1]
+    n, hidden, width = x.shape[0], x.shape[1], y.shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        predictor = Predictor(hidden, width, rank).to(x.device)
+        predictor = Predictor(hidden, width, rank).to(device)
+    positives = sum(int(torch.count_nonzero(y[a:b])) for a, b in _chunks(n))
     if pos_weight is None:
-        pos = float(y.float().mean())
+        pos = positives / max(y.numel(), 1)
         pos_weight = (1 - pos) / pos if 0 < pos < 1 else 1.0
-    weight = torch.tensor(pos_weight, device=x.device)
+    magnitude_mean = 1.0
+    if magnitude_power and positives:
+        total = 0.0
+        for a, b in _chunks(n):
+            total += float(decode_magnitude(y[a:b]).pow(magnitude_power).sum())
+        magnitude_mean = total / positives
     # the residual stream's scale varies a lot between layers: fit on unit-RMS inputs and fold
     # the scale into fc1 at the end, so the stored predictor reads the raw input
-    scale = x.float().pow(2).mean().sqrt().clamp_min(1e-6)
-    xs = x / scale
+    square = sum(float(x[a:b].float().pow(2).sum()) for a, b in _chunks(n))
+    scale = max((square / max(x.numel(), 1)) ** 0.5, 1e-6)
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1), eta_min=lr * 0.1)
-    n = x.shape[0]
     for _ in range(steps):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator).to(x.device)
-        logits = predictor(xs[idx])
-        loss = F.binary_cross_entropy_with_logits(logits, y[idx].float(), pos_weight=weight)
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+        xb = (x[idx].float() / scale).to(device)
+        yb = y[idx].to(device)
+        target = (yb != 0).float()
+        logits = predictor(xb)
+        if magnitude_power:
+            w = decode_magnitude(yb).pow_(magnitude_power).div_(magnitude_mean).mul_(pos_weight)
+            weight = torch.where(yb != 0, w, torch.ones_like(w))
+            loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(pos_weight, device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

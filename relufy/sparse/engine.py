@@ -4,13 +4,17 @@
 through ``SparseFFN`` whenever a forward pass carries at most ``max_tokens`` tokens (decoding);
 longer passes (the prompt) stay dense. ``"predictor"`` computes only the neurons that the
 exported predictors select, reading their input as the export recorded it (residual stream or
-FFN input). MoE layers run the routed experts only, each with its own sparse FFN.
+FFN input), each at its own threshold when the export calibrated one per predictor
+(``predictor_thresholds``: ``.predictor_threshold`` in ``sparsity.safetensors``). MoE layers run
+the routed experts only, each with its own sparse FFN.
 """
 
 from __future__ import annotations
 
 import contextlib
 import types
+from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -21,21 +25,54 @@ from ..names import SPARSE_MODES as MODES
 from .ffn import SparseFFN
 
 
-def build(model, predictors: dict | None = None, predictor_threshold: float = 0.0) -> dict:
+def predictor_thresholds(path: str | Path, model) -> dict[tuple[str, int | None], float] | None:
+    """Per-predictor thresholds of an export at ``path`` (``.predictor_threshold`` per site in its
+    ``sparsity.safetensors``), keyed like ``load_predictors``: ``(ffn module path, expert or None)``;
+    None when the export has one threshold for all (older exports, ``--predictor-recall 0``)."""
+    from safetensors import safe_open
+
+    from ..names import SPARSITY_FILE
+
+    file = Path(path) / SPARSITY_FILE
+    if not file.is_file():
+        return None
+    out = {}
+    with safe_open(str(file), "pt") as f:
+        names = set(f.keys())
+        for site, _ in ffn_sites(model):
+            name = f"layers.{site.layer}.{site.kind}.predictor_threshold"
+            if name not in names:
+                return None
+            values = f.get_tensor(name).tolist()
+            if len(values) != site.experts:
+                raise ValueError(f"{file}: {name} holds {len(values)} thresholds for {site.experts} experts")
+            for e, t in enumerate(values):
+                out[(site.name, e if site.routed else None)] = float(t)
+    return out
+
+
+def build(model, predictors: dict | None = None, predictor_threshold: float | Mapping = 0.0) -> dict:
     """``{(site, expert): SparseFFN}`` for every FFN of ``model``; ``predictors`` maps
-    ``(ffn module path, expert or None)`` to a predictor (``relufy.modeling.predictor.load_predictors``)."""
+    ``(ffn module path, expert or None)`` to a predictor (``relufy.modeling.predictor.load_predictors``);
+    ``predictor_threshold`` is one threshold for all or a mapping with the same keys."""
     block = RelufyBlock.read(model.config)
     out = {}
     for site, module in ffn_sites(model):
         for e in range(site.experts):
-            predictor = None
+            predictor, threshold = None, 0.0
             if predictors is not None:
                 key = (site.name, e if site.routed else None)
                 if key not in predictors:
                     raise ValueError(f"no predictor for {site.name}" + (f" expert {e}" if site.routed else ""))
                 predictor = predictors[key].float()
+                if isinstance(predictor_threshold, Mapping):
+                    if key not in predictor_threshold:
+                        raise ValueError(f"no predictor threshold for {site.name}" + (f" expert {e}" if site.routed else ""))
+                    threshold = float(predictor_threshold[key])
+                else:
+                    threshold = float(predictor_threshold)
             out[(site, e)] = SparseFFN(
-                *layout_of(module).weights(module, e), block.activation, block.threshold, predictor, predictor_threshold
+                *layout_of(module).weights(module, e), block.activation, block.threshold, predictor, threshold
             )
     return out
 
@@ -45,11 +82,12 @@ def sparse_decoding(
     model,
     mode: str = "exact",
     predictors: dict | None = None,
-    predictor_threshold: float = 0.0,
+    predictor_threshold: float | Mapping = 0.0,
     predictor_input: str = "residual",
     max_tokens: int = 8,
 ):
-    """Patch ``model``'s FFN modules for sparse decoding inside the block; yields the SparseFFNs."""
+    """Patch ``model``'s FFN modules for sparse decoding inside the block; yields the SparseFFNs.
+    ``predictor_threshold``: one for all predictors, or per predictor (``predictor_thresholds``)."""
     if mode not in MODES:
         raise ValueError(f"sparse mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "off":

@@ -12,6 +12,12 @@ projection on the active ones; the predictor path pays its predictor (rank from
 
 Dense is the faster of PyTorch's ``F.linear`` and relufy's kernel over all rows, in the same
 dtype and thread count. Variants run interleaved, ``repeats`` times each; medians are reported.
+
+``bench_real`` times one FFN shape at a model's own per-layer densities (``relufy bench --data``):
+per layer the exact path at the layer's true density and the predictor path at the density its
+predictor selects, with the layer's predictor rank; the per-token FFN time is the sum over
+layers. The weights are drawn once per shape; each layer only flips the signs of rows (the
+exact path's cost depends on which rows are positive, not on their values).
 """
 
 from __future__ import annotations
@@ -168,6 +174,162 @@ def bench_ffn(
         rank,
         gate_frac,
     )
+
+
+@dataclass
+class LayerTime:
+    layer: int
+    density: float  # fraction of neurons active (measured on text)
+    predicted_density: float | None  # fraction the layer's predictor selects (None: no predictor)
+    rank: int | None
+    exact_ms: float
+    predictor_ms: float | None
+
+
+@dataclass
+class RealCase:
+    shape: str
+    hidden: int
+    width: int
+    dtype: str
+    threads: int
+    dense_ms: float  # one layer's dense FFN
+    layers: list[LayerTime]
+
+    @property
+    def dense_total_ms(self) -> float:
+        return self.dense_ms * len(self.layers)
+
+    @property
+    def exact_total_ms(self) -> float:
+        return sum(t.exact_ms for t in self.layers)
+
+    @property
+    def predictor_total_ms(self) -> float | None:
+        if any(t.predictor_ms is None for t in self.layers):
+            return None
+        return sum(t.predictor_ms for t in self.layers)
+
+    @property
+    def density(self) -> float:
+        return sum(t.density for t in self.layers) / len(self.layers)
+
+    @property
+    def predicted_density(self) -> float | None:
+        if any(t.predicted_density is None for t in self.layers):
+            return None
+        return sum(t.predicted_density for t in self.layers) / len(self.layers)
+
+    @property
+    def limit(self) -> float:
+        """Dense work over active work: the speedup if only active neurons cost anything."""
+        return 1 / max(self.density, 1e-9)
+
+    def as_dict(self) -> dict:
+        predictor = self.predictor_total_ms
+        return {
+            "shape": self.shape,
+            "hidden": self.hidden,
+            "width": self.width,
+            "dtype": self.dtype,
+            "threads": self.threads,
+            "density": self.density,
+            "predicted_density": self.predicted_density,
+            "dense_ms": self.dense_total_ms,
+            "exact_ms": self.exact_total_ms,
+            "predictor_ms": predictor,
+            "exact_speedup": self.dense_total_ms / self.exact_total_ms,
+            "predictor_speedup": self.dense_total_ms / predictor if predictor else None,
+            "limit": self.limit,
+            "layers": [asdict(t) for t in self.layers],
+        }
+
+
+def _positive_rows(width: int, fraction: float, order: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(width, dtype=torch.bool)
+    mask[order[: max(1, round(fraction * width))]] = True
+    return mask
+
+
+def bench_real(
+    shape: str,
+    hidden: int,
+    width: int,
+    dtype: str,
+    threads: int,
+    layers: list[tuple[int, float, float | None, int | None]],
+    repeats: int = 10,
+    seed: int = 0,
+) -> RealCase:
+    """``layers``: ``(layer, density, predicted density or None, predictor rank or None)`` per layer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(hidden, generator=g)
+    scale = hidden**-0.5
+    gate0 = torch.randn(width, hidden, generator=g) * scale
+    up0 = torch.randn(width, hidden, generator=g) * scale
+    sign_g, sign_u = torch.sign(gate0 @ x), torch.sign(up0 @ x)
+    sign_g[sign_g == 0], sign_u[sign_u == 0] = 1, 1
+    dt = torch_dtype(dtype)
+    down = (torch.randn(hidden, width, generator=g) * width**-0.5).to(dt)
+    ffn = SparseFFN(gate0.to(dt), up0.to(dt), down, "drelu")
+    x = x[None]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = []
+    try:
+        with torch.inference_mode():
+            all_rows, all_out = torch.arange(width), torch.arange(hidden)
+            down_rows = ffn.down_t.t().contiguous()
+
+            def dense_kernel():  # as in bench_ffn: the faster of this and F.linear is the baseline
+                h = torch.relu(kernels.rows_dot(ffn.gate, x, all_rows)) * torch.relu(kernels.rows_dot(ffn.up, x, all_rows))
+                return kernels.rows_dot(down_rows, h, all_out)
+
+            baseline = {"torch": lambda: ffn.dense(x), "kernel": dense_kernel}
+            for fn in baseline.values():
+                fn()
+            dense_times = {k: [] for k in baseline}
+            for _ in range(repeats):
+                for k, fn in baseline.items():
+                    dense_times[k].append(_time(fn))
+            dense_ms = min(statistics.median(v) for v in dense_times.values())
+            for layer, density, predicted, rank in layers:
+                order = torch.randperm(width, generator=g)
+                gate_pos = _positive_rows(width, math.sqrt(max(density, 0.0)), order)
+                both = _positive_rows(width, density, order)
+                up_pos = both | (~gate_pos & (torch.rand(width, generator=g) < 0.5))
+                ffn.gate = (gate0 * (sign_g * torch.where(gate_pos, 1.0, -1.0))[:, None]).to(dt).contiguous()
+                ffn.up = (up0 * (sign_u * torch.where(up_pos, 1.0, -1.0))[:, None]).to(dt).contiguous()
+                ffn._all_rows = None
+                variants = {"exact": lambda: ffn.exact(x)}
+                if predicted is not None and rank is not None:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(seed + layer)
+                        ffn.predictor = Predictor(hidden, width, rank).to(dt).requires_grad_(False)
+                    ffn._pred_rows = None
+                    scores = ffn.predictor(x.to(dt)).float()
+                    keep = max(1, round(predicted * width))
+                    ffn.predictor_threshold = float(scores.topk(keep).values[0, -1])
+                    variants["predictor"] = lambda: ffn.predicted(x, x)
+                for fn in variants.values():
+                    fn()
+                times = {k: [] for k in variants}
+                for _ in range(repeats):
+                    for k, fn in variants.items():
+                        times[k].append(_time(fn))
+                ms = {k: statistics.median(v) for k, v in times.items()}
+                out.append(LayerTime(layer, density, predicted, rank, ms["exact"], ms.get("predictor")))
+    finally:
+        torch.set_num_threads(previous)
+    return RealCase(shape, hidden, width, dtype, threads, dense_ms, out)
+
+
+def scaled_rank(rank: int, model_shape: tuple[int, int], shape: tuple[int, int], multiple: int = 16) -> int:
+    """The rank whose predictor costs the same share of a ``shape`` FFN as ``rank`` does of a
+    ``model_shape`` one (cost ``rank * (hidden + width)`` against ``3 * hidden * width``)."""
+    (h0, w0), (h1, w1) = model_shape, shape
+    r = rank * (h1 * w1 / (h1 + w1)) / (h0 * w0 / (h0 + w0))
+    return int(max(multiple, min(multiple * math.ceil(r / multiple), min(h1, w1))))
 
 
 def write_plot(cases: list[FFNCase], path) -> None:

@@ -241,7 +241,12 @@ def test_powerinfer_dense_layout(cli, tmp_path, converted):
     assert "model.layers.1.mlp.down_proj.weight" in names
     vocab = json.loads((out / "vocab.json").read_text())
     assert vocab["<s>"] == 1 and (out / "merges.txt").read_text().startswith("#version")
-    assert json.loads((out / "predictor" / "config.json").read_text()) == {"sparse_threshold": 0.0}
+    # per-predictor recall thresholds folded into the weights under PowerInfer's one threshold
+    # (fold_thresholds: exactness in test_predictor_calibration), which the export block records
+    threshold = json.loads((out / "predictor" / "config.json").read_text())["sparse_threshold"]
+    with safe_open(out / "sparsity.safetensors", "pt") as f:
+        kept = {float(f.get_tensor(f"layers.{i}.dense.predictor_threshold")[0]) for i in range(2)}
+    assert kept == {threshold} and threshold in (-1.0, 1.0) + tuple(kept)
     for i in range(2):
         state = torch.load(out / "predictor" / f"model_{i}.pt", weights_only=True)
         assert set(state) == {"fc1.weight", "fc2.weight"}

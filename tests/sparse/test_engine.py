@@ -108,6 +108,43 @@ def test_predictor_mode(backend):
     assert (none - dense).abs().max() > 1e-2
 
 
+def _zero_predictors(model):
+    out = {}
+    for site, _ in ffn_sites(model):
+        for e in range(site.experts):
+            p = Predictor(32, site.width, 4)
+            torch.nn.init.zeros_(p.fc1.weight)
+            torch.nn.init.zeros_(p.fc2.weight)
+            out[(site.name, e if site.kind == "experts" else None)] = p.requires_grad_(False)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_predictor_mode_uses_a_threshold_per_predictor(family):
+    """Zero predictors score 0: a threshold of 0 computes every neuron, 1 none. Per predictor, the
+    last layer off and the rest on must equal the model whose last layer has no FFN."""
+    model = relufy.swap_activation(tiny_model(family), "drelu")
+    ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+    predictors = _zero_predictors(model)
+    last = max(s.layer for s, _ in ffn_sites(model))
+    by_name = {s.name: s for s, _ in ffn_sites(model)}
+    thresholds = {key: 1.0 if by_name[key[0]].layer == last else 0.0 for key in predictors}
+    with torch.no_grad():
+        with sparse_decoding(model, "predictor", predictors, predictor_threshold=thresholds) as ffns:
+            got = model(ids).logits
+            assert {(s.layer, f.predictor_threshold) for (s, _), f in ffns.items()} == {
+                (s.layer, 1.0 if s.layer == last else 0.0) for (s, _) in ffns
+            }
+        for site, module in ffn_sites(model):  # the reference: the last layer's FFNs zeroed
+            if site.layer == last:
+                module.relufy_observer = lambda m, c, e: c * 0
+        expected = model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="no predictor threshold"):
+        with sparse_decoding(model, "predictor", predictors, predictor_threshold={}):
+            pass
+
+
 def test_sparse_refuses_swiglu():
     model = tiny_model("llama")
     relufy.swap_activation(model, "swiglu")
@@ -134,6 +171,25 @@ def models(tmp_path_factory):
     options = ExportOptions(data=str(root / "corpus.txt"), predictors=True, seq_len=64, max_tokens=2048, predictor_steps=30)
     export(str(root / "drelu"), root / "exported", options, show_progress=False)
     return root
+
+
+def test_engine_reads_the_exported_thresholds(models):
+    from safetensors import safe_open
+
+    from relufy.modeling.predictor import load_predictors
+    from relufy.sparse.engine import predictor_thresholds
+
+    model = relufy.load(models / "exported")
+    thresholds = predictor_thresholds(models / "exported", model)
+    sites = [s for s, _ in ffn_sites(model)]
+    assert set(thresholds) == {(s.name, None) for s in sites}
+    with safe_open(models / "exported" / "sparsity.safetensors", "pt") as f:
+        for s in sites:
+            assert f.get_tensor(f"layers.{s.layer}.{s.kind}.predictor_threshold").tolist() == [thresholds[(s.name, None)]]
+    assert len(set(thresholds.values())) == len(sites)  # calibrated per layer (--predictor-recall)
+    with sparse_decoding(model, "predictor", load_predictors(models / "exported"), thresholds) as ffns:
+        assert {s.name: f.predictor_threshold for (s, _), f in ffns.items()} == {k[0]: v for k, v in thresholds.items()}
+    assert predictor_thresholds(models / "drelu", relufy.load(models / "drelu")) is None  # no export: none
 
 
 def test_generate_sparse(cli, models):
@@ -204,6 +260,50 @@ def test_bench_command(cli, models, tmp_path):
     assert set(modes) == {"off", "exact", "predictor"} and modes["exact"]["same_text_as_off"] is True
     assert all(g["new_tokens"] == 4 and g["decode_tokens_per_second"] > 0 for g in modes.values())  # EOS cannot cut it short
     assert png.stat().st_size > 1000
+
+
+def test_bench_at_real_densities(cli, models, tmp_path):
+    """--data: the export's predictors run on text; per layer true and predicted density, then the FFN
+    time at exactly those densities for each shape, beside the synthetic case."""
+    out = tmp_path / "bench.json"
+    code, err, stdout = cli(
+        "bench",
+        models / "exported",
+        "--data",
+        models / "corpus.txt",
+        "--max-tokens",
+        "256",
+        "--seq-len",
+        "64",
+        "--shapes",
+        "model,64x256",
+        "--dtypes",
+        "fp32",
+        "--threads",
+        "1",
+        "--sparsities",
+        "0.5",
+        "--repeats",
+        "2",
+        "--no-generation",
+        "--json",
+        out,
+    )
+    assert code == 0, err
+    import json
+
+    real = json.loads(out.read_text())["real"]
+    assert [(c["hidden"], c["width"]) for c in real] == [(32, 48), (64, 256)]
+    for c in real:
+        assert [layer["layer"] for layer in c["layers"]] == [0, 1]
+        for layer in c["layers"]:
+            assert 0 < layer["density"] < 1 and 0 < layer["predicted_density"] <= 1 and layer["rank"] >= 16
+            assert layer["exact_ms"] > 0 and layer["predictor_ms"] > 0
+        assert c["dense_ms"] > 0 and c["predictor_speedup"] == pytest.approx(c["dense_ms"] / c["predictor_ms"])
+        assert c["limit"] == pytest.approx(1 / c["density"]) and c["synthetic_predictor_speedup"] > 0
+    # the same densities for both shapes (they are the model's), the 7B-style shape with its own ranks
+    assert [x["density"] for x in real[0]["layers"]] == [x["density"] for x in real[1]["layers"]]
+    assert "real densities" in stdout + err
 
 
 def test_bench_case_has_the_sparsity_it_claims():
