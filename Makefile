@@ -202,6 +202,30 @@ $(EXPORT).json: $(EXPORT_RUN) $(wildcard $(EXPORT_MODEL)/config.json) $(EXPORT).
 	$(BIN)/relufy export $(EXPORT_MODEL) $(EXPORT) --data $(WIKITEXT) --reorder --predictors \
 	  --json $@ --force $(EXPORT_ARGS)
 
+# What each predictor lever buys, on the same held-out tokens (docs/results.md): one calibration
+# pass, then per training variant the predictors read at global thresholds and at per-predictor
+# recall targets; perplexity with predicted neurons only over dense, neurons computed, active
+# neurons missed, lowest per-predictor recall. PREDICTOR_MODEL: the one-hour recovery's model
+# (recovery-smollm2-hour, trained first when missing); PREDICTOR_ARGS: e.g. --rules 0,r0.97.
+PREDICTOR_MODEL ?= $(RUNS)/recovery-hour/full/final
+PREDICTOR_DATA ?= builtin:pydoc
+PREDICTOR_ARGS ?=
+PREDICTOR_RUN := $(filter $(RECOVERY_HOUR_RUNS),$(patsubst %/final,%/summary.json,$(PREDICTOR_MODEL:/=)))
+.PHONY: bench-predictors bench-export-memory
+bench-predictors: $(PREDICTOR_RUN) | $(STAMP)
+	@mkdir -p $(RUNS)/bench
+	$(BIN)/python benchmarks/predictor_levers.py $(PREDICTOR_MODEL) --data "$(PREDICTOR_DATA)" \
+	  --json $(RUNS)/bench/predictor-levers.json $(PREDICTOR_ARGS)
+
+# Peak RSS of relufy export --predictors at several calibration token counts, against the model's
+# size + 2 GiB (docs/benchmarks.md). EXPORT_MEMORY_ARGS: e.g. --tokens 32768,131072.
+# EXPORT_MEMORY_DATA: text with at least the largest count of tokens (pydoc holds ~113k).
+EXPORT_MEMORY_DATA ?= $(WIKITEXT)
+EXPORT_MEMORY_ARGS ?=
+bench-export-memory: $(PREDICTOR_RUN) | $(STAMP)
+	$(BIN)/python benchmarks/export_memory.py $(PREDICTOR_MODEL) --data "$(EXPORT_MEMORY_DATA)" \
+	  --out $(RUNS)/bench/export-memory $(EXPORT_MEMORY_ARGS)
+
 # Sparse FFN decode latency (dense vs exact vs predictor; SmolLM2's shape and a 7B shape; fp32 and
 # bf16; 1 and 2 threads) and SmolLM2 generation tokens/s; numbers in docs/benchmarks.md. Measures
 # anew on every call; the default BENCH_MODEL is export-smollm2's, made first when missing.

@@ -68,9 +68,12 @@ def sparse_context(model, path: str | Path, sparse: str):
     if not (Path(path) / PREDICTORS_FILE).is_file():
         raise RelufyError(f"{path}: no predictors.safetensors (make them with relufy export --predictors)")
     from .modeling.predictor import load_predictors
+    from .sparse.engine import predictor_thresholds
 
     info = (export.predictors if export else None) or PredictorsInfo()
-    return sparse_decoding(model, "predictor", load_predictors(path), info.threshold, info.input)
+    per_predictor = predictor_thresholds(path, model)  # None: an export with one threshold for all
+    threshold = per_predictor if per_predictor is not None else info.threshold
+    return sparse_decoding(model, "predictor", load_predictors(path), threshold, info.input)
 
 
 def generate(

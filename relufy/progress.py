@@ -86,8 +86,16 @@ class PlainProgress:
         self.update(task, completed=self.tasks[task]["completed"] + advance)
 
     def update(
-        self, task: int, description: str | None = None, completed: float | None = None, advance: float | None = None, **_
+        self,
+        task: int,
+        description: str | None = None,
+        completed: float | None = None,
+        advance: float | None = None,
+        line: bool = False,
+        **_,
     ) -> None:
+        """As ``rich.progress.Progress.update``; ``line``: print this update now (e.g. one line per
+        layer), not only every ``every`` seconds."""
         t = self.tasks[task]
         if description is not None:
             t["description"] = description
@@ -100,7 +108,7 @@ class PlainProgress:
         if finished and not t["done"]:
             t["done"] = True
             self._line(t, now, final=True)
-        elif not finished and now - t["last"] >= self.every:
+        elif not finished and (line or now - t["last"] >= self.every):
             t["last"] = now
             self._line(t, now, final=False)
 

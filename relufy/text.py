@@ -283,6 +283,28 @@ class Window:
     labels: torch.Tensor  # [T], -100 where not scored (shifted inside the model's loss)
 
 
+def second_halves(ids: torch.Tensor, seq_len: int, bos_id: int | None = None) -> list[Window]:
+    """Back-to-back windows of exactly ``seq_len`` tokens (a shorter tail is dropped), each scoring
+    its second half: the logits at positions ``seq_len/2 .. seq_len-2`` predict the tokens after
+    them, ``seq_len/2 - 1`` per window. This is how llama.cpp's and PowerInfer's ``perplexity``
+    score a text, so their figures and relufy's compare on the same tokens. With ``bos_id`` the
+    window's first token is replaced by BOS, as they do."""
+    if seq_len < 4:
+        raise RelufyError(f"seq-len {seq_len} is too small to score second halves (need at least 4)")
+    n = len(ids) // seq_len
+    if n == 0:
+        raise RelufyError(f"the text holds {len(ids)} tokens, fewer than one window of {seq_len}")
+    out = []
+    for i in range(n):
+        chunk = ids[i * seq_len : (i + 1) * seq_len].clone()
+        if bos_id is not None:
+            chunk[0] = bos_id
+        labels = chunk.clone()
+        labels[: seq_len // 2 + 1] = -100
+        out.append(Window(chunk, labels))
+    return out
+
+
 def windows(ids: torch.Tensor, seq_len: int, stride: int | None = None, bos_id: int | None = None) -> list[Window]:
     """Cut ``ids`` into windows of at most ``seq_len`` tokens that each score ``stride`` new tokens."""
     body = seq_len - (bos_id is not None)  # room for text tokens

@@ -173,7 +173,8 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
     threshold picked on ``stores["tune"]`` to reach ``options.predictor_recall`` (else the global
     ``predictor_threshold``); scored on ``stores["report"]``. Each key's rows are dropped once used.
     Returns ``(predictors, thresholds, rows)``, all keyed by (site, expert); ``rows`` are the
-    per-predictor report rows (layer, kind, expert, rank, threshold, held-out metrics)."""
+    per-predictor report rows (layer, kind, expert, rank, threshold, held-out metrics).
+    ``advance(layer_rows)`` is called once per layer, when its last predictor is done."""
     from ..modeling.predictor import Predictor, auto_rank
     from .predictors import predictor_metrics, recall_threshold, train_predictor
 
@@ -192,6 +193,7 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
         store.drop((site, e))
         return x, codes
 
+    last = {site.layer: site for site, _ in sites}  # the layer's last FFN site (shared + experts)
     for site, _ in sites:
         for e in range(site.experts):
             key = (site, e)
@@ -240,9 +242,25 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
             if report is not None:
                 row.update(predictor_metrics(predictor, *report, threshold).as_dict())
             rows[key] = row
-            if advance:
-                advance()
+            if advance and last[site.layer] is site and e == site.experts - 1:
+                advance([r for r in rows.values() if r["layer"] == site.layer])
     return predictors, thresholds, rows
+
+
+def _layer_done(progress, task, rows: list[dict]) -> None:
+    """Advance the predictors task by a layer's predictors, with one log line for the layer
+    (``line``: printed without a terminal whatever the time since the last line)."""
+
+    def mean(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else float("nan")
+
+    ranks = "/".join(sorted({str(r["rank"]) for r in rows}, key=int))
+    desc = (
+        f"predictors: layer {rows[0]['layer']} rank {ranks} threshold {mean('threshold'):.3g} "
+        f"held-out recall {mean('recall'):.3f} computed {mean('computed'):.1%}"
+    )
+    progress.update(task, advance=len(rows), description=desc, line=True)
 
 
 def predictor_cost(predictors: dict, counts: dict, positions: int) -> float:
@@ -390,7 +408,7 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
                     stores,
                     options,
                     device,
-                    (lambda: progress.advance(t, 1)) if progress else None,
+                    (lambda layer_rows: _layer_done(progress, t, layer_rows)) if progress else None,
                 )
         finally:
             for store in stores.values():

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from ..errors import RelufyError
 from ..io.block import RelufyBlock
 from ..names import torch_dtype
-from ..text import Window, load_texts, tokenize, windows
+from ..text import Window, load_texts, second_halves, tokenize, windows
 from .options import EvalOptions
 from .sites import ActivationCounter, TopKMask, observing
 from .stats import Stats
@@ -119,7 +119,10 @@ def evaluate_model(path: str, options: EvalOptions, texts: list[str], progress=N
     if options.bos and bos is None:
         raise RelufyError(f"{path}: the tokenizer has no BOS token (drop --bos)")
     ids = tokenize(texts, tokenizer, options.max_tokens)
-    wins = windows(ids, options.seq_len, options.stride, bos)
+    if options.windowing == "second-half":
+        wins = second_halves(ids, options.seq_len, bos)
+    else:
+        wins = windows(ids, options.seq_len, options.stride, bos)
     positions = sum(len(w.input_ids) for w in wins)
     levels = [s for s in options.topk if s > 0]
     task = progress.add_task(Path(path).name, total=positions * (1 + len(levels))) if progress else None

@@ -170,6 +170,10 @@ def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
     )
     assert code == 0, err
     assert "with predicted neurons" in stdout
+    # without a terminal: one progress line per layer, with the layer's predictor figures
+    lines = [line for line in err.splitlines() if line.startswith("predictors: layer ")]
+    assert [line.split()[2] for line in lines] == ["0", "1"], err
+    assert all("held-out recall" in line and "computed" in line for line in lines)
     # the exported checkpoint loads without relufy and computes what the source computes
     ids = _ids()
     before, after = _remote_logits(tmp_path, [converted[family], out], ids)
@@ -213,6 +217,8 @@ def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
             assert (counts[:, :-1] >= counts[:, 1:]).all()
             torch.testing.assert_close(freq, (counts.double() / tokens.clamp_min(1)[:, None]).float())
             assert f.get_tensor(f"{key}.predictor_rank").shape == (site.experts,)
+            thresholds = f.get_tensor(f"{key}.predictor_threshold")
+            assert thresholds.shape == (site.experts,) and torch.isfinite(thresholds).all()
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["ppl_dense"] > 1 and report["ppl_predicted"] > 1 and 0 < report["top1_agreement"] <= 1
     assert all(0 <= p["recall"] <= 1 for p in report["predictors"] if "recall" in p)

@@ -150,3 +150,26 @@ def test_stats_file_roundtrip_and_merge(setup, tmp_path):
         c0, t0 = back.sites[site]
         assert torch.equal(counts, 2 * c0) and torch.equal(tokens, 2 * t0)
     assert merged.layer_sparsity() == pytest.approx(stats.layer_sparsity())
+
+
+def test_second_half_windowing_scores_as_llama_cpp(setup):
+    """--windowing second-half: back-to-back windows of SEQ tokens, the logits at positions
+    SEQ/2 .. SEQ-2 scored (llama.cpp's and PowerInfer's perplexity), brute force in float64."""
+    path = setup / "llama-drelu"
+    options = EvalOptions(data=str(setup / "corpus.txt"), seq_len=SEQ, max_tokens=MAX_TOKENS, windowing="second-half")
+    result, _ = evaluate_model(str(path), options, [corpus()[:20_000]])
+    tok = AutoTokenizer.from_pretrained(setup / "llama")
+    ids = tok(corpus()[:20_000], add_special_tokens=False)["input_ids"][:MAX_TOKENS]
+    model = relufy.load(path).eval()
+    nll, count = 0.0, 0
+    for c in range(len(ids) // SEQ):
+        window = torch.tensor([ids[c * SEQ : (c + 1) * SEQ]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(window).logits[0].double(), -1)
+        for pos in range(SEQ // 2, SEQ - 1):
+            nll -= float(logp[pos, window[0, pos + 1]])
+            count += 1
+    assert result.tokens == count == (MAX_TOKENS // SEQ) * (SEQ // 2 - 1)
+    assert result.ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+    with pytest.raises(ValueError, match="--stride is for --windowing sliding"):
+        EvalOptions(data="x", windowing="second-half", stride=4)

@@ -190,6 +190,11 @@ def test_engine_reads_the_exported_thresholds(models):
     with sparse_decoding(model, "predictor", load_predictors(models / "exported"), thresholds) as ffns:
         assert {s.name: f.predictor_threshold for (s, _), f in ffns.items()} == {k[0]: v for k, v in thresholds.items()}
     assert predictor_thresholds(models / "drelu", relufy.load(models / "drelu")) is None  # no export: none
+    # relufy generate --sparse predictor decodes at the same per-predictor thresholds
+    from relufy.generate import sparse_context
+
+    with sparse_context(model, models / "exported", "predictor") as ffns:
+        assert {s.name: f.predictor_threshold for (s, _), f in ffns.items()} == {k[0]: v for k, v in thresholds.items()}
 
 
 def test_generate_sparse(cli, models):
