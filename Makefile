@@ -214,7 +214,7 @@ PREDICTOR_RUN := $(filter $(RECOVERY_HOUR_RUNS),$(patsubst %/final,%/summary.jso
 .PHONY: bench-predictors bench-export-memory
 bench-predictors: $(PREDICTOR_RUN) | $(STAMP)
 	@mkdir -p $(RUNS)/bench
-	$(BIN)/python benchmarks/predictor_levers.py $(PREDICTOR_MODEL) --data "$(PREDICTOR_DATA)" \
+	$(BIN)/python benchmarks/predictor_levers.py $(PREDICTOR_MODEL) --data "$(PREDICTOR_DATA)" --max-tokens 65536 \
 	  --json $(RUNS)/bench/predictor-levers.json $(PREDICTOR_ARGS)
 
 # Peak RSS of relufy export --predictors at several calibration token counts, against the model's

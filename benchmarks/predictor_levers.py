@@ -9,7 +9,7 @@ last ``--heldout-fraction`` held out, its first half picks per-predictor thresho
 half is where every figure is read).
 
     python benchmarks/predictor_levers.py MODEL --data path/to/wiki.valid.raw \\
-        [--variants 'base:{}' 'mag1:{"predictor_magnitude_power":1}'] [--rules 0,-1,r0.95] [--json out.json]
+        [--variants 'base:{}' 'magnitude:{"predictor_magnitude_power":1}'] [--rules 0,-1,r0.95] [--json out.json]
 
 A variant is ``name:JSON`` of ``relufy export`` option overrides (training: rank, budget, steps,
 tokens, loss); a rule is a global threshold (``-1``) or a per-predictor recall target (``r0.95``).
@@ -27,7 +27,13 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_VARIANTS = ["base:{}", 'mag1:{"predictor_magnitude_power": 1}']
+DEFAULT_VARIANTS = [
+    "base:{}",
+    'magnitude:{"predictor_magnitude_power": 1}',
+    'rank-x2:{"predictor_budget": 1.0}',
+    'steps-x3:{"predictor_steps": 900}',
+    'tokens-x2:{"predictor_tokens": 32768}',
+]
 
 
 class KeepRows:
@@ -49,7 +55,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--data", required=True)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
-    parser.add_argument("--rules", default="0,-1,r0.95")
+    parser.add_argument("--rules", default="0,-1,r0.95,r0.97,r0.99")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--heldout-fraction", type=float, default=0.1)

@@ -78,8 +78,8 @@ def _load_snippet(options, family) -> str:
         return """This folder is PowerInfer's converter input (checked against SJTU-IPADS/PowerInfer d3ebd7c):
 
 ```bash
-python convert.py --outfile model.powerinfer.gguf --outtype f16 --vocabtype bpe THIS_FOLDER THIS_FOLDER/predictor
-# activation/ must sit beside the GGUF for PowerInfer's GPU/CPU neuron split
+python convert.py --outfile THIS_FOLDER/model.powerinfer.gguf --outtype f16 --vocabtype bpe THIS_FOLDER THIS_FOLDER/predictor
+# the GGUF beside activation/: PowerInfer's GPU builds read the neuron counts there for their GPU/CPU split
 ```
 
 `--vocabtype spm` when the folder holds `tokenizer.model`. It also loads in transformers as a

@@ -188,6 +188,8 @@ def _powerinfer_config(written: dict, arch: str) -> dict:
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
         out["rope_scaling"] = {"type": rope_type, **{k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}}
+        if rope_type == "yarn":  # PowerInfer's converter reads it with no default (convert.py:239)
+            out["rope_scaling"].setdefault("finetuned", False)
     out["relufy"] = written["relufy"]
     return out
 

@@ -343,3 +343,19 @@ def test_export_bad_input(cli, tmp_path, converted, case, needle):
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_powerinfer_config_yarn_has_what_its_converter_reads(converted):
+    from relufy.export.layouts import _powerinfer_config
+
+    written = json.loads((Path(converted["llama"]) / "config.json").read_text())
+    written["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": 500000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    config = _powerinfer_config(written, "bamboo")
+    # PowerInfer's convert.py reads type, factor, original_max_position_embeddings and finetuned, no defaults
+    assert config["rope_scaling"] == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192, "finetuned": False}
+    assert config["rope_theta"] == 500000.0 and config["model_type"] == "bamboo"
