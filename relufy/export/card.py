@@ -74,6 +74,16 @@ def _layer_table(result) -> str:
 
 
 def _load_snippet(options, family) -> str:
+    if options.layout == "powerinfer-gguf":
+        kept = ", down projections kept f16 for PowerInfer's CPU kernel" if options.gguf_type == "q8_0" else ""
+        return f"""`model.gguf` is PowerInfer's GGUF, the predictors inside: what its `convert.py --outtype
+{options.gguf_type}` writes{kept} (checked against SJTU-IPADS/PowerInfer d3ebd7c).
+
+```bash
+./build/bin/main -m THIS_FOLDER/model.gguf -n 128 -p "Once upon a time"  # GPU builds: --vram-budget GiB
+```
+
+Keep `activation/` beside `model.gguf`: PowerInfer's GPU builds read the neuron counts there for their GPU/CPU split."""
     if options.layout == "powerinfer" and not family.is_moe:
         return """This folder is PowerInfer's converter input (checked against SJTU-IPADS/PowerInfer d3ebd7c):
 
@@ -102,7 +112,7 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         order = f"reordered hottest first per FFN{experts} (permutation in sparsity.safetensors); the function is unchanged"
     lines = [
         "---",
-        "library_name: transformers",
+        f"library_name: {'gguf' if options.layout == 'powerinfer-gguf' else 'transformers'}",
         f"tags: [relufy, {block.activation}, sparse-activation]",
         "---",
         f"# Sparsity-ready {block.activation} export of `{block.source}`",
@@ -119,7 +129,7 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
     if result.predictors:
         recalls = [p["recall"] for p in result.predictors if "recall" in p]
         folded = ""
-        if options.layout == "powerinfer":
+        if options.layout in ("powerinfer", "powerinfer-gguf"):
             folded = "; folded into the predictor weights for PowerInfer's one `sparse_threshold`"
         if result.predictor_recall:
             rule = (

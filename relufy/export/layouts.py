@@ -21,6 +21,10 @@ block gains an ``export`` entry, ``modeling_relufy.py``) plus ``predictors.safet
 counts). MoE models, for which no engine format exists yet, get the ``hf`` model folder and the
 same files per expert: ``predictor/model_{i}.expert_{e}.pt``, ``predictor/model_{i}.shared.pt``,
 ``activation/activation_{i}.expert_{e}.pt``, ``activation/activation_{i}.shared.pt``.
+
+``powerinfer-gguf`` (dense Llama/Mistral dReLU): ``model.gguf``, the GGUF PowerInfer's ``convert.py``
+makes of the ``powerinfer`` folder (``relufy.export.powerinfer_gguf``), with ``activation/`` beside it
+(PowerInfer's GPU/CPU neuron split reads it there), ``sparsity.safetensors`` and the model card.
 """
 
 from __future__ import annotations
@@ -83,6 +87,11 @@ def fold_thresholds(predictors: dict, thresholds: dict) -> tuple[float, dict]:
 def _scaled(p, c: float) -> dict:
     r = c**0.5
     return {"fc1.weight": p.fc1.weight.detach().cpu().float() * r, "fc2.weight": p.fc2.weight.detach().cpu().float() * r}
+
+
+def _engine_state(p, c: float) -> dict:
+    """The predictor as PowerInfer gets it: scaled by ``c`` (``fold_thresholds``), fp16."""
+    return {k: v.to(torch.float16).contiguous() for k, v in _scaled(p, c).items()}
 
 
 def write_sparsity(path: Path, stats, perms: dict, predictors: dict, options, thresholds: dict | None = None) -> None:
@@ -204,20 +213,53 @@ def _untie(model) -> None:
         model._tied_weights_keys = {}
 
 
+def _write_gguf(tmp: Path, model, tokenizer, family, options, result, predictors: dict, scales: dict, threshold) -> dict:
+    """``model.gguf`` (``relufy.export.powerinfer_gguf``) from the in-memory model; returns the relufy
+    config. The config and tokenizer files convert.py would read are written to a scratch folder
+    first (no weights), so that the GGUF's vocabulary and keys come from the same files."""
+    import shutil
+
+    from . import powerinfer_gguf
+
+    src = tmp / ".powerinfer-src"
+    src.mkdir()
+    try:
+        model.config.save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        written = json.loads((src / "config.json").read_text())
+        written["relufy"] = dict(model.config.relufy)
+        _write_bpe_files(src)
+        layers = {site.layer: _engine_state(p, scales[(site, e)]) for (site, e), p in predictors.items()}
+        powerinfer_gguf.write(
+            tmp / powerinfer_gguf.GGUF_FILE,
+            src,
+            _powerinfer_config(written, family.powerinfer_arch),
+            model.state_dict(),
+            layers,
+            threshold,
+            options.gguf_type,
+            name=Path(result.out).name,
+        )
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+    return written
+
+
 def write_layout(
     tmp: Path, model, tokenizer, family, options, result, stats, perms, predictors, source_config, thresholds: dict | None = None
 ) -> None:
     """OUT's files in ``tmp``. ``thresholds``: per (site, expert) (default: ``options.predictor_threshold``
     for all). The hf layout keeps the predictors as trained and their thresholds in
-    ``sparsity.safetensors``; the powerinfer layout folds them into the predictor weights
+    ``sparsity.safetensors``; the powerinfer layouts fold them into the predictor weights
     (``fold_thresholds``) since PowerInfer reads one ``sparse_threshold`` for every layer."""
     from ..modeling.save import write_relufy
     from .card import write_card
 
     if thresholds is None:
         thresholds = dict.fromkeys(predictors, options.predictor_threshold)
+    engine = options.layout in ("powerinfer", "powerinfer-gguf")
     folded, scales = None, {}
-    if options.layout == "powerinfer" and predictors:
+    if engine and predictors:
         folded, scales = fold_thresholds(predictors, thresholds)
         thresholds = dict.fromkeys(predictors, folded)
     engine_threshold = min((float(t) for t in thresholds.values()), default=options.predictor_threshold)
@@ -227,7 +269,10 @@ def write_layout(
     powerinfer_dense = options.layout == "powerinfer" and not family.is_moe
     if powerinfer_dense:
         _untie(model)
-    written = write_relufy(model, tmp, tokenizer, max_shard_size=options.max_shard_size)
+    if options.layout == "powerinfer-gguf":
+        written = _write_gguf(tmp, model, tokenizer, family, options, result, predictors, scales, folded)
+    else:
+        written = write_relufy(model, tmp, tokenizer, max_shard_size=options.max_shard_size)
     if options.layout == "hf" and predictors:
         _write_hf_predictors(tmp, predictors, dtype)
     if options.layout == "powerinfer":
@@ -238,11 +283,11 @@ def write_layout(
             (tmp / MODELING_FILE).unlink(missing_ok=True)
             _write_bpe_files(tmp)
         (tmp / "predictor").mkdir()
-        (tmp / "activation").mkdir()
         for (site, e), p in predictors.items():
-            state = {k: v.to(torch.float16).contiguous() for k, v in _scaled(p, scales[(site, e)]).items()}
-            torch.save(state, tmp / "predictor" / f"model_{_file_stem(site, e)}.pt")
+            torch.save(_engine_state(p, scales[(site, e)]), tmp / "predictor" / f"model_{_file_stem(site, e)}.pt")
         (tmp / "predictor" / "config.json").write_text(json.dumps({"sparse_threshold": folded}) + "\n")
+    if engine:
+        (tmp / "activation").mkdir()
         for site, (counts, _) in stats.sites.items():
             for e in range(site.experts):
                 torch.save(counts[e].float().contiguous(), tmp / "activation" / f"activation_{_file_stem(site, e)}.pt")

@@ -12,12 +12,24 @@ from ..options import option_field as Field
 class ExportOptions(Options):
     """How ``relufy export`` profiles, reorders, trains predictors and lays out a checkpoint."""
 
-    layout: Literal["hf", "powerinfer"] = Field(
+    layout: Literal["hf", "powerinfer", "powerinfer-gguf"] = Field(
         "hf",
         description="hf: safetensors + relufy remote code + sparsity.safetensors (+ predictors in the shards); "
-        "powerinfer: the folders PowerInfer's convert.py takes (dense Llama/Mistral dReLU; per expert for MoE).",
+        "powerinfer: the folders PowerInfer's convert.py takes (dense Llama/Mistral dReLU; per expert for MoE); "
+        "powerinfer-gguf: model.gguf, the file convert.py makes of them (dense Llama/Mistral dReLU), ready for "
+        "PowerInfer, with activation/ beside it for its GPU/CPU neuron split.",
     )
-    dtype: Literal[("keep", *DTYPES)] = Field("keep", description="Weight dtype of OUT (keep: the model's own).")
+    dtype: Literal[("keep", *DTYPES)] = Field(
+        "keep",
+        description="Weight dtype of OUT (keep: the model's own); with powerinfer-gguf the weights are rounded to it "
+        "before --gguf-type, as convert.py reads them from the powerinfer layout.",
+    )
+    gguf_type: Literal["f16", "q8_0", "f32"] = Field(
+        "f16",
+        description="--layout powerinfer-gguf: type of the matrices, predictors included (convert.py --outtype; "
+        "norms stay f32). q8_0 keeps f16 for the down projections (PowerInfer's CPU kernel for them reads f16 or q4_0 "
+        "only) and for a matrix whose rows are not a multiple of 32 (a predictor rank of 48, say).",
+    )
     stats: str | None = Field(None, description="Statistics from `relufy eval --stats-out` (the model's own neuron order).")
     data: str | None = Field(
         None,

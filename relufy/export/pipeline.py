@@ -76,24 +76,45 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
         raise RelufyError("export needs activation statistics: give --stats FILE or --data SPEC")
     if options.predictors and options.data is None:
         raise RelufyError("--predictors needs calibration text: give --data SPEC")
-    if options.layout == "powerinfer":
+    if options.gguf_type != "f16" and options.layout != "powerinfer-gguf":
+        raise RelufyError(f"--gguf-type applies to --layout powerinfer-gguf (this export's layout is {options.layout})")
+    if options.layout in ("powerinfer", "powerinfer-gguf"):
+        layout = options.layout
         if not options.predictors:
             raise RelufyError(
-                "layout powerinfer needs predictors (PowerInfer's converter takes a predictor folder): add --predictors"
+                f"layout {layout} needs predictors (PowerInfer's converter takes a predictor folder): add --predictors"
             )
-        if not family.is_moe:
-            if family.powerinfer_arch is None or activation != "drelu":
+        if not family.is_moe or layout == "powerinfer-gguf":
+            if family.is_moe or family.powerinfer_arch is None or activation != "drelu":
                 takes = "/".join(f.model_type for f in FAMILIES.values() if f.powerinfer_arch)
+                other = " (or --layout powerinfer: per-expert predictor folders)" if family.is_moe else ""
                 raise RelufyError(
-                    f"layout powerinfer takes dense dReLU models of {takes} (PowerInfer's bamboo "
-                    f"architecture); this is a {activation} {family.model_type} model: use --layout hf"
+                    f"layout {layout} takes dense dReLU models of {takes} (PowerInfer's bamboo "
+                    f"architecture); this is a {activation} {family.model_type} model: use --layout hf{other}"
                 )
             rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
             rope_type = rope.get("rope_type") or rope.get("type") or "default"
             if rope_type not in POWERINFER_ROPE:
                 raise RelufyError(
-                    f"layout powerinfer: PowerInfer's converter cannot take rope type {rope_type!r} "
+                    f"layout {layout}: PowerInfer's converter cannot take rope type {rope_type!r} "
                     f"(only {', '.join(POWERINFER_ROPE)})"
+                )
+            if options.predictor_input != "residual":
+                raise RelufyError(
+                    f"layout {layout}: PowerInfer feeds its predictors the residual stream entering the FFN norm; "
+                    f"drop --predictor-input {options.predictor_input}"
+                )
+            heads, hidden_size = config.get("num_attention_heads"), config.get("hidden_size")
+            head_dim = config.get("head_dim")
+            if head_dim and heads and hidden_size and head_dim * heads != hidden_size:
+                raise RelufyError(
+                    f"layout {layout}: PowerInfer takes head_dim = hidden_size / num_attention_heads "
+                    f"({hidden_size} / {heads}); this model's head_dim is {head_dim}"
+                )
+            biases = [k for k in ("attention_bias", "mlp_bias") if config.get(k)]
+            if biases:
+                raise RelufyError(
+                    f"layout {layout}: PowerInfer's bamboo architecture has no biases; this model has {' and '.join(biases)}"
                 )
     hidden = config.get("hidden_size")
     if options.predictors and options.predictor_rank and isinstance(hidden, int) and options.predictor_rank > hidden:
@@ -342,6 +363,7 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
                 observers.append(counter)
             if options.predictors:
                 check_free_space(out, calibration_bytes(model.config, sites, parts, options.predictor_tokens))
+                out.parent.mkdir(parents=True, exist_ok=True)  # as atomic_dir will: OUT may be new/folder/out
                 scratch = scratch_dir(out, "tmp")
                 stores = {part: DiskRows(scratch / part) for part in parts}
             with contextlib.ExitStack() as passes:

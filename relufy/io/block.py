@@ -33,7 +33,7 @@ class PredictorsInfo(_Block):
 
 
 class ExportInfo(_Block):
-    layout: Literal["hf", "powerinfer"] = "hf"
+    layout: Literal["hf", "powerinfer", "powerinfer-gguf"] = "hf"
     reordered: bool = False
     sparsity: dict = Field(default_factory=dict, description="overall and per-layer zero fraction measured at export.")
     sparsity_file: str = SPARSITY_FILE

@@ -231,7 +231,7 @@ def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
 
 
 def test_powerinfer_dense_layout(cli, tmp_path, converted):
-    out = tmp_path / "pi"
+    out = tmp_path / "new" / "pi"  # a parent that does not exist yet is made
     code, err, _ = cli(
         "export", converted["llama"], out, "--data", converted["data"], "--predictors", "--layout", "powerinfer", *FAST
     )
@@ -316,6 +316,7 @@ def test_export_from_stats_file(cli, tmp_path, converted):
         ("stats-mismatch", "neurons in the stats"),
         ("powerinfer-family", "layout powerinfer takes dense dReLU models of llama/mistral"),
         ("powerinfer-no-predictors", "needs predictors"),
+        ("powerinfer-ffn-input", "PowerInfer feeds its predictors the residual stream"),
         ("no-stats", "give --stats FILE or --data SPEC"),
         ("predictors-no-data", "--predictors needs calibration text"),
         ("not-relufy", "not a relufy checkpoint"),
@@ -332,6 +333,7 @@ def test_export_bad_input(cli, tmp_path, converted, case, needle):
         "stats-mismatch": (converted["llama"], "--stats", tmp_path / "wide.safetensors"),
         "powerinfer-family": (converted["qwen2"], *data, "--predictors", "--layout", "powerinfer"),
         "powerinfer-no-predictors": (converted["llama"], *data, "--layout", "powerinfer"),
+        "powerinfer-ffn-input": (converted["llama"], *data, "--predictors", "--layout", "powerinfer", "--predictor-input", "ffn"),
         "no-stats": (converted["llama"],),
         "predictors-no-data": (converted["llama"], "--stats", tmp_path / "x", "--predictors"),
         "not-relufy": (converted["llama"].parent / "llama", *data),

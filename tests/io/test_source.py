@@ -124,7 +124,7 @@ BAD_BLOCKS = [
             "base_activation": "silu",
             "export": {"layout": "tflite"},
         },
-        "the relufy block's export.layout: Input should be 'hf' or 'powerinfer'",
+        "the relufy block's export.layout: Input should be 'hf', 'powerinfer' or 'powerinfer-gguf'",
     ),
 ]
 
