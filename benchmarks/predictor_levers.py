@@ -31,8 +31,6 @@ DEFAULT_VARIANTS = [
     "base:{}",
     'magnitude:{"predictor_magnitude_power": 1}',
     'rank-x2:{"predictor_budget": 1.0}',
-    'steps-x3:{"predictor_steps": 900}',
-    'tokens-x2:{"predictor_tokens": 32768}',
 ]
 
 
