@@ -132,9 +132,10 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         if options.layout in ("powerinfer", "powerinfer-gguf"):
             folded = "; folded into the predictor weights for PowerInfer's one `sparse_threshold`"
         if result.predictor_recall:
+            of = "the active neurons' summed |activation|" if options.predictor_recall_of == "magnitude" else "the active neurons"
             rule = (
                 f"a neuron is computed when its score >= its predictor's threshold, set per predictor to keep "
-                f"{result.predictor_recall:.0%} of the active neurons on {result.tune_tokens} held-out tokens "
+                f"{result.predictor_recall:.0%} of {of} on {result.tune_tokens} held-out tokens "
                 f"(`.predictor_threshold` in sparsity.safetensors{folded})"
             )
         else:

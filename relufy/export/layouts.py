@@ -135,6 +135,7 @@ def _export_block(options, result, threshold: float | None = None) -> dict:
             "threshold": threshold,
             "thresholds": "per predictor (sparsity.safetensors .predictor_threshold)" if options.predictor_recall else "one",
             "recall_target": options.predictor_recall or None,
+            "recall_of": options.predictor_recall_of if options.predictor_recall else None,
             "mean_recall": sum(recalls) / len(recalls) if recalls else None,
             "min_recall": result.min_recall,
             "heldout_computed": result.predicted_kept,

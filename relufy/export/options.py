@@ -63,6 +63,11 @@ class ExportOptions(Options):
         description="Per predictor, the highest threshold that keeps this fraction of the active neurons on the first "
         "half of the held-out windows (the second half is scored); 0: one --predictor-threshold for all.",
     )
+    predictor_recall_of: Literal["neurons", "magnitude"] = Field(
+        "neurons",
+        description="What --predictor-recall counts: neurons (the share of active neurons kept) or magnitude "
+        "(the share of their summed |activation| kept: small activations may go, large ones stay).",
+    )
     predictor_magnitude_power: float = Field(
         0.0,
         ge=0,

@@ -245,7 +245,11 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
                 tune = load("tune", site, e)
                 if recall is not None:
                     for name, data in (("tune", tune), ("train", train)):
-                        found = recall_threshold(predictor, *data, recall) if data is not None else None
+                        found = (
+                            recall_threshold(predictor, *data, recall, magnitude=options.predictor_recall_of == "magnitude")
+                            if data is not None
+                            else None
+                        )
                         if found is not None:
                             threshold, source = found, name
                             break

@@ -85,22 +85,37 @@ def predictor_metrics(
     )
 
 
-def recall_threshold(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, recall: float, batch: int = 4096) -> float | None:
+def recall_threshold(
+    predictor: Predictor, x: torch.Tensor, y: torch.Tensor, recall: float, batch: int = 4096, magnitude: bool = False
+) -> float | None:
     """The largest threshold at which ``predictor`` keeps at least ``recall`` of the active neurons of
-    rows ``x`` / ``y`` (None when they hold no active neuron)."""
-    positives = []
+    rows ``x`` / ``y`` (None when they hold no active neuron). ``magnitude``: ``recall`` of their
+    summed ``|activation|`` instead of their count (``y`` must be magnitude codes): a predictor may
+    then drop many small activations to keep the large ones, which is what the output feels."""
+    if magnitude and y.dtype != torch.uint8:
+        raise ValueError("a magnitude recall needs magnitude codes (relufy.export.calibration.encode_magnitude)")
+    positives, weights = [], []
     for i in range(0, x.shape[0], batch):
         s = _scores(predictor, x[i : i + batch]).cpu()
-        positives.append(s[y[i : i + batch] != 0])
-    scores = torch.cat(positives) if positives else torch.empty(0)
+        active = y[i : i + batch] != 0
+        positives.append(s[active])
+        if magnitude:
+            weights.append(decode_magnitude(y[i : i + batch][active]))
+    scores = torch.cat(positives).float() if positives else torch.empty(0)
     n = scores.numel()
     if n == 0:
         return None
+    if magnitude:
+        order = scores.argsort(descending=True)
+        mass = torch.cat(weights)[order].double().cumsum(0)
+        # the fewest highest-scoring positives whose magnitude reaches recall of the total
+        k = int(torch.searchsorted(mass, recall * float(mass[-1]) * (1 - 1e-12))) + 1
+        return float(scores[order[min(k, n) - 1]])
     # keep the k highest-scoring positives, k = ceil(recall * n): threshold = the k-th highest score
     k = min(n, math.ceil(round(recall * n, 6)))
     if k <= 0:
         return float("inf")
-    return float(scores.float().kthvalue(n - k + 1).values)
+    return float(scores.kthvalue(n - k + 1).values)
 
 
 def _chunks(n: int, size: int = 8192):

@@ -130,3 +130,37 @@ def test_folded_thresholds_keep_the_same_neurons(values):
         else:  # a threshold >= 0 under T = -1: just below 0, every neuron the original keeps and a few more
             assert (folded_keep | ~raw_keep).all() and folded_keep.float().mean() <= (p(x) >= -1e-3).float().mean()
     assert target == (1.0 if min(values) > 0 else -1.0)
+
+
+def test_magnitude_recall_threshold_keeps_that_share_of_the_activation():
+    torch.manual_seed(0)
+    x = torch.randn(400, 16)
+    a = torch.relu(x @ torch.randn(16, 24) - 0.3)
+    codes = encode_magnitude(a)
+    predictor = train_predictor(x[:300], codes[:300], rank=16, steps=40, lr=1e-2)
+    held_x, held = x[300:], codes[300:]
+    for target in (0.9, 0.99, 1.0):
+        t = recall_threshold(predictor, held_x, held, target, magnitude=True)
+        assert 1 - predictor_metrics(predictor, held_x, held, t).missed_magnitude >= target - 1e-9
+        # the largest such threshold: a hair above it keeps less than the target
+        assert 1 - predictor_metrics(predictor, held_x, held, t + 1e-4).missed_magnitude < target
+        # dropping small activations first: the count recall is lower than the magnitude recall
+        assert (
+            predictor_metrics(predictor, held_x, held, t).recall
+            <= 1 - predictor_metrics(predictor, held_x, held, t).missed_magnitude + 1e-9
+        )
+    with pytest.raises(ValueError, match="magnitude codes"):
+        recall_threshold(predictor, held_x, held != 0, 0.9, magnitude=True)
+
+
+def test_per_predictor_thresholds_by_magnitude_reach_it_on_the_tune_rows():
+    model = relufy.swap_activation(tiny_model("llama"), "drelu")
+    sites = ffn_sites(model)
+    parts = {"train": _ids(4, 48, 1), "tune": _ids(2, 48, 2), "report": _ids(2, 48, 3)}
+    stores = {p: MemoryRows() for p in parts}
+    counts = _collect(model, sites, stores, parts)
+    tune = {key: stores["tune"].load(key) for key in stores["tune"].counts}
+    options = ExportOptions(predictors=True, data="-", predictor_steps=15, predictor_recall=0.99, predictor_recall_of="magnitude")
+    predictors, thresholds, _ = fit_predictors(model, sites, counts, {}, stores, options, torch.device("cpu"))
+    for key, (x, codes) in tune.items():
+        assert 1 - predictor_metrics(predictors[key], x, codes, thresholds[key]).missed_magnitude >= 0.99 - 1e-9
