@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 DEFAULT_VARIANTS = [
-    "base:{}",
+    'base:{"predictor_magnitude_power": 0}',
     'magnitude:{"predictor_magnitude_power": 1}',
-    'rank-x2:{"predictor_budget": 1.0}',
+    'rank-x2:{"predictor_magnitude_power": 0, "predictor_budget": 1.0}',
 ]
 
 

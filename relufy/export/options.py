@@ -60,16 +60,17 @@ class ExportOptions(Options):
         0.95,
         ge=0,
         le=1,
-        description="Per predictor, the highest threshold that keeps this fraction of the active neurons on the first "
+        description="Per predictor, the highest threshold that keeps this fraction of the active neurons (by count or "
+        "magnitude: --predictor-recall-of) on the first "
         "half of the held-out windows (the second half is scored); 0: one --predictor-threshold for all.",
     )
     predictor_recall_of: Literal["neurons", "magnitude"] = Field(
-        "neurons",
+        "magnitude",
         description="What --predictor-recall counts: neurons (the share of active neurons kept) or magnitude "
         "(the share of their summed |activation| kept: small activations may go, large ones stay).",
     )
     predictor_magnitude_power: float = Field(
-        0.0,
+        1.0,
         ge=0,
         description="Weight a missed active neuron by |activation|^p in the loss (average weight unchanged); 0: count only.",
     )

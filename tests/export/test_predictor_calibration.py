@@ -86,7 +86,7 @@ def test_per_predictor_thresholds_reach_the_recall_on_the_tune_rows():
     stores = {p: MemoryRows() for p in parts}
     counts = _collect(model, sites, stores, parts)
     tune = {key: stores["tune"].load(key) for key in stores["tune"].counts}
-    options = ExportOptions(predictors=True, data="-", predictor_steps=15, predictor_recall=0.95)
+    options = ExportOptions(predictors=True, data="-", predictor_steps=15, predictor_recall=0.95, predictor_recall_of="neurons")
     predictors, thresholds, rows = fit_predictors(model, sites, counts, {}, stores, options, torch.device("cpu"))
     assert len(set(thresholds.values())) == len(thresholds)  # one per layer
     for key, (x, codes) in tune.items():
