@@ -79,21 +79,6 @@ def test_recall_threshold_hits_the_target_on_its_rows():
     assert recall_threshold(predictor, x[:5], torch.zeros(5, 24, dtype=torch.bool), 0.9) is None  # nothing active
 
 
-def test_per_predictor_thresholds_reach_the_recall_on_the_tune_rows():
-    model = relufy.swap_activation(tiny_model("llama"), "drelu")
-    sites = ffn_sites(model)
-    parts = {"train": _ids(4, 48, 1), "tune": _ids(2, 48, 2), "report": _ids(2, 48, 3)}
-    stores = {p: MemoryRows() for p in parts}
-    counts = _collect(model, sites, stores, parts)
-    tune = {key: stores["tune"].load(key) for key in stores["tune"].counts}
-    options = ExportOptions(predictors=True, data="-", predictor_steps=15, predictor_recall=0.95, predictor_recall_of="neurons")
-    predictors, thresholds, rows = fit_predictors(model, sites, counts, {}, stores, options, torch.device("cpu"))
-    assert len(set(thresholds.values())) == len(thresholds)  # one per layer
-    for key, (x, codes) in tune.items():
-        assert predictor_metrics(predictors[key], x, codes, thresholds[key]).recall >= 0.95
-        assert rows[key]["threshold"] == thresholds[key] and 0 <= rows[key]["recall"] <= 1  # report rows scored
-
-
 def test_magnitude_weighted_loss_trains_and_needs_codes():
     torch.manual_seed(0)
     x = torch.randn(256, 16)
@@ -153,14 +138,18 @@ def test_magnitude_recall_threshold_keeps_that_share_of_the_activation():
         recall_threshold(predictor, held_x, held != 0, 0.9, magnitude=True)
 
 
-def test_per_predictor_thresholds_by_magnitude_reach_it_on_the_tune_rows():
+@pytest.mark.parametrize("of, target", [("neurons", 0.95), ("magnitude", 0.99)])
+def test_per_predictor_thresholds_reach_the_recall_on_the_tune_rows(of, target):
     model = relufy.swap_activation(tiny_model("llama"), "drelu")
     sites = ffn_sites(model)
     parts = {"train": _ids(4, 48, 1), "tune": _ids(2, 48, 2), "report": _ids(2, 48, 3)}
     stores = {p: MemoryRows() for p in parts}
     counts = _collect(model, sites, stores, parts)
     tune = {key: stores["tune"].load(key) for key in stores["tune"].counts}
-    options = ExportOptions(predictors=True, data="-", predictor_steps=15, predictor_recall=0.99, predictor_recall_of="magnitude")
-    predictors, thresholds, _ = fit_predictors(model, sites, counts, {}, stores, options, torch.device("cpu"))
+    options = ExportOptions(predictors=True, data="-", predictor_steps=15, predictor_recall=target, predictor_recall_of=of)
+    predictors, thresholds, rows = fit_predictors(model, sites, counts, {}, stores, options, torch.device("cpu"))
+    assert len(set(thresholds.values())) == len(thresholds)  # one per layer
     for key, (x, codes) in tune.items():
-        assert 1 - predictor_metrics(predictors[key], x, codes, thresholds[key]).missed_magnitude >= 0.99 - 1e-9
+        m = predictor_metrics(predictors[key], x, codes, thresholds[key])
+        assert (m.recall if of == "neurons" else 1 - m.missed_magnitude) >= target - 1e-9
+        assert rows[key]["threshold"] == thresholds[key] and 0 <= rows[key]["recall"] <= 1  # report rows scored
