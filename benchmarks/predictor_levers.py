@@ -66,7 +66,7 @@ def main() -> None:
     from relufy.export.calibration import Collector, DiskRows, PredictedOnly
     from relufy.export.options import ExportOptions
     from relufy.export.pipeline import fit_predictors, predictor_cost, split_windows
-    from relufy.export.predictors import predictor_metrics, recall_threshold
+    from relufy.export.predictors import pick_threshold, predictor_metrics
     from relufy.measure.evaluate import score
     from relufy.measure.sites import ActivationCounter, ffn_sites, observing, tapped
     from relufy.modeling.tokenizer import load_tokenizer
@@ -119,13 +119,9 @@ def main() -> None:
                 target = float(rule[1:])
                 thresholds = {}
                 for key, p in predictors.items():
-                    t = None
-                    for part in ("tune", "train"):
-                        data = kept[part].load(key)
-                        t = recall_threshold(p, *data, target, magnitude=rule[0] == "m") if data is not None else None
-                        if t is not None:
-                            break
-                    thresholds[key] = t if t is not None else 0.0
+                    rows = {part: kept[part].load(key) for part in ("tune", "train")}
+                    found = pick_threshold(p, rows, target, magnitude=rule[0] == "m")
+                    thresholds[key] = found[0] if found is not None else 0.0
             else:
                 thresholds = dict.fromkeys(predictors, float(rule))
             recalls, mass_recalls = [], []

@@ -197,7 +197,7 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
     per-predictor report rows (layer, kind, expert, rank, threshold, held-out metrics).
     ``advance(layer_rows)`` is called once per layer, when its last predictor is done."""
     from ..modeling.predictor import Predictor, auto_rank
-    from .predictors import predictor_metrics, recall_threshold, train_predictor
+    from .predictors import pick_threshold, predictor_metrics, train_predictor
 
     hidden = model.config.hidden_size
     predictors, thresholds, rows = {}, {}, {}
@@ -244,15 +244,10 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
                 threshold = options.predictor_threshold
                 tune = load("tune", site, e)
                 if recall is not None:
-                    for name, data in (("tune", tune), ("train", train)):
-                        found = (
-                            recall_threshold(predictor, *data, recall, magnitude=options.predictor_recall_of == "magnitude")
-                            if data is not None
-                            else None
-                        )
-                        if found is not None:
-                            threshold, source = found, name
-                            break
+                    magnitude = options.predictor_recall_of == "magnitude"
+                    found = pick_threshold(predictor, {"tune": tune, "train": train}, recall, magnitude)
+                    if found is not None:
+                        threshold, source = found
             del train, tune
             predictors[key], thresholds[key] = predictor, threshold
             row = {

@@ -118,6 +118,16 @@ def recall_threshold(
     return float(scores.kthvalue(n - k + 1).values)
 
 
+def pick_threshold(predictor: Predictor, rows: dict, recall: float, magnitude: bool = False) -> tuple[float, str] | None:
+    """``recall_threshold`` on the first of ``rows`` (``{name: (x, y) or None}``, in order) that
+    holds an active neuron: ``(threshold, name)``, or None when none does."""
+    for name, data in rows.items():
+        found = recall_threshold(predictor, *data, recall, magnitude=magnitude) if data is not None else None
+        if found is not None:
+            return found, name
+    return None
+
+
 def _chunks(n: int, size: int = 8192):
     return ((i, min(i + size, n)) for i in range(0, n, size))
 
