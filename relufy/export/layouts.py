@@ -8,8 +8,8 @@ without ``--reorder``) and, with predictors, ``.predictor_rank`` (int64 ``[exper
 adds ``predictor_threshold`` and ``predictor_input``.
 
 ``hf``: ``relufy convert``'s format (safetensors shards, relufy ``config.json`` whose ``relufy``
-block gains an ``export`` entry, ``modeling_relufy.py``) plus ``predictors.safetensors`` listed in
-``model.safetensors.index.json``: ``{ffn}.predictor.fc1.weight`` ``[rank, hidden]`` and
+block gains an ``export`` entry, ``modeling_relufy.py``) plus ``predictors.safetensors``, kept out of
+``model.safetensors.index.json`` (which lists the weights only): ``{ffn}.predictor.fc1.weight`` ``[rank, hidden]`` and
 ``{ffn}.predictor.fc2.weight`` ``[width, rank]``, ``{ffn}`` the FFN's module path
 (``model.layers.3.mlp``; ``model.layers.3.mlp.experts.{E}`` per expert;
 ``model.layers.3.mlp.shared_expert(s)``).
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..modeling.remote import base_config_dict
-from ..names import INDEX_FILE, MODELING_FILE, PREDICTORS_FILE, SPARSITY_FILE, dtype_of_config, torch_dtype
+from ..names import MODELING_FILE, PREDICTORS_FILE, SPARSITY_FILE, dtype_of_config, torch_dtype
 
 
 def target_dtype(option: str, config: dict) -> torch.dtype:
@@ -149,6 +149,10 @@ def _export_block(options, result, threshold: float | None = None) -> dict:
 
 
 def _write_hf_predictors(tmp: Path, predictors: dict, dtype) -> None:
+    """``predictors.safetensors`` beside the weights and outside ``model.safetensors.index.json``: the
+    index lists the model's weights only, so any loader (transformers, vLLM, a converter) reads the
+    folder without unknown tensors; ``load_predictors`` and the remote model's
+    ``sparsity_predictors()`` read the file by name."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -157,18 +161,6 @@ def _write_hf_predictors(tmp: Path, predictors: dict, dtype) -> None:
         tensors[f"{prefix}.predictor.fc1.weight"] = p.fc1.weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{prefix}.predictor.fc2.weight"] = p.fc2.weight.detach().to("cpu", dtype).contiguous()
     save_file(tensors, str(tmp / PREDICTORS_FILE), metadata={"format": "pt"})
-    index_path = tmp / INDEX_FILE
-    if index_path.exists():
-        index = json.loads(index_path.read_text())
-    else:  # one shard: make the index that lists both files
-        from safetensors import safe_open
-
-        with safe_open(str(tmp / "model.safetensors"), "pt") as f:
-            names = list(f.keys())
-        index = {"metadata": {}, "weight_map": dict.fromkeys(names, "model.safetensors")}
-    index["weight_map"].update(dict.fromkeys(tensors, PREDICTORS_FILE))
-    index["metadata"]["total_size"] = sum((tmp / f).stat().st_size for f in set(index["weight_map"].values()))
-    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _write_bpe_files(tmp: Path) -> None:

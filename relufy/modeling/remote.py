@@ -99,7 +99,7 @@ class RelufyConfig(_BaseConfig):
 
 class RelufyForCausalLM(_BaseForCausalLM):
     config_class = RelufyConfig
-    # sparsity predictors exported beside the weights (relufy export); engines read them
+    # exports made before predictors left the weight index listed their tensors there
     _keys_to_ignore_on_load_unexpected = [r"\.predictor\."]
 
     def __init__(self, config, *args, **kwargs):
@@ -107,6 +107,35 @@ class RelufyForCausalLM(_BaseForCausalLM):
         with activation_key_as(config, ACTIVATION_KEY, block["base_activation"]):
             super().__init__(config, *args, **kwargs)
         swap_ffn(self, FFN_CLASSES, block["activation"], block.get("threshold"))
+
+    def sparsity_predictors(self):
+        '''The sparsity predictors of a relufy export, read from ``predictors.safetensors`` beside the
+        weights (kept out of the weight index): ``{{FFN module path: module}}``, the path with ``.E`` for
+        routed expert E. A module scores each neuron of its FFN from the layer's input (the residual
+        stream); a neuron is predicted active when its score is at least the threshold
+        ``sparsity.safetensors`` gives per predictor. Empty when the checkpoint has none.'''
+        import torch
+        from safetensors.torch import load_file
+        from transformers.utils import cached_file
+
+        path = cached_file(self.name_or_path, "predictors.safetensors", _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            return {{}}
+        tensors, out = load_file(path), {{}}
+        for name, fc1 in tensors.items():
+            if not name.endswith(".predictor.fc1.weight"):
+                continue
+            key = name[: -len(".predictor.fc1.weight")]
+            fc2 = tensors[key + ".predictor.fc2.weight"]
+            module = torch.nn.Sequential(
+                torch.nn.Linear(fc1.shape[1], fc1.shape[0], bias=False),
+                torch.nn.ReLU(),
+                torch.nn.Linear(fc2.shape[1], fc2.shape[0], bias=False),
+            ).to(fc1.dtype)
+            module[0].weight.data.copy_(fc1)
+            module[2].weight.data.copy_(fc2)
+            out[key] = module.eval().requires_grad_(False)
+        return out
 
 
 # The base family's checkpoint conversions (per-expert tensors on disk -> fused 3D experts in

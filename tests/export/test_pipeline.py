@@ -142,15 +142,23 @@ def converted(tmp_path_factory):
 FAST = ("--seq-len", "64", "--max-tokens", "2048", "--predictor-steps", "30")
 
 
-def _remote_logits(tmp_path, paths, ids):
-    jobs = [{"path": str(p), "out": str(tmp_path / f"logits{i}.pt"), "ids": ids.tolist()} for i, p in enumerate(paths)]
+def _remote_results(tmp_path, paths, ids, predictors=False):
+    """What a user without relufy gets from each checkpoint (tests/remote_logits.py)."""
+    jobs = [
+        {"path": str(p), "out": str(tmp_path / f"logits{i}.pt"), "ids": ids.tolist(), "predictors": predictors}
+        for i, p in enumerate(paths)
+    ]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     script = Path(__file__).parents[1] / "remote_logits.py"
     subprocess.run([sys.executable, str(script), str(tmp_path / "jobs.json")], check=True)
     results = [torch.load(j["out"], weights_only=True) for j in jobs]
     for r in results:
         assert "error" not in r, r.get("error")
-    return [r["logits"] for r in results]
+    return results
+
+
+def _remote_logits(tmp_path, paths, ids):
+    return [r["logits"] for r in _remote_results(tmp_path, paths, ids)]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
@@ -176,15 +184,20 @@ def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
     assert all("held-out recall" in line and "computed" in line for line in lines)
     # the exported checkpoint loads without relufy and computes what the source computes
     ids = _ids()
-    before, after = _remote_logits(tmp_path, [converted[family], out], ids)
-    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+    source, exported = _remote_results(tmp_path, [converted[family], out], ids, predictors=True)
+    torch.testing.assert_close(exported["logits"], source["logits"], rtol=1e-4, atol=1e-4)
+    # the predictors live outside the weight index: the loader sees exactly the model's weights
+    assert exported["unexpected_keys"] == [] and exported["missing_keys"] == []
 
     config = json.loads((out / "config.json").read_text())
     block = config["relufy"]["export"]
     assert block["layout"] == "hf" and block["reordered"] is True and len(block["sparsity"]["per_layer"]) == 2
     assert block["predictors"]["input"] == "residual"
-    # predictors: names, shapes, listed in the index, loadable
-    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    # predictors: names, shapes, outside the index, loadable by relufy and by the remote code
+    index_path = out / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())["weight_map"] if index_path.exists() else {}
+    assert "predictors.safetensors" not in set(index.values())
+    assert not index_path.exists() or not (out / "model.safetensors").exists()  # no index made for one shard
     with safe_open(out / "predictors.safetensors", "pt") as f:
         names = set(f.keys())
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in names}
@@ -198,7 +211,7 @@ def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
             rank = shapes[fc1][0]
             assert shapes[fc1] == (rank, 32) and shapes[fc2] == (site.width, rank)
     assert names == expected
-    assert all(index[n] == "predictors.safetensors" for n in names)
+    assert not names & set(index)
     if family == "qwen2_moe":
         assert "model.layers.1.mlp.experts.3.predictor.fc2.weight" in names
         assert "model.layers.0.mlp.shared_expert.predictor.fc1.weight" in names
@@ -206,6 +219,11 @@ def test_hf_export_layout_and_function(cli, tmp_path, converted, family):
         assert "model.layers.1.mlp.predictor.fc1.weight" in names
     loaded = load_predictors(out)
     assert len(loaded) == len(names) // 2
+    remote = exported["predictors"]
+    assert len(remote) == len(names)
+    for (ffn, expert), p in loaded.items():
+        prefix = ffn if expert is None else f"{ffn}.{expert}"
+        assert torch.equal(remote[f"{prefix}.0"], p.fc1.weight) and torch.equal(remote[f"{prefix}.2"], p.fc2.weight)
     # sparsity file: a stats file plus frequency, permutation and ranks, hottest first
     stats = Stats.load(out / "sparsity.safetensors")
     with safe_open(out / "sparsity.safetensors", "pt") as f:
