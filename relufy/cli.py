@@ -8,6 +8,7 @@ one ``relufy.options.Options`` model (type, default, help), turned into Typer pa
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import sys
 from enum import Enum
@@ -30,6 +31,120 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Turn SwiGLU language models into sparse-activation dReLU models (Turbo Sparse).",
 )
+recipes_app = typer.Typer(
+    no_args_is_help=True,
+    help="The recipes shipped with relufy: list them, or copy one to edit (relufy train also takes their names).",
+)
+app.add_typer(recipes_app, name="recipes")
+log = logging.getLogger("relufy")
+
+
+def _version() -> str:
+    """The installed distribution's version, else the package's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("relufy")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"relufy {_version()}")
+        raise typer.Exit()
+
+
+# what -v and -q set for the libraries relufy calls (read when they are imported)
+_LIBRARY_ENV = {
+    "verbose": {"TRANSFORMERS_VERBOSITY": "info", "HF_HUB_VERBOSITY": "info"},
+    "quiet": {
+        "TRANSFORMERS_VERBOSITY": "error",
+        "HF_HUB_VERBOSITY": "error",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    },
+}
+
+
+class _StderrHandler(logging.Handler):
+    """Log records as plain lines on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging never takes the command down
+            self.handleError(record)
+
+
+def _set_verbosity(level: Literal["quiet", "normal", "verbose"]):
+    """Apply ``-q`` / ``-v``: relufy's log level, its progress display, the libraries' verbosity
+    and progress bars. Returns what undoes it (the CLI run in-process, e.g. by tests)."""
+    from . import progress
+
+    undo = []
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    old_level, old_quiet = log.level, progress.is_quiet()
+    log.setLevel({"quiet": logging.ERROR, "normal": logging.WARNING, "verbose": logging.DEBUG}[level])
+    progress.set_quiet(level == "quiet")
+    undo.append(lambda: (log.setLevel(old_level), progress.set_quiet(old_quiet)))
+    for key, value in _LIBRARY_ENV.get(level, {}).items():
+        old = os.environ.get(key)
+        os.environ[key] = value
+        undo.append(lambda key=key, old=old: os.environ.pop(key) if old is None else os.environ.__setitem__(key, old))
+    if level != "normal" and "transformers" in sys.modules:  # imported already: tell it directly
+        hf = sys.modules["transformers"].utils.logging
+        old_verbosity, bars = hf.get_verbosity(), hf.is_progress_bar_enabled()
+        hf.set_verbosity(logging.INFO if level == "verbose" else logging.ERROR)
+        if level == "quiet":
+            hf.disable_progress_bar()
+        undo.append(lambda: (hf.set_verbosity(old_verbosity), bars and hf.enable_progress_bar()))
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    return restore
+
+
+_restore_verbosity: list = []
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", is_eager=True, callback=_print_version, help="Print relufy's version and exit.")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("-v", "--verbose", help="Show relufy's debug log and the libraries' information messages.")
+    ] = False,
+    quiet: Annotated[
+        bool, typer.Option("-q", "--quiet", help="Show results and errors only: no progress, no information.")
+    ] = False,
+) -> None:
+    if verbose and quiet:
+        raise RelufyError("give at most one of -v/--verbose and -q/--quiet")
+    _restore_verbosity.append(_set_verbosity("verbose" if verbose else "quiet" if quiet else "normal"))
+    log.debug("relufy %s, %s", _version(), _library_versions())
+    log.debug("command: %s", " ".join(sys.argv[1:]))
+
+
+def _library_versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = [f"python {sys.version.split()[0]}"]
+    for name in ("torch", "transformers", "huggingface_hub"):
+        try:
+            out.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            out.append(f"{name} missing")
+    return ", ".join(out)
 
 
 def _bare(annotation):
@@ -64,9 +179,9 @@ def _option(cls, name: str, field) -> inspect.Parameter:
     )
 
 
-def _command(name: str, options_cls, arguments: list[tuple[str, Any, str]], run):
-    """Register command ``name``: ``arguments`` are (name, type, help) positionals; the options are
-    ``options_cls``'s fields; ``run(**arguments, options=...)`` does the work."""
+def _command(name: str, options_cls, arguments: list[tuple[str, Any, str]], run, group: typer.Typer = app):
+    """Register command ``name`` of ``group``: ``arguments`` are (name, type, help) positionals; the
+    options are ``options_cls``'s fields; ``run(**arguments, options=...)`` does the work."""
 
     def command(**values):
         args = {a: values.pop(a) for a, _, _ in arguments}
@@ -88,7 +203,7 @@ def _command(name: str, options_cls, arguments: list[tuple[str, Any, str]], run)
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
     command.__doc__ = run.__doc__
-    app.command(name)(command)
+    group.command(name)(command)
 
 
 # ---- the commands ---------------------------------------------------------------------------------
@@ -119,13 +234,20 @@ def _generate(model: str, options) -> None:
 
 def _eval(models: list[str], options) -> None:
     """Perplexity, activation sparsity and the top-k curve of one or more models."""
+    from .extras import require
     from .measure.report import run_eval
+
+    if options.plot is not None:
+        require("plot", "--plot")
 
     run_eval(models, options)
 
 
 def _export(model: str, out: str, options) -> None:
     """Export MODEL for sparse inference: statistics, reordering, predictors, engine layout."""
+    from .extras import require
+
+    require("export", "relufy export")
     from .export.pipeline import export
 
     result = export(model, out, options)
@@ -141,13 +263,20 @@ def _export(model: str, out: str, options) -> None:
 def _bench(model: str | None, options) -> None:
     """FFN decode latency dense vs exact-sparse vs predictor-sparse, and generation tokens/s."""
     from .bench import run_bench
+    from .extras import require
+
+    if options.plot is not None:
+        require("plot", "--plot")
 
     run_bench(model, options)
 
 
 def _train(recipe: str, overrides: list[str] | None, options) -> None:
     """Continued pretraining from a recipe, under Accelerate (accelerate launch for many GPUs)."""
+    from .extras import require
     from .train.recipe import dump, load_recipe
+
+    require("train", "relufy train")
 
     spec = load_recipe(recipe, overrides or [])
     from .train.loop import preflight
@@ -179,11 +308,27 @@ def _train(recipe: str, overrides: list[str] | None, options) -> None:
 
         typer.echo(f"wrote {export_checkpoint(spec, options.export_step)}")
         return
+    from .io.hub import HubPush
+    from .progress import is_quiet
     from .train.loop import train
 
-    final = train(spec, resume=options.resume)
+    final = train(spec, resume=options.resume, show_progress=not is_quiet(), push=HubPush.of(options))
     if os.environ.get("RANK", "0") == "0":  # one line for a multi-process launch
         typer.echo(f"wrote {final}")
+
+
+def _recipes_list(options) -> None:
+    """The shipped recipes: name and what each is for (training recipes, then accelerate configs)."""
+    from .train.recipes import table
+
+    typer.echo(table())
+
+
+def _recipes_copy(name: str, dest: str, options) -> None:
+    """Copy the shipped recipe NAME to DEST (a file, or a folder to write NAME.yaml into)."""
+    from .train.recipes import copy
+
+    typer.echo(f"wrote {copy(name, dest, force=options.force)}")
 
 
 def _register() -> None:
@@ -194,6 +339,7 @@ def _register() -> None:
     from .measure.options import EvalOptions
     from .model_info import InfoOptions
     from .train.recipe import TrainOptions
+    from .train.recipes import RecipesCopyOptions, RecipesListOptions
 
     _command(
         "convert",
@@ -223,10 +369,21 @@ def _register() -> None:
         "train",
         TrainOptions,
         [
-            ("recipe", str, "Recipe YAML (see recipes/)."),
+            ("recipe", str, "Recipe YAML file, or the name of a shipped recipe (relufy recipes list)."),
             ("overrides", list[str] | None, "Dotted key=value overrides, e.g. optim.lr=1e-4."),
         ],
         _train,
+    )
+    _command("list", RecipesListOptions, [], _recipes_list, recipes_app)
+    _command(
+        "copy",
+        RecipesCopyOptions,
+        [
+            ("name", str, "A shipped recipe's name (relufy recipes list)."),
+            ("dest", str, "The file to write, or a folder to write NAME.yaml into."),
+        ],
+        _recipes_copy,
+        recipes_app,
     )
 
 
@@ -270,3 +427,6 @@ def main() -> None:
         sys.exit(2)
     except Abort:
         sys.exit(1)
+    finally:
+        while _restore_verbosity:  # as before -v / -q (the CLI run again in one process)
+            _restore_verbosity.pop()()

@@ -3,6 +3,7 @@
 On a terminal: rich progress bars. Elsewhere (logs, CI, ``2> file``): plain lines, one when a
 task finishes and at most one every ``PLAIN_EVERY`` seconds while it runs, so a log shows what
 happened without redrawn bars. Both offer the same ``add_task / advance / update`` calls.
+Quiet (``relufy -q``, ``set_quiet``): neither, the same calls print nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ from rich.text import Text
 
 console = Console(stderr=True)
 PLAIN_EVERY = 30.0
+_QUIET = False
+
+
+def set_quiet(quiet: bool = True) -> None:
+    """Show no progress from now on (``relufy -q``): no bars, no plain lines."""
+    global _QUIET
+    _QUIET = quiet
+
+
+def is_quiet() -> bool:
+    return _QUIET
 
 
 class RateColumn(ProgressColumn):
@@ -123,8 +135,18 @@ class PlainProgress:
         console.print(f"{t['description']}: {state} ({where}{speed})", markup=False, highlight=False, soft_wrap=True)
 
 
+class SilentProgress(PlainProgress):
+    """The same calls, printing nothing (quiet)."""
+
+    def _line(self, t: dict, now: float, final: bool) -> None:
+        pass
+
+
 def new_progress(*columns, unit: str = ""):
-    """A started rich ``Progress`` with ``columns`` on a terminal, else a ``PlainProgress``."""
+    """A started rich ``Progress`` with ``columns`` on a terminal, else a ``PlainProgress``; a
+    ``SilentProgress`` when quiet."""
+    if _QUIET:
+        return SilentProgress(unit)
     if not console.is_terminal:
         return PlainProgress(unit)
     progress = Progress(*columns, console=console, transient=False)

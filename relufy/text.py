@@ -134,7 +134,9 @@ def open_dataset(
     """``spec`` as a ``datasets.Dataset``, or with ``streaming`` an ``IterableDataset`` (a local file
     streams through the json, parquet or text builder: a .txt file's lines are its records;
     ``builtin:pydoc`` streams from memory). A known column list without ``text_column`` is refused."""
-    import datasets
+    from .extras import need
+
+    datasets = need("datasets", "eval", f"reading {spec}")
 
     kind = source_kind(spec)
     options = {"split": split, "data_dir": data_dir, "data_files": data_files, "revision": revision}
@@ -251,8 +253,10 @@ def record_text(value, where: str, column: str = "text") -> str | None:
 
 
 def _parquet(path: Path, column: str = "text") -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from .extras import need
+
+    pa = need("pyarrow", "eval", f"reading {path}")
+    pq = need("pyarrow.parquet", "eval", f"reading {path}")
 
     try:
         table = pq.read_table(path, columns=None)

@@ -1,7 +1,7 @@
 """Cluster pipelines for the paper's recipes: convert -> ``accelerate launch`` train -> eval -> export.
 
     python -m relufy.pipelines.cluster mistral [--out runs/turbosparse-mistral] [--nproc 64]
-        [--accelerate-config recipes/accelerate/fsdp2.yaml] [--eval-data SPEC] [--dry-run]
+        [--accelerate-config FILE] [--eval-data SPEC] [--dry-run]
 
 (``make turbosparse-mistral NPROC=64 ACCELERATE_CONFIG=... [DRY_RUN=1]``.) ``--dry-run`` checks
 everything that can be checked on one CPU without weights or network: the recipe with the
@@ -9,6 +9,8 @@ pipeline's overrides (pydantic, with the field named on error), the accelerate c
 a known distributed type, a process count), that the recipe's features work under that
 distributed type, and that the tools the steps call exist; then prints the commands. Without it
 the steps run in order and a step whose output is complete is skipped (rerun to continue).
+The recipes and the default accelerate config (``accelerate/fsdp2``) are the ones shipped with
+relufy (``relufy recipes list``).
 """
 
 from __future__ import annotations
@@ -22,22 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RelufyError
-
-ROOT = Path(__file__).resolve().parents[2]
+from ..train import recipes
 
 
 @dataclass(frozen=True)
 class Pipeline:
     source: str  # hub id of the original SwiGLU model
-    recipe: str  # relative to the repository root
+    recipe: str  # a shipped training recipe's name (relufy recipes list)
 
 
 PIPELINES = {
-    "mistral": Pipeline("mistralai/Mistral-7B-v0.1", "recipes/turbosparse-mistral-7b.yaml"),
-    "mixtral": Pipeline("mistralai/Mixtral-8x7B-v0.1", "recipes/turbosparse-mixtral-8x7b.yaml"),
-    "llama-3.1-8b": Pipeline("meta-llama/Llama-3.1-8B", "recipes/turbosparse-llama-3.1-8b.yaml"),
-    "qwen2.5-7b": Pipeline("Qwen/Qwen2.5-7B", "recipes/turbosparse-qwen2.5-7b.yaml"),
-    "qwen3-30b-a3b": Pipeline("Qwen/Qwen3-30B-A3B", "recipes/turbosparse-qwen3-30b-a3b.yaml"),
+    "mistral": Pipeline("mistralai/Mistral-7B-v0.1", "turbosparse-mistral-7b"),
+    "mixtral": Pipeline("mistralai/Mixtral-8x7B-v0.1", "turbosparse-mixtral-8x7b"),
+    "llama-3.1-8b": Pipeline("meta-llama/Llama-3.1-8B", "turbosparse-llama-3.1-8b"),
+    "qwen2.5-7b": Pipeline("Qwen/Qwen2.5-7B", "turbosparse-qwen2.5-7b"),
+    "qwen3-30b-a3b": Pipeline("Qwen/Qwen3-30B-A3B", "turbosparse-qwen3-30b-a3b"),
 }
 DISTRIBUTED = ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP")
 GPUS_PER_MACHINE = 8  # what a launch may start per machine (an 8-GPU node)
@@ -70,7 +71,7 @@ def plan(name: str, out: Path, nproc: int, accelerate_config: str, eval_data: st
                 "-m",
                 "relufy",
                 "train",
-                str(ROOT / p.recipe),
+                p.recipe,
                 f"model.path={drelu}",
                 f"output_dir={out / 'train'}",
             ],
@@ -125,11 +126,11 @@ def check(steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
     from ..train.recipe import load_recipe
 
     train = next(s for s in steps if s.name == "train")
-    recipe_path = Path(train.argv[train.argv.index("train") + 1])
+    recipe_path = recipes.resolve(train.argv[train.argv.index("train") + 1])
     overrides = [a for a in train.argv if "=" in a and not a.startswith("-")]
     recipe = load_recipe(recipe_path, overrides)
     lines = [
-        f"recipe {recipe_path.name}: valid ({recipe.budget.max_tokens or recipe.budget.max_steps} "
+        f"recipe {recipe_path.stem}: valid ({recipe.budget.max_tokens or recipe.budget.max_steps} "
         f"{'tokens' if recipe.budget.max_tokens else 'steps'}, {len(recipe.data.sources)} data sources)"
     ]
     path = Path(accelerate_config)
@@ -141,7 +142,7 @@ def check(steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
         raise RelufyError(f"{accelerate_config}: not YAML ({str(e).splitlines()[0]})") from None
     kind = config.get("distributed_type")
     if kind == "DEEPSPEED":
-        raise RelufyError(f"{accelerate_config}: relufy train does not run under DeepSpeed: use recipes/accelerate/fsdp2.yaml")
+        raise RelufyError(f"{accelerate_config}: relufy train does not run under DeepSpeed: use the shipped accelerate/fsdp2")
     if kind not in DISTRIBUTED:
         raise RelufyError(f"{accelerate_config}: distributed_type {kind!r} is not one of {', '.join(DISTRIBUTED)}")
     if nproc < 1:
@@ -150,7 +151,7 @@ def check(steps: list[Step], accelerate_config: str, nproc: int) -> list[str]:
     if nproc > GPUS_PER_MACHINE * machines:
         raise RelufyError(
             f"{nproc} processes on {machines} machine(s) of {GPUS_PER_MACHINE} GPUs: use a config for more machines "
-            "(recipes/accelerate/fsdp2-multinode.yaml: num_machines) or --nproc at most "
+            "(the shipped accelerate/fsdp2-multinode: num_machines) or --nproc at most "
             f"{GPUS_PER_MACHINE * machines}"
         )
     if kind == "FSDP" and (config.get("fsdp_config") or {}).get("fsdp_version") != 2:
@@ -181,13 +182,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("pipeline", choices=sorted(PIPELINES))
     parser.add_argument("--out", type=Path, help="Output folder (default runs/turbosparse-<pipeline>).")
     parser.add_argument("--nproc", type=int, default=8, help="Processes for accelerate launch (GPUs).")
-    parser.add_argument("--accelerate-config", default=str(ROOT / "recipes/accelerate/fsdp2.yaml"))
+    parser.add_argument("--accelerate-config", help="An accelerate config file (default: the shipped accelerate/fsdp2).")
     parser.add_argument("--eval-data", default="wikitext:wikitext-2-raw-v1:test")
     parser.add_argument("--source", help="Original model (default: the recipe's hub id).")
     parser.add_argument("--dry-run", action="store_true", help="Check and print the steps; run nothing.")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"turbosparse-{args.pipeline}"
     try:
+        if args.accelerate_config is None:
+            args.accelerate_config = str(recipes.find(f"{recipes.ACCELERATE}/fsdp2").path)
         steps = plan(args.pipeline, out, args.nproc, args.accelerate_config, args.eval_data, args.source)
         if args.dry_run:
             for line in check(steps, args.accelerate_config, args.nproc):

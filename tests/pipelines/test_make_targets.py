@@ -18,6 +18,7 @@ import yaml
 from tiny import save_tiny_with_tokenizer
 
 from relufy.pipelines import cluster
+from relufy.train import recipes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,7 @@ def test_cluster_dry_run_catches_problems(tmp_path, capsys):
     assert cluster.main(["mistral", "--dry-run", "--nproc", "64"]) == 2
     assert "64 processes on 1 machine(s) of 8 GPUs: use a config for more machines" in capsys.readouterr().err
     # distillation, the warm start and LoRA run under FSDP2 as under DDP
-    recipe = yaml.safe_load((ROOT / cluster.PIPELINES["mistral"].recipe).read_text())
+    recipe = yaml.safe_load(recipes.find(cluster.PIPELINES["mistral"].recipe).path.read_text())
     recipe["sparsity"] = {"distill": {"weight": 1.0}, "ffn_warmstart": {"tokens": 4096}}
     recipe["lora"] = {"r": 8}
     path = tmp_path / "kd.yaml"
