@@ -9,14 +9,18 @@ and output appears only when complete (``relufy.io.atomic``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator
+
 from .errors import RelufyError
 from .families import Family, family_for, ffn_tensor
 from .io.atomic import atomic_dir, check_free_space, scratch_dir
+from .io.hub import HubPush, PushOptions, check_push, check_revision, push_folder, revision_field
 from .io.paths import check_output_dir
 from .io.safetensors_index import DTYPE_BYTES, Checkpoint
 from .io.shard_writer import copy_file, recoded_chunks, write_safetensors
@@ -25,7 +29,7 @@ from .modeling.card import model_card
 from .modeling.remote import base_config_dict, relufy_config_dict, render_modeling
 from .modeling.spec import ActivationSpec, ConfigView, activation_spec, check_sizes
 from .names import ACTIVATIONS, DTYPES, INDEX_FILE, MODELING_FILE, is_identity
-from .options import Options, option_field
+from .options import option_field
 from .progress import byte_progress
 
 _FLOAT_ST = {"F64", "F32", "F16", "BF16"}
@@ -86,7 +90,7 @@ def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-class ConvertOptions(Options):
+class ConvertOptions(PushOptions):
     """How ``relufy convert`` writes OUT."""
 
     activation: Literal[ACTIVATIONS] = option_field(
@@ -98,6 +102,12 @@ class ConvertOptions(Options):
     dtype: Literal[("keep", *DTYPES)] = option_field("keep", description="Weight dtype of OUT (keep: the source's own).")
     force: bool = option_field(False, description="Replace an existing OUT (never an input: SRC, or a folder around it).")
     link: bool = option_field(False, description="Hard-link unchanged shards instead of copying them.")
+    revision: str | None = revision_field()
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value):
+        return check_revision(value)
 
 
 def convert(
@@ -108,23 +118,45 @@ def convert(
     dtype: str = "keep",
     force: bool = False,
     link: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    push_to_hub: str | None = None,
+    public: bool = False,
+    hub_revision: str | None = None,
 ) -> Path:
     """Convert the model at ``src`` (folder, .gguf, hub id) and write it to ``out`` (``ConvertOptions``
     says what each argument does). ``out`` may not be ``src``, lie inside it or contain it (paths
-    compared resolved), so ``force`` can never delete the source."""
-    options = ConvertOptions.build(activation=activation, threshold=threshold, dtype=dtype, force=force, link=link)
+    compared resolved), so ``force`` can never delete the source. With ``push_to_hub`` the finished
+    folder is then uploaded (``relufy.io.hub.push_folder``)."""
+    options = ConvertOptions.build(
+        activation=activation,
+        threshold=threshold,
+        dtype=dtype,
+        force=force,
+        link=link,
+        revision=revision,
+        token=token,
+        push_to_hub=push_to_hub,
+        public=public,
+        hub_revision=hub_revision,
+    )
     spec = activation_spec(options.activation, options.threshold)
+    push = HubPush.of(options)
+    check_push(push)  # no token: refused before any work
     check_output_dir(out, force)  # before a hub download
-    source = resolve(src)
+    source = resolve(src, options.revision, options.token)
     inputs = source.inputs()
     out = check_output_dir(out, force, inputs)
     if source.gguf_file:
-        return _convert_gguf(source, out, spec, dtype, force)
-    plan = _plan_folder(source, spec, dtype, label=source.label)
-    if not link:
-        check_free_space(out, _output_bytes(plan["ckpt"], dtype))
-    with atomic_dir(out, force, inputs) as tmp:
-        _write_folder(plan, tmp, link)
+        _convert_gguf(source, out, spec, dtype, force)
+    else:
+        plan = _plan_folder(source, spec, dtype, label=source.label)
+        if not link:
+            check_free_space(out, _output_bytes(plan["ckpt"], dtype))
+        with atomic_dir(out, force, inputs) as tmp:
+            _write_folder(plan, tmp, link)
+    if push is not None:  # OUT is complete: a failed push leaves it as written
+        push_folder(out, push, f"relufy convert: {spec.activation} conversion of {source.label}")
     return out
 
 
@@ -136,7 +168,7 @@ def _plan_folder(source: Source, spec: ActivationSpec, dtype: str, label: str) -
     cfg = ConfigView(config)
     ckpt = Checkpoint(source.folder)
     found = validate_checkpoint(ckpt, family, cfg)
-    new = relufy_config_dict(base_config_dict(config), family, spec.activation, spec.threshold, label)
+    new = relufy_config_dict(base_config_dict(config), family, spec.activation, spec.threshold, label, source.provenance())
     if dtype != "keep":
         new["dtype"] = DTYPES[dtype][1]
         new.pop("torch_dtype", None)
@@ -173,7 +205,7 @@ def _convert_gguf(source: Source, out: Path, spec: ActivationSpec, dtype: str, f
         scratch = scratch_dir(out, "gguf")
         try:
             write_gguf_checkpoint(source.folder / source.gguf_file, scratch, dtype)  # checks the file first
-            plan = _plan_folder(Source(scratch, source.label), spec, "keep", label=source.label)
+            plan = _plan_folder(dataclasses.replace(source, folder=scratch, gguf_file=None), spec, "keep", label=source.label)
             _write_folder(plan, tmp, link=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

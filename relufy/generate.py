@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator
+
 from .errors import RelufyError
 from .io.block import PredictorsInfo, RelufyBlock
+from .io.hub import check_revision, revision_field, token_field
 from .names import PREDICTORS_FILE, SPARSE_MODES, ZERO_ACTIVATIONS
 from .options import Options, option_field
 
@@ -22,6 +25,13 @@ class GenerateOptions(Options):
     sparse: Literal[SPARSE_MODES] = option_field(
         "off", description="off: dense; exact: sparse CPU FFNs, same output; predictor: predicted neurons only (hf exports)."
     )
+    revision: str | None = revision_field()
+    token: str | None = token_field("reading gated or private models")
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value):
+        return check_revision(value)
 
 
 @dataclass(frozen=True)
@@ -84,13 +94,21 @@ def generate(
     model=None,
     sparse: str = "off",
     min_new_tokens: int = 0,
+    revision: str | None = None,
+    token: str | None = None,
 ) -> Generation:
     """Greedy generation; ``chat`` wraps the prompt in the tokenizer's chat template if it has one;
-    ``sparse`` (off, exact, predictor) decodes new tokens through the sparse CPU FFNs."""
+    ``sparse`` (off, exact, predictor) decodes new tokens through the sparse CPU FFNs. ``revision``
+    and ``token`` are for hub ids (``org/name@revision`` works too)."""
     import torch
 
+    from .io.source import resolve
     from .modeling.load import load
     from .modeling.tokenizer import load_tokenizer
+
+    if model is None and (revision is not None or token is not None):
+        source = resolve(path, revision, token)  # downloaded once; then read as a local folder
+        path = source.folder / source.gguf_file if source.gguf_file else source.folder
 
     tokenizer = load_tokenizer(path)
     model = model if model is not None else load(path, dtype=torch.float32).eval()

@@ -1,4 +1,6 @@
-"""``relufy info``: what a model is, from its config alone (parameters counted on the meta device)."""
+"""``relufy info``: what a model is, from its config (parameters counted on the meta device) and
+the headers of its safetensors files. A hub model is read the same way without downloading its
+weights: ``config.json``, then each shard's header by range requests."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from .io.block import RelufyBlock
+from .io.hub import revision_field, token_field
 from .options import Options, option_field
 
 
@@ -14,6 +17,17 @@ class InfoOptions(Options):
     """How ``relufy info`` prints."""
 
     json_out: bool = option_field(False, flag="--json", description="Print JSON instead of a table.")
+    revision: str | None = revision_field()
+    token: str | None = token_field("reading gated or private models")
+
+
+class WeightsInfo(BaseModel):
+    """What the safetensors headers say: files, parameters (per dtype) and bytes of tensor data."""
+
+    files: int
+    params: int
+    bytes: int
+    dtypes: dict[str, int]
 
 
 class ModelInfo(BaseModel):
@@ -31,6 +45,8 @@ class ModelInfo(BaseModel):
     params_total: int
     params_ffn: int
     relufy: dict | None = None
+    weights: WeightsInfo | None = None
+    revision: str | None = None
 
 
 def count_parameters(family, config) -> tuple[int, int]:
@@ -45,12 +61,71 @@ def count_parameters(family, config) -> tuple[int, int]:
     return total, ffn
 
 
-def info(path: str | Path) -> ModelInfo:
+def _local_weights(folder: Path) -> WeightsInfo | None:
+    """Headers of a local folder's safetensors files (None when it has none or they do not read)."""
+    from .errors import RelufyError
+    from .io.safetensors_index import DTYPE_BYTES, Checkpoint
+
+    try:
+        ckpt = Checkpoint(folder)
+    except (RelufyError, OSError):
+        return None
+    dtypes: dict[str, int] = {}
+    for t in ckpt.tensors.values():
+        dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
+    size = sum(t.numel * DTYPE_BYTES.get(t.dtype, 0) for t in ckpt.tensors.values())
+    return WeightsInfo(files=len(ckpt.files), params=sum(dtypes.values()), bytes=size, dtypes=dtypes)
+
+
+def _hub_weights(repo: str, revision: str | None, token: str | None) -> WeightsInfo | None:
+    from .io.hub import safetensors_metadata
+
+    meta = safetensors_metadata(repo, revision, token)
+    if meta is None:
+        return None
+    dtypes: dict[str, int] = {}
+    size = 0
+    for file in meta.files_metadata.values():
+        for t in file.tensors.values():
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.parameter_count
+            size += t.data_offsets[1] - t.data_offsets[0]
+    return WeightsInfo(files=len(meta.files_metadata), params=sum(dtypes.values()), bytes=size, dtypes=dtypes)
+
+
+def _hub_config(repo: str, revision: str | None, token: str | None) -> tuple[dict, str | None]:
+    """config.json of a hub model (one small download) and the commit it came from."""
+    import json
+
+    from .errors import RelufyError
+    from .io.hub import download_file, snapshot_commit
+
+    path = download_file(repo, "config.json", revision, token)
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RelufyError(f"{repo}: config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise RelufyError(f"{repo}: config.json is not a JSON object")
+    return config, snapshot_commit(path.parent)
+
+
+def info(path: str | Path, revision: str | None = None, token: str | None = None) -> ModelInfo:
+    """The facts of the model at ``path`` (folder, .gguf, hub id with an optional revision)."""
+    from .io.hub import split_revision
+    from .io.paths import user_path
     from .io.source import resolve
     from .modeling.spec import base_config
 
-    source = resolve(path)
-    config = source.config_dict()
+    local = user_path(path, "the model path").exists()
+    hub = None if local else split_revision(str(path), revision)
+    commit = None
+    if hub is not None:  # config and headers only: never the weights
+        config, commit = _hub_config(hub[0], hub[1], token)
+        weights = _hub_weights(hub[0], commit or hub[1], token)
+    else:
+        source = resolve(path, revision, token)
+        config = source.config_dict()
+        weights = None if source.gguf_file else _local_weights(source.folder)
     block = RelufyBlock.read(config, str(path))
     family, cfg = base_config(config)
     total, ffn = count_parameters(family, cfg)
@@ -73,6 +148,8 @@ def info(path: str | Path) -> ModelInfo:
         params_total=total,
         params_ffn=ffn,
         relufy=config.get("relufy"),
+        weights=weights,
+        revision=commit,
         **moe,
     )
 
@@ -81,7 +158,7 @@ def show(path: str, options: InfoOptions) -> ModelInfo:
     """``relufy info``: the model's facts as a table (or JSON) on stdout."""
     import json
 
-    result = info(path)
+    result = info(path, options.revision, options.token)
     if options.json_out:
         print(json.dumps(result.model_dump(), indent=2))
         return result
@@ -104,6 +181,12 @@ def show(path: str, options: InfoOptions) -> ModelInfo:
         ("parameters", f"{result.params_total:,}"),
         ("FFN parameters", f"{result.params_ffn:,} ({result.params_ffn / result.params_total:.1%})"),
     ]
+    if result.weights:
+        w = result.weights
+        dtypes = ", ".join(f"{k} {v:,}" for k, v in sorted(w.dtypes.items()))
+        rows.append(("weights", f"{w.params:,} parameters in {w.files} safetensors file(s), {w.bytes:,} bytes ({dtypes})"))
+    if result.revision:
+        rows.append(("revision", result.revision))
     if result.relufy:
         rows += [(f"relufy.{k}", v) for k, v in result.relufy.items() if k not in ("activation", "threshold")]
     for k, v in rows:

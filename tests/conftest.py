@@ -14,6 +14,9 @@ def _hermetic_hf(tmp_path_factory):
     os.environ["HF_HOME"] = str(home)
     os.environ["HF_MODULES_CACHE"] = str(home / "modules")
     os.environ["HF_HUB_OFFLINE"] = "1"
+    import huggingface_hub.constants  # read HF_HUB_OFFLINE when first imported, maybe before this fixture
+
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     yield
 

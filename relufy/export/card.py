@@ -7,6 +7,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..io.block import RelufyBlock
+from ..io.hub import public_name
+from ..modeling.card import card_data, render
 
 
 def _plots(tmp: Path, result) -> list[str]:
@@ -110,18 +112,17 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
     if result.reordered:
         experts = " and expert" if family.is_moe else ""
         order = f"reordered hottest first per FFN{experts} (permutation in sparsity.safetensors); the function is unchanged"
+    library = "gguf" if options.layout == "powerinfer-gguf" else "transformers"
+    layout_tags = {"hf": (), "powerinfer": ("powerinfer",), "powerinfer-gguf": ("powerinfer", "gguf")}[options.layout]
+    data = card_data(block, family, library=library, tags=layout_tags)
     lines = [
-        "---",
-        f"library_name: {'gguf' if options.layout == 'powerinfer-gguf' else 'transformers'}",
-        f"tags: [relufy, {block.activation}, sparse-activation]",
-        "---",
-        f"# Sparsity-ready {block.activation} export of `{block.source}`",
+        f"# Sparsity-ready {block.activation} export of `{public_name(block.source)}`",
         "",
         f"Exported by relufy {__version__} (Turbo Sparse, arXiv 2406.05955), layout `{options.layout}`, "
         f"family `{family.model_type}`.",
         "",
         "## What was done",
-        f"- Activation statistics from {'`' + options.stats + '`' if options.stats else '`' + str(options.data) + '`'}: "
+        f"- Activation statistics from `{public_name(options.stats or options.data)}`: "
         f"{result.sparsity['overall']:.1%} of FFN neurons are exactly zero per token "
         f"(mean over layers {result.sparsity['mean']:.1%}).",
         f"- Neurons {order}.",
@@ -158,7 +159,7 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         lines += ["", "## Evaluation (`relufy eval`)", "", "| model | ppl | FFN zeros | top-k ppl |", "|---|---:|---:|---|"]
         for m in models:
             topk = ", ".join(f"{p['sparsity']:.0%}: {p['ppl']:.2f}" for p in m.get("topk", []))
-            lines.append(f"| `{Path(m['model']).name}` | {m['ppl']:.2f} | {m['sparsity']['overall']:.1%} | {topk} |")
+            lines.append(f"| `{public_name(m['model'])}` | {m['ppl']:.2f} | {m['sparsity']['overall']:.1%} | {topk} |")
     lines += [
         "",
         "## Sparsity per layer",
@@ -172,4 +173,4 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         _load_snippet(options, family),
         "",
     ]
-    (tmp / "README.md").write_text("\n".join(lines))
+    (tmp / "README.md").write_text(render(data, "\n".join(lines)))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Literal
 
+from ..io.hub import PushOptions
 from ..names import DTYPES
-from ..options import Options
 from ..options import option_field as Field
 
 
-class ExportOptions(Options):
+class ExportOptions(PushOptions):
     """How ``relufy export`` profiles, reorders, trains predictors and lays out a checkpoint."""
 
     layout: Literal["hf", "powerinfer", "powerinfer-gguf"] = Field(

@@ -468,4 +468,9 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
 
         with atomic_file(report) as tmp:
             tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
+    from ..io.hub import HubPush, push_folder
+
+    push = HubPush.of(options)
+    if push is not None:  # OUT is complete: a failed push leaves it as written
+        push_folder(out, push, f"relufy export ({options.layout} layout)")
     return result

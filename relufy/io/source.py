@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import RelufyError
 from .block import RelufyBlock
+from .hub import HUB_ID as _HUB_ID
+from .hub import cache_repo_id, split_revision
 from .paths import allowed_roots, inside, user_path
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Weight formats that are never carried over (relufy reads and writes safetensors only).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
@@ -21,8 +21,25 @@ class Source:
     """A resolved model location. ``gguf_file`` is set for GGUF input (a file inside ``folder``)."""
 
     folder: Path
-    label: str
+    label: str  # what the model is called in cards and config.json: a hub id, or a local folder's name
     gguf_file: str | None = None
+    base_model: str | None = None  # the hub id of these weights, when known
+    revision: str | None = None  # the hub commit read
+    card: dict = field(default_factory=dict, compare=False)  # the front matter of the source's README.md
+
+    def provenance(self) -> dict:
+        """What the ``relufy`` block records about where the weights came from (never a local path):
+        ``base_model``, ``source_revision`` and the source card's license, when known."""
+        out = {}
+        if self.base_model:
+            out["base_model"] = self.base_model
+        if self.revision:
+            out["source_revision"] = self.revision
+        for key in ("license", "license_name", "license_link"):
+            value = self.card.get(key)
+            if isinstance(value, str) and value.strip():
+                out[key] = value.strip()
+        return out
 
     def inputs(self) -> list[Path]:
         """The resolved places this source reads: outputs must stay clear of them."""
@@ -66,42 +83,81 @@ class Source:
         return files
 
 
-def resolve(src: str | Path) -> Source:
+def resolve(src: str | Path, revision: str | None = None, token: str | None = None) -> Source:
+    """A model folder, a ``.gguf`` file, or a hub id (``org/name``, ``org/name@revision``, or with
+    ``revision``): an existing local path wins over a hub id spelled the same."""
     path = user_path(src, "the model path")
+    if revision is not None and path.exists():
+        raise RelufyError(f"{src}: a local model; --revision is for models on the Hugging Face Hub")
     if path.is_dir():
-        return Source(path, str(src))
+        return _local(path, path)
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise RelufyError(f"{src}: expected a model folder, a .gguf file or a hub id")
-        return Source(path.parent, str(src), gguf_file=path.name)
-    if _HUB_ID.match(str(src)) and not str(src).startswith((".", "/", "~")):
-        return _download(str(src))
+        return _local(path.parent, path, gguf_file=path.name)
+    hub = split_revision(str(src), revision)
+    if hub is not None:
+        return _download(hub[0], hub[1], token)
     raise RelufyError(f"{src}: no such model folder or file")
 
 
-def _download(repo_id: str) -> Source:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+def _card(folder: Path) -> dict:
+    """The YAML front matter of ``folder/README.md`` ({} when there is none or it does not parse)."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        from huggingface_hub.repocard import metadata_load
 
+        card = metadata_load(inside(readme, folder))
+    except Exception:  # noqa: BLE001 - unreadable or bad YAML: the card is optional, it just names nothing
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def _recorded_hub_id(folder: Path, card: dict) -> str | None:
+    """The hub id a local model folder records for itself: the Hugging Face cache layout, a relufy
+    block's ``base_model``, ``_name_or_path`` in its config.json, or its card's ``base_model``."""
+    repo = cache_repo_id(folder)
+    if repo:
+        return repo
+    candidates = []
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        config = {}
+    if isinstance(config, dict):
+        block = config.get("relufy")
+        if isinstance(block, dict):
+            candidates.append(block.get("base_model"))
+        candidates.append(config.get("_name_or_path"))
+    base = card.get("base_model")
+    candidates.append(base[0] if isinstance(base, list) and len(base) == 1 else base)
+    for c in candidates:
+        if isinstance(c, str) and _HUB_ID.match(c) and not Path(c).expanduser().exists():
+            return c
+    return None
+
+
+def _local(folder: Path, path: Path, gguf_file: str | None = None) -> Source:
+    card = _card(folder)
+    base = _recorded_hub_id(folder, card)
+    return Source(folder, base or path.name, gguf_file=gguf_file, base_model=base, card=card)
+
+
+def _download(repo_id: str, revision: str | None = None, token: str | None = None) -> Source:
+    from .hub import download_snapshot, snapshot_commit
     from .safetensors_index import read_index
 
-    patterns = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-    try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        # only the shards the index names (repos such as Mistral's also hold consolidated.safetensors)
-        index = folder / "model.safetensors.index.json"
-        shards = sorted(set(read_index(index, folder).values())) if index.exists() else ["model.safetensors"]
-        folder = snapshot_download(repo_id, allow_patterns=patterns + shards)
-    except RepositoryNotFoundError:
-        raise RelufyError(
-            f"{repo_id}: no such local folder, and no such model on the Hugging Face Hub (or it is gated)"
-        ) from None
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RelufyError(
-            f"{repo_id}: no such local folder, and could not download it from the Hugging Face Hub ({first})"
-        ) from None
-    return Source(Path(folder), repo_id)
+    patterns = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "README.md"]
+    folder = download_snapshot(repo_id, revision, token, patterns)
+    # the same commit for the weights, even if the branch moves meanwhile
+    commit = snapshot_commit(folder) or revision
+    # only the shards the index names (repos such as Mistral's also hold consolidated.safetensors)
+    index = folder / "model.safetensors.index.json"
+    shards = sorted(set(read_index(index, folder).values())) if index.exists() else ["model.safetensors"]
+    folder = download_snapshot(repo_id, commit, token, patterns + shards)
+    return Source(folder, repo_id, base_model=repo_id, revision=snapshot_commit(folder), card=_card(folder))
 
 
 def local_inputs(*specs: str | Path | None) -> list[Path]:

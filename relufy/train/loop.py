@@ -344,9 +344,17 @@ def _first_writes(out: Path, plan: dict, recipe: Recipe, resume: bool) -> None:
         ckpt.truncate_metrics(out / "metrics.jsonl", 0)
 
 
-def train(recipe: Recipe, resume: bool = False, show_progress: bool = True) -> Path:
-    """Run ``recipe`` (continue it from its newest intact checkpoint with ``resume``); returns ``final/``."""
-    return RecipeRun(recipe, resume=resume, show_progress=show_progress).run()
+def train(recipe: Recipe, resume: bool = False, show_progress: bool = True, push=None) -> Path:
+    """Run ``recipe`` (continue it from its newest intact checkpoint with ``resume``); returns ``final/``.
+    ``push`` (a ``relufy.io.hub.HubPush``, e.g. ``HubPush.of(train_options)``): upload ``final/`` to
+    the Hub once it is written, from the main process only."""
+    from ..io.hub import check_push, push_folder
+
+    check_push(push)  # no token: refused now, not after the training
+    final = RecipeRun(recipe, resume=resume, show_progress=show_progress).run()
+    if push is not None and os.environ.get("RANK", "0") == "0":
+        push_folder(final, push, f"relufy train: {recipe.name}")
+    return final
 
 
 class RecipeRun:
@@ -847,6 +855,14 @@ class RecipeRun:
                 unwrapped, state_dict = unwrapped.merge_and_unload(), None
             tokens = self.total_steps * self.tokens_per_step
             note = f"Trained by `relufy train` ({recipe.name}): {self.total_steps} steps, {tokens:,} tokens."
+            ppl0, (ppl1, zeros1) = self.heldout_before[0], heldout_after
+            if ppl1 is not None:
+                before = f"{ppl0:.2f} before, " if ppl0 is not None else ""
+                note += f" Held-out perplexity {before}{ppl1:.2f} after"
+                note += f"; FFN zeros {zeros1:.1%}." if zeros1 is not None else "."
+            # the card and any later export name the model trained ("finetune" of its base_model)
+            trained = {"recipe": recipe.name, "steps": self.total_steps, "tokens": tokens}
+            unwrapped.config.relufy = {**unwrapped.config.relufy, "trained": trained}
             save_relufy(unwrapped, self.out / "final", tokenizer=self.tokenizer, state_dict=state_dict, card_note=note)
             summary = {
                 "steps": self.total_steps,

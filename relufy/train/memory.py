@@ -702,23 +702,18 @@ def _advice(sizes: ModelSizes, s: Setup, teacher: ModelSizes) -> list[str]:
 
 
 def read_config(spec: str) -> dict:
-    """The config dict of a model folder, .gguf file or hub id (a hub model's config.json only)."""
+    """The config dict of a model folder, .gguf file or hub id (``org/name[@revision]``: its
+    config.json only, never the weights)."""
+    import json
     from pathlib import Path
 
-    from ..io.source import _HUB_ID, resolve
+    from ..io.hub import download_file, split_revision
+    from ..io.source import resolve
 
-    path = Path(spec).expanduser()
-    if path.exists() or not _HUB_ID.match(str(spec)):
+    hub = None if Path(spec).expanduser().exists() else split_revision(str(spec))
+    if hub is None:
         return resolve(spec).config_dict()
-    import json
-
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(str(spec), "config.json")).read_text())
-    except Exception as e:  # noqa: BLE001 - offline, gated, missing: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RelufyError(f"{spec}: cannot read its config.json for the memory plan ({first})") from None
+    return json.loads(download_file(hub[0], "config.json", hub[1], None).read_text())
 
 
 def plan_recipe(recipe, gpus=None, nodes: int = 1, gpu_memory=None, strategy=None, processes=None) -> MemoryPlan:

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import RelufyError
-from ..io.hub import check_push_repo, check_revision, hub_revision_field, public_field, push_field, token_field
-from ..options import Options, first_error, option_field
+from ..io.hub import PushOptions
+from ..options import first_error, option_field
 
 
 class _Spec(BaseModel):
@@ -231,7 +231,7 @@ class Recipe(_Spec):
     checkpoint: CheckpointSpec = CheckpointSpec()
 
 
-class TrainOptions(Options):
+class TrainOptions(PushOptions):
     """How ``relufy train`` starts."""
 
     resume: bool = option_field(False, description="Continue from the newest intact checkpoint in output_dir.")
@@ -267,20 +267,6 @@ class TrainOptions(Options):
         description="Train nothing: write the run's checkpoint of this step as a model folder (relufy convert's format, "
         "LoRA merged) to OUTPUT_DIR/exports/step-N, to evaluate a run mid-way; runs with one process.",
     )
-    push_to_hub: str | None = push_field("OUTPUT_DIR/final (the trained model)")
-    public: bool = public_field()
-    hub_revision: str | None = hub_revision_field()
-    token: str | None = token_field("--push-to-hub")
-
-    @field_validator("push_to_hub")
-    @classmethod
-    def _push_repo(cls, value):
-        return check_push_repo(value)
-
-    @field_validator("hub_revision")
-    @classmethod
-    def _hub_revision(cls, value):
-        return check_revision(value)
 
     @model_validator(mode="after")
     def _plan_flags(self):

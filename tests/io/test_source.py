@@ -155,4 +155,4 @@ def test_a_path_typo_is_not_only_a_hub_error(tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     snap = Snapshot(tmp_path)
     code, err, _ = cli("info", "runs/drelu")
-    assert_refused(snap, code, err, "runs/drelu: no such local folder", "Hugging Face Hub")
+    assert_refused(snap, code, err, "runs/drelu: no such local folder", "Hub")
