@@ -85,6 +85,28 @@ def test_jsonl_equals_text_join(models, tmp_path, cli):
         (("--data", "{text}", "--topk", "0.5,1.0"), "[0, 1)"),
         (("--data", "{text}", "--topk", "-0.1"), "[0, 1)"),
         (("--data", "{text}", "--topk", "a,b"), "--topk: Input should be a valid number"),
+        ((), "give --data (perplexity) and/or --tasks"),
+        (("--data", "{text}", "--threshold-sparsity", "1"), "threshold sparsity levels must be in [0, 1)"),
+        (("--data", "{text}", "--threshold-calibration-tokens", "50"), "applies to --threshold-sparsity"),
+        (("--data", "{text}", "--limit", "5"), "--limit applies to --tasks"),
+        (("--data", "{text}", "--num-fewshot", "0"), "--num-fewshot applies to --tasks"),
+        (("--tasks", "x", "--threshold-sparsity", "0.5"), "--threshold-sparsity applies to the perplexity text: give --data"),
+        (("--tasks", "x", "--tasks-at-levels"), "--tasks-at-levels needs --topk and/or --threshold-sparsity"),
+        (
+            (
+                "--data",
+                "{text}",
+                "--seq-len",
+                "32",
+                "--max-tokens",
+                "300",
+                "--threshold-sparsity",
+                "0.5",
+                "--threshold-calibration-tokens",
+                "300",
+            ),
+            "leaves 0 to score",
+        ),
     ],
 )
 def test_bad_input(models, tmp_path, cli, args, needle):
@@ -94,6 +116,30 @@ def test_bad_input(models, tmp_path, cli, args, needle):
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert needle in err, err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_threshold_rows_in_table_and_json(models, tmp_path, cli):
+    """--threshold-sparsity beside the top-k curve: perplexity and realized zeros per level."""
+    code, err, out = cli(
+        "eval", models / "moe", models / "moe-drelu", "--data", models / "text.txt", "--seq-len", 32, "--max-tokens", 300,
+        "--topk", "0,0.5", "--threshold-sparsity", "0.5,0.8", "--threshold-calibration-tokens", 64, "--json", tmp_path / "r.json",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "perplexity vs FFN sparsity" in out and "threshold" in out and "top-k" in out
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["options"]["threshold_sparsity"] == [0.5, 0.8]
+    for m in data["models"]:
+        assert m["calibration"]["tokens"] == 64 and m["tokens"] == 300 - 64 - 1
+        assert "thresholds" not in m
+        assert [p["sparsity"] for p in m["threshold"]] == [0.5, 0.8]
+        for p in m["threshold"]:
+            assert {"ppl", "realized", "active_ffn_param_fraction", "calibration_below"} <= p.keys()
+            assert 0 <= p["realized"]["mean"] <= 1 and p["realized"]["overall"] >= m["sparsity"]["overall"] - 1e-12
+        for p in m["topk"]:  # the top-k rows realize at least s (more where the model has its own zeros)
+            assert p["realized"]["overall"] >= max(p["sparsity"], m["sparsity"]["overall"]) - 0.05
+    swiglu = data["models"][0]["threshold"]
+    assert swiglu[0]["realized"]["mean"] == pytest.approx(0.5, abs=0.1)
+    assert swiglu[1]["realized"]["mean"] == pytest.approx(0.8, abs=0.1)
 
 
 def test_unreadable_model(models, tmp_path, cli):
