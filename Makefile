@@ -41,7 +41,7 @@ test: $(STAMP)
 CHECK_INSTALL_ARGS ?=
 CHECK_INSTALL_OVERRIDES := budget.max_steps=1 budget.micro_batch_size=2 optim.warmup_steps=0 data.seq_len=64 \
   data.heldout_fraction=0.01 sparsity.ffn_warmstart.tokens=256 sparsity.ffn_warmstart.steps=2 log.every=1
-OPTIONAL_MODULES := accelerate peft datasets matplotlib ninja lm_eval tensorboard wandb
+OPTIONAL_MODULES := peft datasets matplotlib ninja lm_eval tensorboard wandb
 check-install:
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; v=$$tmp/venv; t0=$$(date +%s); \
 	echo "== fresh env in $$tmp: torch, then relufy without extras"; \

@@ -65,6 +65,7 @@ _LIBRARY_ENV = {
         "HF_HUB_VERBOSITY": "error",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TQDM_DISABLE": "1",
     },
 }
 
@@ -405,6 +406,7 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     if not sys.stderr.isatty():  # logs get plain lines (relufy.progress), not redrawn tqdm bars
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own tqdm bars (transformers' GGUF loader)
         if "transformers" in sys.modules:  # imported already (relufy used as a library): tell it directly
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:

@@ -15,7 +15,7 @@ from .errors import RelufyError
 
 # extra -> the modules a feature of it imports (ninja is optional: the PyTorch kernels stand in)
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "train": ("accelerate", "peft", "datasets", "matplotlib"),
+    "train": ("datasets", "matplotlib", "peft"),
     "export": ("matplotlib",),
     "eval": ("lm_eval", "datasets"),
     "plot": ("matplotlib",),

@@ -26,7 +26,7 @@ from relufy.errors import RelufyError
 from relufy.extras import EXTRAS, missing, need, require
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONAL = ("accelerate", "peft", "datasets", "matplotlib", "ninja", "lm_eval", "tensorboard", "wandb")
+OPTIONAL = ("peft", "datasets", "matplotlib", "ninja", "lm_eval", "tensorboard", "wandb")
 # the distribution that provides each optional module
 DISTRIBUTION = {"lm_eval": "lm-eval"}
 
@@ -168,11 +168,16 @@ def test_core_commands_run_without_any_extra(without, tiny_folder, tiny_gguf, tm
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"\[\d+ tokens, [\d.]+ tokens/s", proc.stderr), proc.stderr
 
+    # a GGUF loaded whole (transformers' de-quantizing loader has its own tqdm bar): no redrawn bar in a log
+    proc = run("generate", tiny_gguf, "--prompt", "The", "--max-new-tokens", "2", "--no-chat")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr
+
 
 def test_train_without_its_extra_names_it(without, tiny_folder):
-    """With only datasets and accelerate missing (the rest of the train extra installed)."""
-    proc = without("datasets", "accelerate")("train", "demo-smollm2-cpu", f"model.path={tiny_folder}", "--dry-run")
-    one_line_error(proc, "relufy train needs accelerate, datasets", "pip install 'relufy[train]'")
+    """With only datasets and peft missing (the rest of the train extra installed)."""
+    proc = without("datasets", "peft")("train", "demo-smollm2-cpu", f"model.path={tiny_folder}", "--dry-run")
+    one_line_error(proc, "relufy train needs datasets, peft", "pip install 'relufy[train]'")
 
 
 def test_features_without_their_extra_name_it(without, tiny_folder, tmp_path):
@@ -214,13 +219,15 @@ def test_pyproject_core_and_extras():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = _requirement_names(project["dependencies"])
-    assert core == {"torch", "transformers", "safetensors", "huggingface-hub", "gguf", "typer", "pydantic", "rich", "numpy"}
+    assert core == {
+        *("torch", "transformers", "safetensors", "huggingface-hub", "accelerate", "gguf", "typer", "pydantic", "rich", "numpy")
+    }
     extras = project["optional-dependencies"]
     for extra, modules in EXTRAS.items():
         names = _requirement_names(extras[extra])
         for module in modules:
             assert DISTRIBUTION.get(module, module).replace("_", "-") in names, (extra, module)
-    assert _requirement_names(extras["train"]) == {"accelerate", "peft", "datasets", "matplotlib"}
+    assert _requirement_names(extras["train"]) == {"peft", "datasets", "matplotlib"}
     assert "ninja" in _requirement_names(extras["export"])
     assert any(r.startswith("lm-eval[hf]>=0.4.13") for r in extras["eval"])
     dev = " ".join(extras["dev"])
