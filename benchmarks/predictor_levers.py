@@ -119,8 +119,8 @@ def main() -> None:
                 target = float(rule[1:])
                 thresholds = {}
                 for key, p in predictors.items():
-                    rows = {part: kept[part].load(key) for part in ("tune", "train")}
-                    found = pick_threshold(p, rows, target, magnitude=rule[0] == "m")
+                    calibration = {part: kept[part].load(key) for part in ("tune", "train")}
+                    found = pick_threshold(p, calibration, target, magnitude=rule[0] == "m")
                     thresholds[key] = found[0] if found is not None else 0.0
             else:
                 thresholds = dict.fromkeys(predictors, float(rule))
