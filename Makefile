@@ -7,7 +7,7 @@ RUNS ?= runs
 PYTEST_ARGS ?=
 TURBOSPARSE := mistral mixtral llama-3.1-8b qwen2.5-7b qwen3-30b-a3b
 
-.PHONY: install check-install lint test demo ablation bench-convert bench-gguf bench-eval bench-train gpu-smoke bench-sharded bench-sparse eval-smollm2 \
+.PHONY: install check-install check-transformers lint test demo ablation bench-convert bench-gguf bench-eval bench-train gpu-smoke bench-sharded bench-sparse eval-smollm2 \
   recovery-smollm2 recovery-smollm2-hour export-smollm2 clean $(addprefix turbosparse-,$(TURBOSPARSE))
 
 # Training runs are file targets (their summary.json, written last): make skips a finished run
@@ -66,6 +66,17 @@ check-install:
 	$$v/bin/relufy train demo-smollm2-cpu model.path=drelu output_dir=train $(CHECK_INSTALL_OVERRIDES) $(CHECK_INSTALL_ARGS); \
 	test -f train/final/config.json; \
 	t4=$$(date +%s); echo "== trained in $$((t4 - t3)) s; check-install passed in $$((t4 - t0)) s"
+
+# The numerics tests (every family against transformers through the remote code, GGUF streaming,
+# the embedded SmolLM2) under other transformers/torch releases, each in its own env under
+# $(RUNS)/compat, reused by the next run (docs/compatibility.md). A torch other than 2.13.0 is a
+# multi-GB CUDA build: add --remove through COMPAT_ARGS to delete each env after its run.
+TRANSFORMERS_VERSIONS ?= 5.13.0 5.24.0
+TORCH_VERSIONS ?= 2.13.0
+COMPAT_ARGS ?=
+check-transformers: $(STAMP)
+	$(BIN)/python benchmarks/compat.py --root $(RUNS)/compat --transformers $(TRANSFORMERS_VERSIONS) \
+	  --torch $(TORCH_VERSIONS) $(COMPAT_ARGS)
 
 # ruff: one line length (pyproject), imports sorted, format as ruff writes it
 lint: $(STAMP)

@@ -234,7 +234,7 @@ def _generate(model: str, options) -> None:
 
 
 def _eval(models: list[str], options) -> None:
-    """Perplexity, activation sparsity and the top-k curve of one or more models."""
+    """Perplexity, activation sparsity, the top-k and threshold curves and lm-eval benchmarks of one or more models."""
     from .extras import require
     from .measure.report import run_eval
 

@@ -163,6 +163,9 @@ class _Gguf:
         try:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            # tied as from_pretrained ties them (transformers 5.0 leaves a model built on the meta device
+            # untied, and the plan would then ask a tied GGUF for an lm_head it does not hold)
+            self.model.tie_weights()
             self.processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=raw_config)
             self.names = get_gguf_hf_weights_map(self.model, self.processor)  # GGUF name -> parameter
         except Exception as e:  # noqa: BLE001 - as above: metadata transformers cannot build a model from

@@ -87,6 +87,9 @@ _TAIL = r"""
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from {config_module} import {config_class} as _BaseConfig
 from {model_module} import {model_class} as _BaseForCausalLM
+# the FFN classes swap_ffn replaces: a transformers release without one (DeepseekV3Experts came in 5.13)
+# stops here instead of leaving those FFNs on the original activation
+from {model_module} import {ffn_imports}  # noqa: F401
 
 BASE_MODEL_TYPE = {model_type!r}
 FFN_CLASSES = {ffn_classes!r}
@@ -147,7 +150,7 @@ if _conversions:
 
 
 def render_modeling(family: Family) -> str:
-    """Source of ``modeling_relufy.py`` for ``family``: imports only torch and transformers."""
+    """Source of ``modeling_relufy.py`` for ``family``: imports only torch, transformers and safetensors."""
     config_module, config_class = family.config_import
     model_module, model_class = family.model_import
     header = (
@@ -163,6 +166,7 @@ def render_modeling(family: Family) -> str:
         model_module=model_module,
         model_class=model_class,
         ffn_classes=dict(family.ffn_classes),
+        ffn_imports=", ".join(family.ffn_classes),
         act_key=family.act_key,
     )
     source = header + "\n" + body + "\n" + tail
