@@ -13,7 +13,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "relufy"
 
 LAYERS = [
-    ("relufy", "relufy.errors", "relufy.names", "relufy.options", "relufy.activations", "relufy.progress", "relufy.embedded"),
+    (
+        *("relufy", "relufy.errors", "relufy.names", "relufy.options", "relufy.activations", "relufy.progress"),
+        *("relufy.embedded", "relufy.extras"),
+    ),
     ("relufy.families",),  # the architecture table
     ("relufy.io",),  # bytes on disk: safetensors, GGUF, atomic outputs, path rules
     ("relufy.modeling",),  # the activation swap, remote code, load/save, tokenizer, predictor module

@@ -204,7 +204,9 @@ def _perplexity(model, tokenizer, path, options: EvalOptions, texts, fields: dic
 
     calibration, rows = None, []
     if options.threshold_sparsity:
-        calibration = calibrate(model, calibration_wins, options.threshold_sparsity, options.batch_size, device, advance)
+        calibration = calibrate(
+            model, options.threshold_sparsity, lambda: score(model, calibration_wins, options.batch_size, device, advance)
+        )
         for s in options.threshold_sparsity:
             mask = lambda sites, s=s: MaskedCounter(sites, ThresholdMask(sites, calibration.thresholds[s]))
             with observing(model, mask) as masked:

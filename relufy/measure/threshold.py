@@ -107,13 +107,12 @@ def calibration_windows(ids: torch.Tensor, seq_len: int, bos_id: int | None = No
     return out
 
 
-def calibrate(model, wins: list[Window], levels, batch_size: int, device, advance=None) -> Calibration:
+def calibrate(model, levels, forward) -> Calibration:
     """Per level ``s`` in ``levels``, per FFN site and expert, the threshold ``t`` under which a
-    fraction ``s`` of the calibration entries ``|h|`` lie (two passes of the unmasked model over ``wins``)."""
-    from .evaluate import score
-
+    fraction ``s`` of the calibration entries ``|h|`` lie: two calls of ``forward()``, one pass of
+    the unmasked model over the calibration windows each (``relufy.measure.evaluate.score``)."""
     with observing(model, _Histograms) as hist:
-        score(model, wins, batch_size, device, advance)
+        forward()
     counts = {k: c.cpu() for k, c in hist.counts.items()}
     zeros = {k: int(z) for k, z in hist.zeros.items()}
     # per (key, level): the rank among the positive entries of the first entry not dropped
@@ -136,7 +135,7 @@ def calibrate(model, wins: list[Window], levels, batch_size: int, device, advanc
                 wanted.setdefault(key, set()).add(b)
     wanted = {k: sorted(v) for k, v in wanted.items()}
     with observing(model, lambda sites: _BinValues(sites, wanted)) as picked:
-        score(model, wins, batch_size, device, advance)
+        forward()
     values = {k: torch.cat(v).sort().values.cpu() if v else torch.empty(0) for k, v in picked.values.items()}
 
     def pick(key, s) -> tuple[float, int]:
