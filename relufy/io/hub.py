@@ -235,10 +235,17 @@ def hub_error(e: BaseException, repo: str, revision: str | None = None, token: s
 
 
 def _hub_exceptions() -> tuple[type[BaseException], ...]:
-    import httpx2
+    import importlib
+
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
 
-    return (HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, httpx2.HTTPError, OSError, ValueError)
+    found = [HfHubHTTPError, EntryNotFoundError, OfflineModeIsEnabled, OSError, ValueError]
+    for client in ("httpx2", "httpx"):  # huggingface_hub 2.x speaks httpx2, 1.x httpx
+        try:
+            found.append(importlib.import_module(client).HTTPError)
+        except ImportError:
+            continue
+    return tuple(found)
 
 
 @contextmanager
