@@ -106,15 +106,15 @@ def copy(name: str, dest: str | Path, force: bool = False) -> Path:
     """Write the shipped recipe ``name`` to ``dest`` (into it, under the recipe's file name, when
     ``dest`` is a folder), atomically; an existing file is replaced only with ``force``."""
     from ..io.atomic import atomic_file
+    from ..io.paths import check_output_file, user_path
 
     recipe = find(name)
-    target = Path(dest).expanduser()
+    target = user_path(dest, "DEST")
     if target.is_dir():
         target = target / recipe.path.name
+    target = check_output_file(target, [recipe.path.resolve()], "DEST")  # ``..`` and links resolved; no input touched
     if target.exists() and not force:
         raise RelufyError(f"{target} exists (--force replaces it)")
-    if target.exists() and not target.is_file():
-        raise RelufyError(f"{target}: not a file")
     with atomic_file(target) as tmp:
         shutil.copyfile(recipe.path, tmp)
     return target
