@@ -41,6 +41,7 @@ class RelufyFFN:
     relufy_threshold = None
     relufy_observer = None
     relufy_rows = None
+    relufy_blend = None  # training only: a in [0, 1) blends (1 - a) x the original activation + a x this one
 
     def relufy_combine(self, gate, up, expert=None):
         if self.relufy_activation == "swiglu":  # the module's own gated activation
@@ -48,6 +49,9 @@ class RelufyFFN:
             out = act(gate) * up
         else:
             out = GATED_ACTIVATIONS[self.relufy_activation](gate, up, self.relufy_threshold)
+            if self.relufy_blend is not None:
+                act = getattr(self, "act_fn", None) or self.activation_fn
+                out = self.relufy_blend * out + (1 - self.relufy_blend) * (act(gate) * up)
         if self.relufy_observer is not None:
             out = self.relufy_observer(self, out, expert)
         return out

@@ -62,6 +62,43 @@ def lr_lambda(step: int, warmup: int, total: int, lr: float, min_lr: float) -> f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def l1_factor(step: int, total: int, sparsity) -> float:
+    """The fraction of ``sparsity.l1`` applied at optimizer step ``step + 1`` (``sparsity.l1_schedule``):
+    ``linear`` ramps from 0 over ``l1_warmup_steps`` then holds 1; ``sine-stages`` (ProSparse) splits
+    ``total`` steps into ``l1_stages`` equal stages, stage k rising from (k-1)/S to k/S along a quarter
+    sine over ``l1_warmup_steps`` steps (0: half a stage), then holding k/S."""
+    warm = sparsity.l1_warmup_steps
+    if sparsity.l1_schedule == "linear":
+        return min(1.0, (step + 1) / warm) if warm else 1.0
+    stages = sparsity.l1_stages
+    length = total / stages
+    k = min(stages - 1, int(step // length))  # 0-based stage of this step
+    into = step - k * length + 1
+    rise = warm or max(1.0, length / 2)
+    progress = min(1.0, into / rise)
+    return (k + math.sin(math.pi / 2 * progress)) / stages
+
+
+def anneal_blend(step: int, anneal_steps: int) -> float | None:
+    """The share ``a`` of the relufy activation at optimizer step ``step + 1`` while annealing
+    (``sparsity.anneal_steps``): ``(step + 1) / (anneal_steps + 1)``, rising linearly towards 1;
+    None (the relufy activation alone) from step ``anneal_steps + 1`` on, and without annealing."""
+    if step >= anneal_steps:
+        return None
+    return (step + 1) / (anneal_steps + 1)
+
+
+def hidden_distance(student_hidden, teacher_hidden, labels) -> torch.Tensor:
+    """Mean over decoder layers of ``||h_s - h_t||^2 / ||h_t||^2`` on the scored positions (the
+    outputs of the model's ``output_hidden_states``; the embeddings, entry 0, are left out)."""
+    mask = labels != -100
+    terms = []
+    for s, t in zip(student_hidden[1:], teacher_hidden[1:], strict=True):
+        s, t = s[mask].float(), t[mask].float()
+        terms.append((s - t).square().sum() / t.square().sum().clamp_min(1e-12))
+    return torch.stack(terms).mean()
+
+
 def load_student(recipe: Recipe):
     """The model to train (``model.path``, or ``model.config`` from scratch) and its tokenizer."""
     from transformers import AutoModelForCausalLM
@@ -408,6 +445,9 @@ class RecipeRun:
         self.base = self.sites = self.meter = None  # the model without LoRA/DDP wrappers, its FFNs, their meter
         self.eval_model = None  # what held-out evals run: the prepared model without a DDP wrapper (FSDP2: its root)
         self.heldout_before: tuple = (None, None)  # held-out (ppl, sparsity) before training
+        self.eval_sets: dict = {}  # data.eval_sources: label -> Batch
+        self.eval_before: dict = {}  # label -> (ppl, sparsity) before training
+        self.original: dict = {}  # the teacher's held-out ppl: "heldout" and each eval source's label
         self.window_losses: list[float] = []  # the step losses since the last log
         self.progress = self.task = None
         self.log_lines = False  # plain log lines instead of a bar (no terminal)
@@ -498,6 +538,7 @@ class RecipeRun:
         self.mixture, self.heldout = train_mixture.build(
             recipe.data, self.tokenizer, recipe.seed, rank=a.process_index, world=a.num_processes
         )
+        self.eval_sets = train_mixture.build_eval(recipe.data, self.tokenizer)
         processes = self.accelerator.num_processes
         self.tokens_per_step = budget.micro_batch_size * budget.grad_accum * recipe.data.seq_len * processes
         self.total_steps = budget.max_steps or max(1, budget.max_tokens // self.tokens_per_step)
@@ -505,6 +546,16 @@ class RecipeRun:
             raise RelufyError(
                 f"optim.warmup_steps ({recipe.optim.warmup_steps}) must be below the run's {self.total_steps} steps"
             )
+        if recipe.sparsity.anneal_steps >= self.total_steps:
+            raise RelufyError(
+                f"sparsity.anneal_steps ({recipe.sparsity.anneal_steps}) must be below the run's {self.total_steps} "
+                "steps: the run has to end on the relufy activation alone"
+            )
+        late = [s for s in recipe.log.eval_steps if s > self.total_steps]
+        if late:
+            raise RelufyError(f"log.eval_steps: step {late[0]} is past the run's {self.total_steps} steps")
+        if recipe.sparsity.l1_schedule == "sine-stages" and recipe.sparsity.l1_stages > self.total_steps:
+            raise RelufyError(f"sparsity.l1_stages ({recipe.sparsity.l1_stages}) exceeds the run's {self.total_steps} steps")
 
     def _teacher_dtype(self) -> torch.dtype:
         """``sparsity.distill.teacher_dtype`` resolved: auto is bf16 when sharded, else fp32 (and fp32
@@ -659,13 +710,36 @@ class RecipeRun:
         a = self.accelerator
         return heldout_eval(self.eval_model, self.heldout, a.device, rank=a.process_index, world=a.num_processes)
 
+    def evaluate_outside(self, model=None) -> dict[str, tuple[float | None, float | None]]:
+        """``{label: (ppl, sparsity)}`` on each of ``data.eval_sources`` (text outside the training
+        mixture), as ``evaluate`` does on the in-domain slice; ``model``: the student by default."""
+        a = self.accelerator
+        model = self.eval_model if model is None else model
+        return {
+            label: heldout_eval(model, batch, a.device, rank=a.process_index, world=a.num_processes)
+            for label, batch in self.eval_sets.items()
+        }
+
+    def score_original(self) -> None:
+        """With a teacher (distillation): its perplexity on the in-domain held-out slice and on each
+        eval source, the denominators of the recovery ratios in summary.json."""
+        if self.teacher is None:
+            return
+        a = self.accelerator
+        ppl, _ = heldout_eval(self.teacher, self.heldout, a.device, rank=a.process_index, world=a.num_processes)
+        self.original = {"heldout": ppl}
+        for label, (ppl, _) in self.evaluate_outside(self.teacher).items():
+            self.original[label] = ppl
+
     def train(self) -> None:
         """The step loop from ``start_step`` to ``total_steps``: ``step``, then ``log`` and
         ``save_checkpoint`` when due; after the last step the state must be finite for ``final/``
         to be written. ``cleanup`` runs however the loop ends."""
         recipe, accelerator = self.recipe, self.accelerator
+        self.score_original()
         if self.start_step == 0:
             self.heldout_before = self.evaluate()
+            self.eval_before = self.evaluate_outside()
         self._observe()
         self.model.train()
         shown = self.show_progress and accelerator.is_main_process
@@ -678,7 +752,7 @@ class RecipeRun:
             for step in range(self.start_step, self.total_steps):
                 grad_norm = self.step(step)
                 done = step + 1
-                if done % recipe.log.every == 0 or done == self.total_steps:
+                if done % recipe.log.every == 0 or done == self.total_steps or done in recipe.log.eval_steps:
                     self.log(done, grad_norm)
                 if self.progress:
                     self.progress.update(self.task, completed=done)
@@ -696,6 +770,7 @@ class RecipeRun:
         clipping, optimizer and scheduler. Returns the gradient norm (None if Accelerate gives none);
         the step's loss (the mean over the processes) goes to ``window_losses``."""
         accelerator, accum = self.accelerator, self.recipe.budget.grad_accum
+        self._anneal(step)
         self.meter.reset()
         step_loss = 0.0
         for _ in range(accum):
@@ -724,6 +799,13 @@ class RecipeRun:
         self.window_losses.append(step_loss)
         return grad_norm
 
+    def _anneal(self, step: int) -> None:
+        """``sparsity.anneal_steps``: every FFN's blend for step ``step + 1`` (``anneal_blend``)."""
+        if self.recipe.sparsity.anneal_steps:
+            blend = anneal_blend(step, self.recipe.sparsity.anneal_steps)
+            for _, module in self.sites:
+                module.relufy_blend = blend
+
     def _micro_batch(self):
         """This process's ``(ids, labels)`` on its device: its rows of the global batch
         (``Mixture.local_batch``: in-memory sources give every process its rows of one global draw,
@@ -733,20 +815,25 @@ class RecipeRun:
     def _loss(self, ids, labels, step: int):
         """The model's loss, plus the distillation KL to the teacher (over the vocabulary, or its top k
         and a tail bucket: ``_kl_top_k``) and the (ramped) L1 term."""
-        outputs = self.model(input_ids=ids, labels=labels)
-        loss = outputs.loss
         sparsity = self.recipe.sparsity
+        d = sparsity.distill
+        hidden = bool(self.teacher is not None and d.hidden_weight)
+        outputs = self.model(input_ids=ids, labels=labels, output_hidden_states=hidden)
+        loss = outputs.loss
         if self.teacher is not None:
-            d = sparsity.distill
             with torch.no_grad():
-                teacher = self.teacher(input_ids=ids).logits
+                t_out = self.teacher(input_ids=ids, output_hidden_states=hidden)
+                teacher = t_out.logits
                 if d.top_k:  # kept: the top-k log-probabilities; the vocabulary-wide logits go at once
                     teacher = _teacher_top_k(teacher, labels, d.temperature, d.top_k)
             kl = _kl_top_k if d.top_k else _kl
             loss = loss + d.weight * kl(outputs.logits, teacher, labels, d.temperature)
+            if hidden:
+                loss = loss + d.hidden_weight * hidden_distance(outputs.hidden_states, t_out.hidden_states, labels)
+            del t_out
         if self.meter.l1:
-            ramp = min(1.0, (step + 1) / sparsity.l1_warmup_steps) if sparsity.l1_warmup_steps else 1.0
-            loss = loss + sparsity.l1 * ramp * torch.stack(self.meter.l1_terms).mean()
+            factor = l1_factor(step, self.total_steps, sparsity)
+            loss = loss + sparsity.l1 * factor * torch.stack(self.meter.l1_terms).mean()
         return loss
 
     def log(self, done: int, grad_norm) -> None:
@@ -770,14 +857,19 @@ class RecipeRun:
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_second": (done * self.tokens_per_step - tokens_then) / (time.perf_counter() - started),
         }
-        if recipe.log.eval_every and done % recipe.log.eval_every == 0:
+        if (recipe.log.eval_every and done % recipe.log.eval_every == 0) or done in recipe.log.eval_steps:
             record["heldout_ppl"], record["heldout_sparsity"] = self.evaluate()
+            if self.eval_sets:
+                record["eval"] = {k: {"ppl": p, "sparsity": z} for k, (p, z) in self.evaluate_outside().items()}
             self._observe()
         self.window_losses = []
         if accelerator.is_main_process:
             with open(self.metrics_path, "a") as f:
                 f.write(ckpt.dumps(record) + "\n")
-        accelerator.log({k: v for k, v in record.items() if isinstance(v, float | int)}, step=done)
+        flat = {k: v for k, v in record.items() if isinstance(v, float | int)}
+        for label, figures in record.get("eval", {}).items():
+            flat.update({f"eval/{label}/{k}": v for k, v in figures.items() if isinstance(v, float | int)})
+        accelerator.log(flat, step=done)
         if self.progress:
             self.progress.update(
                 self.task,
@@ -799,6 +891,9 @@ class RecipeRun:
         )
         if record.get("heldout_ppl") is not None:
             line += f" held-out ppl {record['heldout_ppl']:.2f}"
+        for label, figures in record.get("eval", {}).items():
+            if figures["ppl"] is not None:
+                line += f" {label} ppl {figures['ppl']:.2f}"
         return line
 
     def save_checkpoint(self, done: int) -> None:
@@ -834,7 +929,7 @@ class RecipeRun:
         if self.progress:
             self.progress.stop()
         for _, module in self.sites or []:
-            module.relufy_observer = None
+            module.relufy_observer = module.relufy_blend = None
 
     def save_final(self) -> Path:
         """The held-out eval after training; ``final/`` in ``relufy convert``'s format (LoRA merged),
@@ -846,6 +941,7 @@ class RecipeRun:
 
         accelerator, recipe = self.accelerator, self.recipe
         heldout_after = self.evaluate()
+        eval_after = self.evaluate_outside()
         unwrapped = accelerator.unwrap_model(self.model)
         state_dict = accelerator.get_state_dict(self.model)  # FSDP2: the full weights, on the main process only
         if accelerator.is_main_process:
@@ -860,6 +956,10 @@ class RecipeRun:
                 before = f"{ppl0:.2f} before, " if ppl0 is not None else ""
                 note += f" Held-out perplexity {before}{ppl1:.2f} after"
                 note += f"; FFN zeros {zeros1:.1%}." if zeros1 is not None else "."
+            for label, (ppl, _) in eval_after.items():
+                if ppl is not None:
+                    ratio = f" ({ppl / self.original[label]:.2f}x the original)" if self.original.get(label) else ""
+                    note += f" On {label} (outside the training text): perplexity {ppl:.2f}{ratio}."
             # the card and any later export name the model trained ("finetune" of its base_model)
             trained = {"recipe": recipe.name, "steps": self.total_steps, "tokens": tokens}
             unwrapped.config.relufy = {**unwrapped.config.relufy, "trained": trained}
@@ -872,6 +972,8 @@ class RecipeRun:
                 "heldout_sparsity_before": self.heldout_before[1],
                 "heldout_ppl": heldout_after[0],
                 "heldout_sparsity": heldout_after[1],
+                "heldout_ppl_original": self.original.get("heldout"),
+                "eval": self._eval_summary(eval_after),
             }
             ckpt.write_json(self.out / "summary.json", summary)
             plot_curves(self.metrics_path, self.out / "curves.png")
@@ -881,6 +983,25 @@ class RecipeRun:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return self.out / "final"
+
+    def _eval_summary(self, after: dict) -> dict:
+        """summary.json's ``eval``: per eval source its tokens, perplexity and zeros before and after,
+        the teacher's perplexity and the ratio after / teacher (null where not measured)."""
+        out = {}
+        for label, batch in self.eval_sets.items():
+            before = self.eval_before.get(label, (None, None))
+            ppl, zeros = after[label]
+            original = self.original.get(label)
+            out[label] = {
+                "tokens": int(batch.ids.numel()),
+                "ppl_before": before[0],
+                "sparsity_before": before[1],
+                "ppl": ppl,
+                "sparsity": zeros,
+                "ppl_original": original,
+                "ratio": ppl / original if ppl is not None and original else None,
+            }
+        return out
 
     def _unsharded_copy(self, state_dict: dict):
         """Main process, FSDP2 with LoRA: the trained model rebuilt unsharded for peft to merge (the

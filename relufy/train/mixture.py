@@ -456,6 +456,25 @@ def build(data_spec, tokenizer, seed: int, rank: int = 0, world: int = 1, progre
     return mixture, Batch.cat(heldout, data_spec.seq_len)
 
 
+def build_eval(data_spec, tokenizer, progress: bool = False) -> dict[str, Batch]:
+    """``{label: Batch}``: each of ``data_spec.eval_sources`` packed as the training sources are
+    (streamed ones read from their start), its first ``max_tokens // seq_len`` sequences (at
+    least one; refused when the text holds less than one). The same on every process."""
+    seq_len, out = data_spec.seq_len, {}
+    for src in data_spec.eval_sources:
+        n = max(1, src.max_tokens // seq_len)
+        if streams(src):
+            dataset = open_stream(src.data, progress=progress, **_dataset_options(src))
+            stream = StreamSource(dataset, src.data, tokenizer, seq_len, src.text_column)
+            seqs = torch.stack([stream.next() for _ in range(n)])
+        else:
+            seqs = pack_source(src, tokenizer, seq_len, data_spec.num_proc, progress)[:n]
+        if len(seqs) < 1:
+            raise RelufyError(f"data.eval_sources: {src.data}: too little text for one {seq_len}-token sequence")
+        out[src.label] = Batch.text(seqs)
+    return out
+
+
 PREVIEW = 60
 
 
@@ -550,4 +569,9 @@ def probe_sources(data_spec) -> list[str]:
         what, value = _first_record(src, column, data_spec.chat, streamed)
         mode = "streamed" if streamed else "in memory"
         lines.append(f"data.sources.{i} {src.data} ({mode}): reads {what}: {_preview(value)}")
+    for i, src in enumerate(data_spec.eval_sources):
+        streamed = streams(src)
+        what, value = _first_record(src, src.text_column, False, streamed)
+        mode = "streamed" if streamed else "in memory"
+        lines.append(f"data.eval_sources.{i} {src.data} ({mode}, scored as {src.label}): reads {what}: {_preview(value)}")
     return lines

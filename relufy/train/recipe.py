@@ -12,6 +12,7 @@ JSON it writes.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -50,14 +51,13 @@ class ModelSpec(_Spec):
         return self
 
 
-class SourceSpec(_Spec):
+class _TextSpec(_Spec):
     data: str = Field(
         description="A local .txt file (one text), .jsonl (one record per line) or .parquet file; builtin:pydoc; or a "
         "dataset read with `datasets.load_dataset`: a hub id NAME[:CONFIG][:SPLIT] (e.g. "
         "`HuggingFaceFW/fineweb-edu:sample-10BT:train`), a local dataset folder, or a packaged builder (json, parquet, "
         "csv, text) with data_files (see relufy.text)."
     )
-    weight: float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
     text_column: str = Field(
         "text",
         min_length=1,
@@ -104,8 +104,66 @@ class SourceSpec(_Spec):
         return self
 
 
+class SourceSpec(_TextSpec):
+    weight: float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
+
+
+class EvalSourceSpec(_TextSpec):
+    name: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The label in metrics.jsonl, summary.json and the logs (letters, digits, _ . -); default: the "
+        "file's stem, or the text after the last ':' or '/' of `data`.",
+    )
+    max_tokens: int = Field(
+        16384,
+        ge=8,
+        description="Tokens scored: the first max_tokens // data.seq_len packed sequences of the source (at least one).",
+    )
+
+    @property
+    def label(self) -> str:
+        """``name``, else one derived from ``data``: ``pydoc`` for builtin:pydoc, a file's stem
+        (``wiki.valid``), a dataset's NAME:CONFIG:SPLIT with ``-`` for ``:`` and ``/``."""
+        if self.name:
+            return self.name
+        data = self.data.rstrip("/")
+        suffixes = (".txt", ".jsonl", ".json", ".parquet", ".raw")
+        if data.startswith("builtin:"):
+            label = data.split(":", 1)[1]
+        elif data.lower().endswith(suffixes) or data.startswith((".", "/", "~")):
+            label = Path(data).name
+            for suffix in suffixes:
+                if label.lower().endswith(suffix) and len(label) > len(suffix):
+                    label = label[: -len(suffix)]
+                    break
+        else:
+            label = data
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "eval"
+
+
+def _same_text(a: str, b: str) -> bool:
+    """Whether two `data` strings name the same text: equal, or the same local file or folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    except OSError:
+        return False
+
+
 class DataSpec(_Spec):
     sources: list[SourceSpec] = Field(min_length=1, description="Weighted mixture of text sources.")
+    eval_sources: list[EvalSourceSpec] = Field(
+        [],
+        description="Held-out text from outside the training mixture (another corpus, or another split), each scored "
+        "on its own beside the in-domain held-out slice: perplexity and FFN zeros before training, at every "
+        "held-out evaluation (log.eval_every, log.eval_steps) and after, in metrics.jsonl (`eval`), summary.json "
+        "(`eval`, with the teacher's perplexity and the ratio when there is a teacher) and the log lines. A source "
+        "that is also a training source is refused: judge recovery on text the training never saw.",
+    )
     seq_len: int = Field(512, ge=8, description="Tokens per packed training sequence.")
     heldout_fraction: float = Field(
         0.05, ge=0, lt=0.5, description="In-memory sources: the last fraction of each source's sequences held out for eval."
@@ -117,6 +175,22 @@ class DataSpec(_Spec):
         1, ge=1, description="Processes tokenizing each in-memory source (`datasets.map`'s num_proc; 1: in this process)."
     )
     chat: bool = Field(False, description="SFT: sources are .jsonl with `messages`; loss on assistant tokens only.")
+
+    @model_validator(mode="after")
+    def _outside(self):
+        labels = [e.label for e in self.eval_sources]
+        for label in labels:
+            if labels.count(label) > 1:
+                raise ValueError(f"eval_sources: two sources are labelled {label!r}; give each a distinct name")
+        for e in self.eval_sources:
+            for s in self.sources:
+                same = _same_text(e.data, s.data) and (e.split, e.data_dir, e.data_files) == (s.split, s.data_dir, s.data_files)
+                if same:
+                    raise ValueError(
+                        f"eval_sources: {e.data} is also a training source; eval_sources hold text outside the "
+                        "training mixture (its in-domain held-out slice is scored anyway)"
+                    )
+        return self
 
 
 class OptimSpec(_Spec):
@@ -158,6 +232,13 @@ class DistillSpec(_Spec):
         "each process reads the teacher in bf16, keeps only its shard on its device and drops the rest; no fp32 "
         "copy) and fp32 otherwise. The FFN warm start reads the same teacher (fp32 when there is no distillation).",
     )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Also distil hidden states: this weight times the mean over decoder layers of the relative "
+        "squared error ||h_student - h_teacher||^2 / ||h_teacher||^2 of each layer's output (both models run with "
+        "output_hidden_states). 0: logits only.",
+    )
     top_k: int | None = Field(
         None,
         ge=1,
@@ -178,7 +259,27 @@ class WarmstartSpec(_Spec):
 
 class SparsitySpec(_Spec):
     l1: float = Field(0.0, ge=0, description="L1 penalty on the FFN's combined activation (ProSparse); 0: off.")
-    l1_warmup_steps: int = Field(0, ge=0, description="Ramp the L1 coefficient linearly from 0 over these steps.")
+    l1_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="linear: ramp the L1 coefficient linearly from 0 over these steps. sine-stages: the length of "
+        "each stage's sine rise (0: half a stage).",
+    )
+    l1_schedule: Literal["linear", "sine-stages"] = Field(
+        "linear",
+        description="How the L1 coefficient reaches `l1`. linear: a ramp over l1_warmup_steps, then constant. "
+        "sine-stages (ProSparse's progressive regularization): the run is split into l1_stages equal stages; stage k "
+        "(1..S) raises the coefficient from its level in stage k-1 (0 before the first) to l1 x k / S along a "
+        "quarter sine over l1_warmup_steps steps, then holds it.",
+    )
+    l1_stages: int = Field(1, ge=1, description="sine-stages: the number of stages.")
+    anneal_steps: int = Field(
+        0,
+        ge=0,
+        description="Anneal the activation instead of a hard swap: over the first N steps each FFN computes "
+        "(1 - a) x the model's original gated activation + a x its relufy activation, a rising linearly from 0 to "
+        "1 (then exactly the relufy activation). 0: off.",
+    )
     distill: DistillSpec | None = Field(None, description="KL distillation from the original SwiGLU model.")
     ffn_warmstart: WarmstartSpec | None = Field(
         None, description="Before training, fit each FFN to the original FFN's outputs, layer by layer."
@@ -202,6 +303,11 @@ class LoraSpec(_Spec):
 class LogSpec(_Spec):
     every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
     eval_every: int = Field(0, ge=0, description="Held-out perplexity every N steps (0: only at the end).")
+    eval_steps: list[int] = Field(
+        [],
+        description="Also evaluate after exactly these steps (e.g. log-spaced, 5, 10, 20, 40, ... for a budget "
+        "curve of perplexity and zeros against training tokens); each such step is logged too.",
+    )
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         [],
         description="Also log the metrics through Accelerate's trackers: tensorboard (event files in OUTPUT_DIR/<name>; "

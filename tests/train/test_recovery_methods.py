@@ -1,0 +1,183 @@
+"""Recovery methods of relufy train: held-out text outside the training mixture
+(data.eval_sources), ProSparse's staged L1 schedule, activation annealing and hidden-state
+distillation; each checked against a computation by hand on the original transformers modules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny import corpus
+from trainkit import recipe_dict, write_recipe
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from relufy.errors import RelufyError
+from relufy.train.loop import anneal_blend, hidden_distance, l1_factor, train
+from relufy.train.recipe import SparsitySpec, validate
+
+
+@pytest.fixture(scope="module")
+def outside(base):
+    """Text that is not in the training file: a later part of the same corpus."""
+    path = base / "outside.txt"
+    if not path.exists():
+        path.write_text(corpus()[60_000:75_000])
+    return path
+
+
+def _by_hand_ppl(model_dir, text_path, seq_len, n):
+    """Perplexity of the original transformers model on the first ``n`` packed sequences of a text
+    file: tokens without special tokens, EOS after the text, loss on every next token."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(text_path.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    return math.exp(float(nll) / (n * (seq_len - 1)))
+
+
+def test_eval_sources_scored_beside_the_in_domain_slice(base, outside, tmp_path, cli):
+    """summary.json, metrics.jsonl and the log lines carry each eval source's perplexity and zeros;
+    the teacher's perplexity on it equals the original transformers model's by hand, and the
+    ratio is the student's over it."""
+    raw = recipe_dict(
+        base, tmp_path / "out", budget__max_steps=4, checkpoint__every=0, log__every=2, sparsity={"distill": {"weight": 1.0}}
+    )
+    raw["data"]["eval_sources"] = [{"data": str(outside), "max_tokens": 32 * 6}]
+    raw["log"]["eval_steps"] = [1, 3]
+    code, err, _ = cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    figures = summary["eval"]["outside"]
+    assert figures["tokens"] == 6 * 32
+    assert figures["ppl_original"] == pytest.approx(_by_hand_ppl(base / "llama", outside, 32, 6), rel=1e-5)
+    assert figures["ratio"] == pytest.approx(figures["ppl"] / figures["ppl_original"])
+    assert figures["ppl_before"] > figures["ppl"] > 1 and 0 < figures["sparsity"] < 1
+    assert summary["heldout_ppl_original"] > 1
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # log.every 2, plus the eval steps 1 and 3
+    assert [("eval" in r) for r in rows] == [True, False, True, False]
+    assert rows[2]["eval"]["outside"]["ppl"] > 1 and rows[2]["heldout_ppl"] > 1
+    lines = [line for line in err.splitlines() if " step 3/4 " in line]
+    assert len(lines) == 1 and f"outside ppl {rows[2]['eval']['outside']['ppl']:.2f}" in lines[0], err
+
+
+def test_eval_source_that_is_a_training_source_is_refused(base, tmp_path):
+    raw = recipe_dict(base, tmp_path / "out")
+    spelled = str(base / "llama" / ".." / "text.txt")  # the same file, spelled another way
+    raw["data"]["eval_sources"] = [{"data": spelled}]
+    with pytest.raises(RelufyError, match="also a training source"):
+        validate(raw)
+    raw["data"]["eval_sources"] = [{"data": "builtin:pydoc"}, {"data": "builtin:pydoc", "split": "x"}]
+    with pytest.raises(RelufyError, match="two sources are labelled 'pydoc'"):
+        validate(raw)
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"sparsity": {"anneal_steps": 12}}, "sparsity.anneal_steps (12) must be below the run's 12 steps"),
+        ({"log": {"every": 1, "eval_steps": [13]}}, "log.eval_steps: step 13 is past the run's 12 steps"),
+    ],
+)
+def test_schedules_past_the_run_are_refused(base, tmp_path, cli, change, needle):
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=12, checkpoint__every=0)
+    raw.update(change)
+    code, err, _ = cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code != 0 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
+def test_l1_schedules():
+    linear = SparsitySpec(l1=1.0, l1_warmup_steps=4)
+    assert [l1_factor(s, 10, linear) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    staged = SparsitySpec(l1=1.0, l1_schedule="sine-stages", l1_stages=2, l1_warmup_steps=2)
+    got = [l1_factor(s, 8, staged) for s in range(8)]
+    # stage 1 (steps 1-4) rises to 1/2 along a quarter sine over 2 steps, stage 2 to 1
+    want = [0.5 * math.sin(math.pi / 4), 0.5, 0.5, 0.5, 0.5 + 0.5 * math.sin(math.pi / 4), 1.0, 1.0, 1.0]
+    assert got == pytest.approx(want)
+    halves = SparsitySpec(l1=1.0, l1_schedule="sine-stages", l1_stages=3)  # no warmup: half a stage to rise
+    got = [l1_factor(s, 12, halves) for s in range(12)]
+    assert got == sorted(got) and got[3] == pytest.approx(1 / 3) and got[-1] == pytest.approx(1.0)
+    assert got[1] == pytest.approx(1 / 3) and got[0] == pytest.approx(math.sin(math.pi / 4) / 3)
+
+
+def test_annealed_ffn_is_the_blend_of_the_original_modules():
+    """While annealing, a swapped LlamaMLP computes (1 - a) x transformers' own SwiGLU MLP + a x the
+    same MLP with only the activation changed to dReLU; a is (step + 1) / (N + 1), then None."""
+    from tiny import tiny_model
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from relufy.modeling.load import swap_activation
+
+    model = tiny_model("llama")
+    reference = LlamaMLP(model.config)
+    reference.load_state_dict(model.model.layers[0].mlp.state_dict())
+    swapped = swap_activation(model, "drelu").model.layers[0].mlp
+    x = torch.randn(3, 5, model.config.hidden_size)
+    assert [anneal_blend(s, 3) for s in range(5)] == [0.25, 0.5, 0.75, None, None]
+    with torch.no_grad():
+        swiglu = reference(x)
+        drelu = reference.down_proj(F.relu(reference.gate_proj(x)) * F.relu(reference.up_proj(x)))
+        for a in (0.25, 0.75):
+            swapped.relufy_blend = a
+            torch.testing.assert_close(swapped(x), (1 - a) * swiglu + a * drelu, rtol=1e-5, atol=1e-6)
+        swapped.relufy_blend = None
+        torch.testing.assert_close(swapped(x), drelu, rtol=1e-6, atol=1e-7)
+
+
+def test_annealed_run_ends_on_drelu_and_gains_zeros(base, tmp_path):
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=8, checkpoint__every=0, sparsity={"anneal_steps": 5})
+    final = train(validate(raw), show_progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["sparsity"] == 0.0  # SiLU never gives an exact zero: the blend has none
+    assert rows[-1]["sparsity"] > 0.3  # dReLU alone from step 6 on
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["heldout_sparsity"] == pytest.approx(rows[-1]["sparsity"], abs=0.15)
+    assert json.loads((final / "config.json").read_text())["relufy"]["activation"] == "drelu"
+
+
+def test_hidden_distance_by_hand():
+    torch.manual_seed(0)
+    t = [torch.randn(2, 4, 8) for _ in range(3)]
+    s = [x + 0.1 * torch.randn_like(x) for x in t]
+    labels = torch.tensor([[1, 2, -100, 3], [4, -100, -100, 5]])
+    keep = labels != -100
+    want = sum(((s[i] - t[i])[keep] ** 2).sum() / (t[i][keep] ** 2).sum() for i in (1, 2)) / 2
+    torch.testing.assert_close(hidden_distance(s, t, labels), want)
+    assert float(hidden_distance(t, t, labels)) == 0.0
+
+
+def test_hidden_distillation_adds_its_term_to_the_first_loss(base, tmp_path):
+    """The first step's loss with ``hidden_weight`` w exceeds the one without by exactly w x the
+    hidden-state distance between the converted model and the original transformers model on the
+    first batch (before any update both runs have the same weights)."""
+    from relufy.modeling.tokenizer import load_tokenizer
+    from relufy.train import mixture
+
+    def first_loss(out, weight):
+        distill = {"weight": 1.0, "hidden_weight": weight}
+        raw = recipe_dict(base, out, budget__max_steps=2, checkpoint__every=0, sparsity={"distill": distill})
+        train(validate(raw), show_progress=False)
+        return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"], raw
+
+    plain, raw = first_loss(tmp_path / "a", 0.0)
+    with_hidden, _ = first_loss(tmp_path / "b", 0.5)
+    recipe = validate(raw)
+    mix, _ = mixture.build(recipe.data, load_tokenizer(str(base / "llama-drelu")), recipe.seed)
+    ids, labels = mix.local_batch(recipe.budget.micro_batch_size)
+    import relufy
+
+    student = relufy.load(base / "llama-drelu", dtype=torch.float32).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(base / "llama", dtype=torch.float32).eval()
+    with torch.no_grad():
+        d = hidden_distance(
+            student(ids, output_hidden_states=True).hidden_states, teacher(ids, output_hidden_states=True).hidden_states, labels
+        )
+    assert float(d) > 0
+    assert with_hidden - plain == pytest.approx(0.5 * float(d), rel=1e-4)
