@@ -1,0 +1,154 @@
+"""Recovery methods side by side on one budget, judged on text outside the training sources.
+
+    python benchmarks/recovery_ablation.py runs/ablation --model runs/demo/drelu \
+        --train-data runs/data/teacher-smollm2.jsonl --eval-data builtin:pydoc --eval-data wiki.valid.raw \
+        --variants base,stages,hidden,anneal [--set budget.max_steps=40 ...]
+
+Every variant is ``recipes/smollm2-recovery-cpu.yaml`` with the shared overrides below (``--set``
+adds more) and its own (``VARIANTS``), trained one after the other into ``OUT/<variant>`` (a
+variant with a ``summary.json`` is not trained again). Each run scores ``data.eval_sources`` (the
+``--eval-data`` texts; a variant whose training text is one of them drops it) and the original
+model's perplexity on them, so ``summary.json`` holds the ratio. Then each final model and the
+original are scored by ``relufy eval`` at 90% top-k on the first eval text. The table (markdown)
+gives per variant: wall time, zeros, the perplexity ratio on each eval text and the in-domain
+slice, and the top-k 90% perplexities; ``OUT/table.md`` and ``OUT/table.json`` keep it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RECIPE = "smollm2-recovery-cpu"
+
+# variant -> its own overrides of the shared settings (yaml values, as `relufy train` takes them)
+VARIANTS: dict[str, list[str]] = {
+    # the shipped recipe's terms: FFN warm start with an L1 hold, distillation, constant L1 5
+    "base": [],
+    # the same terms on Tiny Shakespeare + WikiText-2 validation instead of the teacher's samples
+    "corpora": ["data.sources=[{data: SHAKESPEARE}, {data: WIKI}]"],
+    # ProSparse: the L1 coefficient rises in 3 sine stages to 15 instead of a constant 5
+    "stages": ["sparsity.l1=15", "sparsity.l1_schedule=sine-stages", "sparsity.l1_stages=3"],
+    # distillation on every layer's hidden state as well as the logits
+    "hidden": ["sparsity.distill.hidden_weight=1.0"],
+    # annealing SiLU -> dReLU over the first 15 steps instead of the FFN warm start
+    "anneal": ["sparsity.ffn_warmstart=null", "sparsity.anneal_steps=15", "sparsity.l1_warmup_steps=15"],
+    # a higher peak learning rate
+    "lr1e-3": ["optim.lr=1e-3", "optim.min_lr=1e-4"],
+}
+
+
+def shared(args) -> list[str]:
+    evals = ", ".join(f"{{data: {d}, max_tokens: {args.eval_tokens}}}" for d in args.eval_data)
+    return [
+        f"model.path={args.model}",
+        f"data.sources=[{{data: {args.train_data}}}]",
+        f"data.eval_sources=[{evals}]",
+        "data.heldout_fraction=0.02",
+        "budget.max_steps=40",
+        "optim.warmup_steps=5",
+        "sparsity.ffn_warmstart.tokens=8192",
+        "sparsity.ffn_warmstart.steps=100",
+        "checkpoint.every=0",
+        "log.every=5",
+        *args.set,
+    ]
+
+
+def resolve(item: str, args) -> str:
+    return item.replace("SHAKESPEARE", args.shakespeare or "SHAKESPEARE").replace("WIKI", args.wiki or "WIKI")
+
+
+def run_variant(name: str, args) -> None:
+    out = args.out / name
+    if (out / "summary.json").exists():
+        return
+    own = [resolve(x, args) for x in VARIANTS[name]]
+    overrides = shared(args) + own + [f"output_dir={out}"]
+    if any("SHAKESPEARE" in x or "WIKI" in x for x in own):
+        raise SystemExit(f"variant {name} needs --shakespeare and --wiki")
+    trains_on = " ".join(x for x in own if x.startswith("data.sources="))
+    if trains_on:  # an eval text that this variant trains on is dropped from its eval sources
+        evals = [d for d in args.eval_data if d not in trains_on]
+        overrides.append("data.eval_sources=[" + ", ".join(f"{{data: {d}, max_tokens: {args.eval_tokens}}}" for d in evals) + "]")
+    start = time.perf_counter()
+    cmd = [sys.executable, "-m", "relufy", "train", RECIPE, *overrides]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    (out / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def topk90(models: list[str], data: str, tokens: int, out: Path) -> list[dict]:
+    if not out.exists():
+        cmd = [sys.executable, "-m", "relufy", "eval", *models, "--data", data, "--seq-len", "256"]
+        cmd += ["--max-tokens", str(tokens), "--topk", "0.9", "--json", str(out)]
+        subprocess.run(cmd, check=True)
+    return json.loads(out.read_text())["models"]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--model", required=True, help="the converted, untrained dReLU model")
+    ap.add_argument("--train-data", required=True, help="the training text of every variant but `corpora`")
+    ap.add_argument("--eval-data", action="append", required=True, help="text outside the training sources (repeat)")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--shakespeare", help="Tiny Shakespeare's input.txt (variant corpora)")
+    ap.add_argument("--wiki", help="WikiText-2 validation (variant corpora)")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--set", action="append", default=[], help="one more shared override (repeat)")
+    args = ap.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant {unknown[0]}; known: {', '.join(VARIANTS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        run_variant(name, args)
+
+    from relufy.embedded import smollm2_gguf
+
+    labels = None
+    rows = []
+    first = args.eval_data[0]
+    for name in names:
+        s = json.loads((args.out / name / "summary.json").read_text())
+        wall = json.loads((args.out / name / "wall.json").read_text())["seconds"]
+        labels = labels or list(s["eval"])
+        models = [str(smollm2_gguf()), str(args.out / name / "final")]
+        original, trained = topk90(models, first, args.eval_tokens, args.out / name / "topk90.json")
+        rows.append(
+            {
+                "variant": name,
+                "minutes": wall / 60,
+                "tokens": s["tokens"],
+                "zeros": s["heldout_sparsity"],
+                "in_domain_ratio": s["heldout_ppl"] / s["heldout_ppl_original"],
+                "eval": {k: v["ratio"] for k, v in s["eval"].items()},
+                "eval_zeros": {k: v["sparsity"] for k, v in s["eval"].items()},
+                "topk90": trained["topk"][0]["ppl"],
+                "topk90_original": original["topk"][0]["ppl"],
+                "dense": trained["ppl"],
+                "dense_original": original["ppl"],
+            }
+        )
+    head = ["variant", "wall", "train tokens", "zeros (in-domain)"] + [f"{k} ratio" for k in labels]
+    head += ["in-domain ratio", f"top-k 90% ppl ({labels[0]})", "original top-k 90%"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        ratios = [f"{r['eval'][k]:.2f}x" if r["eval"].get(k) else "(trained on it)" for k in labels]
+        cells = [r["variant"], f"{r['minutes']:.0f} min", f"{r['tokens']:,}", f"{r['zeros']:.1%}", *ratios]
+        cells += [f"{r['in_domain_ratio']:.2f}x", f"{r['topk90']:.2f}", f"{r['topk90_original']:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "table.md").write_text(table + "\n")
+    (args.out / "table.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
