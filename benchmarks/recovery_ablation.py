@@ -101,6 +101,7 @@ def main(argv=None) -> None:
     ap.add_argument("--wiki", help="WikiText-2 validation (variant corpora)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--set", action="append", default=[], help="one more shared override (repeat)")
+    ap.add_argument("--train-only", action="store_true", help="train the variants, make no table")
     args = ap.parse_args(argv)
     names = args.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -109,6 +110,8 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in names:
         run_variant(name, args)
+    if args.train_only:
+        return
 
     from relufy.embedded import smollm2_gguf
 
