@@ -225,6 +225,35 @@ $(RECOVERY_HOUR_RUNS): $(RUNS)/recovery-hour/%/summary.json: | $(call needs_mode
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
 	  $(RECOVERY_DATA) $(RECOVERY_HOUR_ARGS) $(RECOVERY_HOUR.$*) $(RESUME)
 
+# Recovery judged on text outside the training sources (docs/results.md): the training text is a
+# corpus sampled from the original model (benchmarks/teacher_corpus.py, made once), the eval text
+# builtin:pydoc and WIKITEXT. recovery-methods: the methods side by side on one short budget
+# (benchmarks/recovery_ablation.py; METHODS: its variants; the `corpora` variant also needs
+# SHAKESPEARE, a local Tiny Shakespeare input.txt, and WIKITEXT as a local file).
+# recovery-budget: the chosen recipe for an hour with log-spaced evaluations, then its budget
+# curve (docs/img/budget_curve.png).
+TEACHER_CORPUS := $(RUNS)/data/teacher-smollm2.jsonl
+METHODS ?= base,stages,hidden,anneal
+SHAKESPEARE ?=
+OUTSIDE_EVAL = 'data.eval_sources=[{data: builtin:pydoc, max_tokens: 8192}, {data: $(WIKITEXT), max_tokens: 8192}]'
+BUDGET_RUN := $(RUNS)/recovery-budget
+BUDGET_ARGS ?=
+.PHONY: recovery-methods recovery-budget
+$(TEACHER_CORPUS): | $(STAMP)
+	$(BIN)/python benchmarks/teacher_corpus.py $@ --tokens 131072
+
+recovery-methods: $(TEACHER_CORPUS) | $(call needs_model,$(RECOVERY_MODEL))
+	$(BIN)/python benchmarks/recovery_ablation.py $(RUNS)/recovery-methods --model $(RECOVERY_MODEL) \
+	  --train-data $(TEACHER_CORPUS) --eval-data builtin:pydoc --eval-data $(WIKITEXT) --variants $(METHODS) \
+	  $(if $(SHAKESPEARE),--shakespeare $(SHAKESPEARE) --wiki $(WIKITEXT))
+
+recovery-budget: $(BUDGET_RUN)/summary.json
+	$(BIN)/python benchmarks/budget_curve.py $(BUDGET_RUN) --plot docs/img/budget_curve.png
+
+$(BUDGET_RUN)/summary.json: $(TEACHER_CORPUS) | $(call needs_model,$(RECOVERY_MODEL))
+	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
+	  'data.sources=[{data: $(TEACHER_CORPUS)}]' $(OUTSIDE_EVAL) $(BUDGET_ARGS) $(RESUME)
+
 # Export the recovered SmolLM2 (recovery-smollm2's warm start + distillation run): statistics and
 # predictors on WikiText-2 validation, neurons reordered; per-layer recall and the perplexity with
 # predicted neurons only land in $(RUNS)/export/smollm2.json and the folder's README.md.

@@ -55,6 +55,7 @@ def shared(args) -> list[str]:
         "sparsity.ffn_warmstart.steps=100",
         "checkpoint.every=0",
         "log.every=5",
+        "log.eval_steps=[]",
         *args.set,
     ]
 

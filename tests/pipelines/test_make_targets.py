@@ -187,6 +187,18 @@ def test_every_target_dry_runs(tmp_path):
     trains = [line for line in dry("recovery-smollm2", "recovery-smollm2-hour", f"RUNS={runs}") if "relufy train" in line]
     assert trains == [recovery_command(runs, run) for run in RECOVERY_RUNS]
 
+    # recovery judged outside the training text: the teacher's corpus first, then the run on it
+    # scored on pydoc and WikiText-2, then its budget curve
+    budget = dry("recovery-budget", f"RUNS={runs}")
+    corpus = f"{runs}/data/teacher-smollm2.jsonl"
+    sample = budget.index(f".venv/bin/python benchmarks/teacher_corpus.py {corpus} --tokens 131072")
+    train_line = next(line for line in budget if line.startswith(".venv/bin/relufy train "))
+    assert budget.index(train_line) > sample and f"'data.sources=[{{data: {corpus}}}]'" in train_line
+    assert "'data.eval_sources=[{data: builtin:pydoc, max_tokens: 8192}, {data: wikitext:" in train_line
+    assert budget[-1] == f".venv/bin/python benchmarks/budget_curve.py {runs}/recovery-budget --plot docs/img/budget_curve.png"
+    methods = dry("recovery-methods", f"RUNS={runs}", "SHAKESPEARE=input.txt")
+    assert "--variants base,stages,hidden,anneal --shakespeare input.txt" in methods[-1]
+
     chain = dry("bench-sparse", f"RUNS={runs}")
     assert [line.split()[1] for line in chain if line.startswith(".venv/bin/relufy ")] == ["convert", "train", "export", "bench"]
     assert recovery_command(runs, "recovery/warmstart-kd") in chain
