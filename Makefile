@@ -196,6 +196,9 @@ RECOVERY_MODEL ?= $(DEMO)/drelu
 # RECOVERY_DATA: a data.sources override for both recovery pipelines (default: the recipe's text);
 # docs/results.md used local copies: 'data.sources=[{data: SHAKESPEARE.txt}, {data: wiki.valid.raw}]'
 RECOVERY_DATA ?=
+# other training text than the recipe's: its eval source (WikiText-2 validation, from the Hub) is
+# dropped too, as it may be that very text under another name
+RECOVERY_EVAL = $(if $(RECOVERY_DATA),data.eval_sources=[])
 RECOVERY_STEPS ?= 60
 RECOVERY_ARGS ?= budget.max_steps=$(RECOVERY_STEPS) checkpoint.every=0 data.heldout_fraction=0.02 log.eval_every=0 \
   sparsity.ffn_warmstart.steps=60 sparsity.ffn_warmstart.tokens=8192 sparsity.ffn_warmstart.l1=0 sparsity.l1=0
@@ -208,7 +211,7 @@ recovery-smollm2: $(RECOVERY_RUNS)
 
 $(RECOVERY_RUNS): $(RUNS)/recovery/%/summary.json: | $(call needs_model,$(RECOVERY_MODEL))
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
-	  $(RECOVERY_DATA) $(RECOVERY_ARGS) $(RECOVERY.$*) $(RESUME)
+	  $(RECOVERY_DATA) $(RECOVERY_EVAL) $(RECOVERY_ARGS) $(RECOVERY.$*) $(RESUME)
 
 # The one-hour recovery on this CPU (the recipe as shipped: warm start with an L1 hold, then
 # distillation + L1; 180 steps), against the same tokens without the teacher ("warmstart-l1") and
@@ -223,7 +226,7 @@ recovery-smollm2-hour: $(RECOVERY_HOUR_RUNS)
 
 $(RECOVERY_HOUR_RUNS): $(RUNS)/recovery-hour/%/summary.json: | $(call needs_model,$(RECOVERY_MODEL))
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
-	  $(RECOVERY_DATA) $(RECOVERY_HOUR_ARGS) $(RECOVERY_HOUR.$*) $(RESUME)
+	  $(RECOVERY_DATA) $(RECOVERY_EVAL) $(RECOVERY_HOUR_ARGS) $(RECOVERY_HOUR.$*) $(RESUME)
 
 # Recovery judged on text outside the training sources (docs/results.md): the training text is a
 # corpus sampled from the original model (benchmarks/teacher_corpus.py, made once), the eval text
@@ -248,7 +251,7 @@ recovery-methods: $(TEACHER_CORPUS) | $(call needs_model,$(RECOVERY_MODEL))
 	  $(if $(SHAKESPEARE),--shakespeare $(SHAKESPEARE) --wiki $(WIKITEXT))
 
 recovery-budget: $(BUDGET_RUN)/summary.json
-	$(BIN)/python benchmarks/budget_curve.py $(BUDGET_RUN) --plot docs/img/budget_curve.png
+	$(BIN)/python benchmarks/budget_curve.py $(BUDGET_RUN) --fit-from 40960 --plot docs/img/budget_curve.png
 
 $(BUDGET_RUN)/summary.json: $(TEACHER_CORPUS) | $(call needs_model,$(RECOVERY_MODEL))
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \

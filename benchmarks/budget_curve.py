@@ -92,10 +92,11 @@ def main(argv=None) -> None:
                 grid = [t[0] * (t[-1] * 30 / t[0]) ** (j / 60) for j in range(61)]
                 ax.plot(grid, [1 + a * x**-b for x in grid], "--", color=f"C{i}", label=f"{k}: 1 + {a:.3g} T^-{b:.2f}")
             az.plot(t, [100 * p[2] for p in curves[k]], "o-", color=f"C{i}", label=k)
+        fitted = f" (trend fitted from {args.fit_from:,} tokens)" if args.fit_from else ""
         ax.axhline(1.15, color="grey", lw=1, ls=":")
-        ax.text(ax.get_xlim()[0], 1.15, " 1.15x", va="bottom", fontsize=8, color="grey")
         ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="perplexity / original's (outside text)")
-        ax.set_title("Recovery against training tokens")
+        ax.annotate("1.15x", (0.01, 1.15), xycoords=("axes fraction", "data"), va="bottom", fontsize=8, color="grey")
+        ax.set_title("Recovery against training tokens" + fitted, fontsize=10)
         ax.legend(fontsize=8)
         az.set(xscale="log", xlabel="training tokens", ylabel="FFN zeros (%)", title="Zeros on the same text")
         az.legend(fontsize=8)

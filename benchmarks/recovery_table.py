@@ -5,7 +5,9 @@ the original SwiGLU model scored on the same held-out sequences; optionally a PN
     python benchmarks/recovery_table.py runs/recovery-hour --plot docs/img/recovery_hour.png
 
 Runs are the sub-folders holding a ``summary.json`` (``--runs a,b`` picks and orders them); all
-must share one held-out slice (same data section and seed), which is checked.
+must share one held-out slice (same data section and seed), which is checked. Runs with
+``data.eval_sources`` get a second table: perplexity, ratio to the original and zeros on each
+text outside the training sources, from their ``summary.json``.
 """
 
 from __future__ import annotations
@@ -95,6 +97,23 @@ def main(argv=None) -> None:
             f"| dReLU, {name} | {s['steps']} | {s['tokens']:,} | {s['heldout_ppl_before']:,.1f} | {s['heldout_ppl']:,.2f} | "
             f"{s['heldout_ppl'] / ppl0:.2f}x | {s['heldout_sparsity_before']:.1%} | {s['heldout_sparsity']:.1%} |"
         )
+    outside = sorted({label for _, s in rows for label in s.get("eval") or {}})
+    if outside:  # data.eval_sources: text outside the training mixture, the run's own original figures
+        print()
+        print("Text outside the training sources (data.eval_sources; x original = the teacher on the same text):")
+        head = " | ".join(f"{label} ppl | x original | zeros" for label in outside)
+        print(f"| model | {head} |")
+        print("|---|" + "---:|---:|---:|" * len(outside))
+        for name, s in rows:
+            cells = []
+            for label in outside:
+                e = (s.get("eval") or {}).get(label)
+                if e is None:
+                    cells += ["-", "-", "-"]
+                else:
+                    ratio = f"{e['ratio']:.2f}x" if e.get("ratio") else "-"
+                    cells += [f"{e['ppl']:,.2f}", ratio, f"{e['sparsity']:.1%}"]
+            print(f"| dReLU, {name} | " + " | ".join(cells) + " |")
     if args.plot:
         plot(args.plot, ppl0, rows)
         print(f"wrote {args.plot}")

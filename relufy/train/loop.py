@@ -551,9 +551,6 @@ class RecipeRun:
                 f"sparsity.anneal_steps ({recipe.sparsity.anneal_steps}) must be below the run's {self.total_steps} "
                 "steps: the run has to end on the relufy activation alone"
             )
-        late = [s for s in recipe.log.eval_steps if s > self.total_steps]
-        if late:
-            raise RelufyError(f"log.eval_steps: step {late[0]} is past the run's {self.total_steps} steps")
         if recipe.sparsity.l1_schedule == "sine-stages" and recipe.sparsity.l1_stages > self.total_steps:
             raise RelufyError(f"sparsity.l1_stages ({recipe.sparsity.l1_stages}) exceeds the run's {self.total_steps} steps")
 

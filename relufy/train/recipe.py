@@ -306,7 +306,8 @@ class LogSpec(_Spec):
     eval_steps: list[int] = Field(
         [],
         description="Also evaluate after exactly these steps (e.g. log-spaced, 5, 10, 20, 40, ... for a budget "
-        "curve of perplexity and zeros against training tokens); each such step is logged too.",
+        "curve of perplexity and zeros against training tokens); each such step is logged too. Steps past the "
+        "run's end are left out (a shortened run keeps the recipe's list).",
     )
     trackers: list[Literal["tensorboard", "wandb"]] = Field(
         [],

@@ -195,7 +195,8 @@ def test_every_target_dry_runs(tmp_path):
     train_line = next(line for line in budget if line.startswith(".venv/bin/relufy train "))
     assert budget.index(train_line) > sample and f"'data.sources=[{{data: {corpus}}}]'" in train_line
     assert "'data.eval_sources=[{data: builtin:pydoc, max_tokens: 8192}, {data: wikitext:" in train_line
-    assert budget[-1] == f".venv/bin/python benchmarks/budget_curve.py {runs}/recovery-budget --plot docs/img/budget_curve.png"
+    curve = f".venv/bin/python benchmarks/budget_curve.py {runs}/recovery-budget --fit-from 40960"
+    assert budget[-1] == curve + " --plot docs/img/budget_curve.png"
     methods = dry("recovery-methods", f"RUNS={runs}", "SHAKESPEARE=input.txt")
     assert "--variants base,stages,hidden,anneal --shakespeare input.txt" in methods[-1]
 
@@ -238,7 +239,7 @@ def tiny_drelu(tmp_path_factory):
 # thread per process (a tiny model on a busy machine crawls with more)
 TINY_ENV = {"OMP_NUM_THREADS": "1"}
 TINY_TRAIN = (
-    "data.seq_len=64 'data.sources=[{data: \"builtin:pydoc\"}]' data.heldout_fraction=0.05 log.every=1 "
+    "data.seq_len=64 'data.sources=[{data: \"builtin:pydoc\"}]' data.eval_sources=[] data.heldout_fraction=0.05 log.every=1 "
     "optim.warmup_steps=1 sparsity.ffn_warmstart.steps=2 sparsity.ffn_warmstart.tokens=512"
 )
 
