@@ -39,6 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "anneal": ["sparsity.ffn_warmstart=null", "sparsity.anneal_steps=15", "sparsity.l1_warmup_steps=15"],
     # a higher peak learning rate
     "lr1e-3": ["optim.lr=1e-3", "optim.min_lr=1e-4"],
+    # the warm start fits blocks of 5 layers against the teacher's hidden states, not one FFN at a time
+    "block5": ["sparsity.ffn_warmstart.block=5"],
     # twice the L1 coefficient while training (the warm start's is unchanged)
     "l1-10": ["sparsity.l1=10"],
 }

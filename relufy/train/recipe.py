@@ -255,6 +255,16 @@ class WarmstartSpec(_Spec):
     l1: float = Field(
         0.0, ge=0, description="L1 penalty on each FFN's combined activation during the fit (holds sparsity); 0: off."
     )
+    block: int = Field(
+        1,
+        ge=1,
+        description="Decoder layers fitted together. 1: each FFN alone, on the original FFN's recorded inputs and "
+        "outputs. K > 1: each run of K consecutive layers (the last run may be shorter) starts from the original "
+        "model's hidden state at its first layer, and its FFNs are fitted so that its last layer's output matches the "
+        "original's (squared error on the residual stream; attention and routers are not trained), so the errors that "
+        "compound from layer to layer inside a block are fitted as well. `steps` are then Adam steps per block, each "
+        "on whole sequences.",
+    )
 
 
 class SparsitySpec(_Spec):

@@ -180,3 +180,119 @@ def test_hidden_distillation_adds_its_term_to_the_first_loss(base, tmp_path):
         )
     assert float(d) > 0
     assert with_hidden - plain == pytest.approx(0.5 * float(d), rel=1e-4)
+
+
+def _drelu_by_hand(model):
+    """The original transformers model with only the activation changed: every MLP computes
+    down(relu(gate(x)) * relu(up(x)))."""
+    import copy
+    import types
+
+    model = copy.deepcopy(model)
+    for layer in model.model.layers:
+        layer.mlp.forward = types.MethodType(
+            lambda self, x: self.down_proj(torch.relu(self.gate_proj(x)) * torch.relu(self.up_proj(x))), layer.mlp
+        )
+    return model
+
+
+def _run_layers(model, start, stop, h):
+    """Layers ``start..stop-1`` of a transformers model from hidden state ``h``, by transformers'
+    own forward: the model cut to those layers, ``h`` as its input embeddings, no final norm."""
+    import copy
+
+    cut = copy.deepcopy(model)
+    cut.model.layers = torch.nn.ModuleList(cut.model.layers[start:stop])
+    cut.config.num_hidden_layers = stop - start
+    cut.model.norm = torch.nn.Identity()
+    with torch.no_grad():
+        return cut.model(inputs_embeds=h, use_cache=False).last_hidden_state
+
+
+def test_block_warmstart_fits_blocks_against_the_originals_hidden_states():
+    """block=2 on a 4-layer llama: each block's error before the fit equals the original
+    transformers model's by hand (its layers cut to the block, dReLU MLPs from the teacher's hidden
+    state at the block's first layer, against the teacher's output of its last layer); the fit lowers
+    every block's error and the whole model's; only FFN weights change; no gradient is left."""
+    from tiny import tiny_model
+
+    from relufy.modeling.load import swap_activation
+    from relufy.train.mixture import Batch
+    from relufy.train.recipe import WarmstartSpec
+    from relufy.train.warmstart import ffn_warmstart
+
+    ids = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(1))
+
+    class Mixture:
+        def batch(self, n):
+            return Batch.text(ids[:n])
+
+    teacher = tiny_model("llama", num_hidden_layers=4).eval()
+    student = swap_activation(tiny_model("llama", num_hidden_layers=4), "drelu")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    spec = WarmstartSpec(tokens=16 * 32, steps=30, lr=1e-2, l1=0.1, block=2)
+    report = ffn_warmstart(student, teacher, Mixture(), spec, torch.device("cpu"), seq_len=32, batch_tokens=128)
+    assert [r["layers"] for r in report["layers"]] == [[0, 1], [2, 3]]
+
+    hand = _drelu_by_hand(teacher)
+    with torch.no_grad():
+        states = teacher(ids, output_hidden_states=True, use_cache=False).hidden_states
+    for row in report["layers"]:
+        a, b = row["layers"][0], row["layers"][-1] + 1
+        want = _run_layers(teacher, a, b, states[a])
+        mse = float(F.mse_loss(_run_layers(hand, a, b, states[a]), want))
+        assert row["mse_before"] == pytest.approx(mse, rel=1e-5)
+        assert row["mse_after"] < 0.8 * row["mse_before"], row
+        assert 0 < row["zeros_after"] < 1
+
+    after = student.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(".mlp." in k for k in changed), changed
+    assert [n for n, p in student.named_parameters() if p.grad is not None] == []
+    assert all(p.requires_grad for p in student.parameters())  # attention's frozen flags put back
+    with torch.no_grad():
+        out = teacher.model(ids).last_hidden_state
+        err_fit = F.mse_loss(student.model(ids).last_hidden_state, out)
+        err_unfit = F.mse_loss(hand.model(ids).last_hidden_state, out)
+    assert err_fit < err_unfit
+
+
+def _pre_norm(model, ids):
+    """The last decoder layer's output (the model without its final norm)."""
+    import copy
+
+    cut = copy.deepcopy(model)
+    cut.model.norm = torch.nn.Identity()
+    with torch.no_grad():
+        return cut.model(ids, use_cache=False).last_hidden_state
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gemma3_text"])
+def test_block_warmstart_calls_layers_as_the_model_does(family):
+    """Families whose layers take more than llama's (MoE blocks with routers; gemma3's sliding and
+    global layers, each with its own mask and rotary embeddings): with the whole model as one block,
+    the error before the fit is the whole student's against the teacher, each run by transformers."""
+    from tiny import tiny_model
+
+    from relufy.modeling.load import swap_activation
+    from relufy.train.mixture import Batch
+    from relufy.train.recipe import WarmstartSpec
+    from relufy.train.warmstart import ffn_warmstart
+
+    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(2))
+
+    class Mixture:
+        def batch(self, n):
+            return Batch.text(ids[:n])
+
+    shape = {"gemma3_text": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}}.get(family, {})
+    teacher = tiny_model(family, **shape).eval()
+    student = swap_activation(tiny_model(family, **shape), "drelu")
+    want = float(F.mse_loss(_pre_norm(student, ids), _pre_norm(teacher, ids)))
+    layers = student.config.num_hidden_layers
+    spec = WarmstartSpec(tokens=8 * 32, steps=5, lr=1e-2, block=layers)
+    report = ffn_warmstart(student, teacher, Mixture(), spec, torch.device("cpu"), seq_len=32, batch_tokens=256)
+    (row,) = report["layers"]
+    assert row["layers"] == list(range(layers))
+    assert row["mse_before"] == pytest.approx(want, rel=1e-5)
+    assert row["mse_after"] < row["mse_before"]
