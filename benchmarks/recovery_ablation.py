@@ -8,10 +8,12 @@ Every variant is ``recipes/smollm2-recovery-cpu.yaml`` with the shared overrides
 adds more) and its own (``VARIANTS``), trained one after the other into ``OUT/<variant>`` (a
 variant with a ``summary.json`` is not trained again). Each run scores ``data.eval_sources`` (the
 ``--eval-data`` texts; a variant whose training text is one of them drops it) and the original
-model's perplexity on them, so ``summary.json`` holds the ratio. Then each final model and the
-original are scored by ``relufy eval`` at 90% top-k on the first eval text. The table (markdown)
-gives per variant: wall time, zeros, the perplexity ratio on each eval text and the in-domain
-slice, and the top-k 90% perplexities; ``OUT/table.md`` and ``OUT/table.json`` keep it.
+model's perplexity on them, so ``summary.json`` holds the ratio. Then the original and every
+variant's final model are scored by one ``relufy eval`` on the first eval text: dense, at 90%
+top-k, and under per-layer thresholds calibrated to 90% zeros (the training-free stand-in for
+ProSparse's final FATReLU shift; ``OUT/levels.json``). The table (markdown) gives per variant: wall
+time, zeros, the perplexity ratio on each eval text and the in-domain slice, and those three
+perplexities, with the original's in a last row; ``OUT/table.md`` and ``OUT/table.json`` keep it.
 """
 
 from __future__ import annotations
@@ -87,11 +89,17 @@ def run_variant(name: str, args) -> None:
     (out / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
 
 
-def topk90(models: list[str], data: str, tokens: int, out: Path) -> list[dict]:
-    if not out.exists():
-        cmd = [sys.executable, "-m", "relufy", "eval", *models, "--data", data, "--seq-len", "256"]
-        cmd += ["--max-tokens", str(tokens), "--topk", "0.9", "--json", str(out)]
-        subprocess.run(cmd, check=True)
+def levels(models: list[str], data: str, tokens: int, out: Path) -> list[dict]:
+    """``relufy eval`` of the models at 90% top-k and under per-layer thresholds calibrated to 90%
+    zeros (the training-free stand-in for ProSparse's final FATReLU shift), on the same windows;
+    kept in ``out`` and run again when the models differ."""
+    if out.exists():
+        kept = json.loads(out.read_text())
+        if [m["model"] for m in kept["models"]] == models:
+            return kept["models"]
+    cmd = [sys.executable, "-m", "relufy", "eval", *models, "--data", data, "--seq-len", "256"]
+    cmd += ["--max-tokens", str(tokens), "--topk", "0.9", "--threshold-sparsity", "0.9", "--json", str(out)]
+    subprocess.run(cmd, check=True)
     return json.loads(out.read_text())["models"]
 
 
@@ -120,15 +128,15 @@ def main(argv=None) -> None:
 
     from relufy.embedded import smollm2_gguf
 
+    first = args.eval_data[0]
+    finals = [str(args.out / name / "final") for name in names]
+    original, *trained = levels([str(smollm2_gguf()), *finals], first, args.eval_tokens, args.out / "levels.json")
     labels = None
     rows = []
-    first = args.eval_data[0]
-    for name in names:
+    for name, scored in zip(names, trained, strict=True):
         s = json.loads((args.out / name / "summary.json").read_text())
         wall = json.loads((args.out / name / "wall.json").read_text())["seconds"]
         labels = labels or list(s["eval"])
-        models = [str(smollm2_gguf()), str(args.out / name / "final")]
-        original, trained = topk90(models, first, args.eval_tokens, args.out / name / "topk90.json")
         rows.append(
             {
                 "variant": name,
@@ -138,20 +146,25 @@ def main(argv=None) -> None:
                 "in_domain_ratio": s["heldout_ppl"] / s["heldout_ppl_original"],
                 "eval": {k: v["ratio"] for k, v in s["eval"].items()},
                 "eval_zeros": {k: v["sparsity"] for k, v in s["eval"].items()},
-                "topk90": trained["topk"][0]["ppl"],
-                "topk90_original": original["topk"][0]["ppl"],
-                "dense": trained["ppl"],
-                "dense_original": original["ppl"],
+                "dense": scored["ppl"],
+                "topk90": scored["topk"][0]["ppl"],
+                "threshold90": scored["threshold"][0]["ppl"],
+                "threshold90_zeros": scored["threshold"][0]["realized"]["mean"],
             }
         )
     head = ["variant", "wall", "train tokens", "zeros (in-domain)"] + [f"{k} ratio" for k in labels]
-    head += ["in-domain ratio", f"top-k 90% ppl ({labels[0]})", "original top-k 90%"]
+    head += ["in-domain ratio", f"dense ppl ({labels[0]} windows)", "top-k 90% ppl", "90%-threshold ppl (zeros)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for r in rows:
         ratios = [f"{r['eval'][k]:.2f}x" if r["eval"].get(k) else "(trained on it)" for k in labels]
         cells = [r["variant"], f"{r['minutes']:.0f} min", f"{r['tokens']:,}", f"{r['zeros']:.1%}", *ratios]
-        cells += [f"{r['in_domain_ratio']:.2f}x", f"{r['topk90']:.2f}", f"{r['topk90_original']:.2f}"]
+        cells += [f"{r['in_domain_ratio']:.2f}x", f"{r['dense']:.2f}", f"{r['topk90']:.2f}"]
+        cells.append(f"{r['threshold90']:.2f} ({r['threshold90_zeros']:.1%})")
         lines.append("| " + " | ".join(cells) + " |")
+    o = original
+    cells = ["original", "", "", "0.0%", *[""] * (len(labels) + 1), f"{o['ppl']:.2f}", f"{o['topk'][0]['ppl']:.2f}"]
+    cells.append(f"{o['threshold'][0]['ppl']:.2f} ({o['threshold'][0]['realized']['mean']:.1%})")
+    lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     print(table)
     (args.out / "table.md").write_text(table + "\n")

@@ -61,7 +61,10 @@ targeted expert tensor; ``W`` processes sharing the model; ``B`` micro-batch, ``
   gradients, no optimizer yet): the teacher, the recordings ``2 x tokens x H x ceil(L / W)`` in
   the teacher's dtype (tokens: whole ``seq_len`` sequences) and one layer's fp32 copy while it is
   fitted ``2 x tokens x H x 4``; on a GPU one layer's FFN in fp32 at a time (each goes back to the
-  CPU after its fit and its broadcast), on the CPU the whole student;
+  CPU after its fit and its broadcast), on the CPU the whole student. With ``block`` K > 1 the
+  recordings are per block (``ceil(ceil(L / K) / W)``), a GPU holds one block's K whole layers, and
+  a fit step adds its FFNs' gradients and two Adam moments (fp32) and the activations of one batch
+  of sequences (1,024 tokens) through K layers;
 - a GPU's CUDA context, cuBLAS workspace and NCCL buffers: 1 GiB.
 
 The peak of training is the resident terms (weights, optimizer, teacher, buckets; gradients too
@@ -338,6 +341,8 @@ class Setup:
     teacher_dtype: str = "auto"  # auto | fp32 | bf16
     top_k: int | None = None
     warmstart_tokens: int | None = None  # None: no FFN warm start
+    warmstart_block: int = 1  # decoder layers fitted together (sparsity.ffn_warmstart.block)
+    warmstart_batch: int = 1024  # tokens per fit step (whole sequences for blocks)
     gpus: int | None = None  # None: this machine's CPU
     world: int = 1  # processes sharing the run (GPUs x nodes, or CPU processes)
     strategy: str = "single"  # single | ddp | fsdp2
@@ -395,6 +400,7 @@ def setup_from_recipe(
         teacher_dtype=s.distill.teacher_dtype if s.distill else "fp32",
         top_k=s.distill.top_k if s.distill else None,
         warmstart_tokens=tokens,
+        warmstart_block=warm.block if warm is not None else 1,
         gpus=gpus,
         world=world,
         strategy=strategy,
@@ -623,24 +629,43 @@ def build_plan(sizes: ModelSizes, setup: Setup, teacher: ModelSizes | None = Non
     else:
         t.append(Term("CUDA context, NCCL", CUDA_OVERHEAD, RESIDENT))
     if s.warmstart_tokens:
-        layers_here = -(-sizes.layers // s.world)
-        rec = 2 * s.warmstart_tokens * sizes.hidden * layers_here * teacher_bytes
+        k = s.warmstart_block
+        units_here = -(-(-(-sizes.layers // k)) // s.world)  # this process's layers, or blocks
+        unit = "layers" if k == 1 else f"blocks of {k} layers"
+        rec = 2 * s.warmstart_tokens * sizes.hidden * units_here * teacher_bytes
         copy = 2 * s.warmstart_tokens * sizes.hidden * 4
         t.append(
             Term(
                 "warm start: recordings",
                 rec + copy,
                 WARMSTART,
-                f"2 x {s.warmstart_tokens} tokens x {sizes.hidden} x {layers_here} layers x {teacher_bytes} B "
-                "+ one layer's fp32 copy",
+                f"2 x {s.warmstart_tokens} tokens x {sizes.hidden} x {units_here} {unit} x {teacher_bytes} B "
+                f"+ one {'layer' if k == 1 else 'block'}'s fp32 copy",
             )
         )
+        if k > 1:  # a fit step backpropagates through the block: its FFNs' gradients and Adam moments, its activations
+            ffn_block = min(k, sizes.layers) * -(-sizes.ffn // sizes.layers)
+            fit_tokens = max(1, s.warmstart_batch // s.seq_len) * s.seq_len
+            acts = activation_bytes(sizes, replace(s, micro_batch=fit_tokens // s.seq_len, precision="fp32"), False)
+            acts = acts * min(k, sizes.layers) // sizes.layers
+            t.append(
+                Term(
+                    "warm start: block fit",
+                    3 * ffn_block * 4 + acts,
+                    WARMSTART,
+                    f"{k} layers' FFN gradients and Adam moments (fp32) + activations of {fit_tokens} tokens",
+                )
+            )
         t.append(Term("warm start: teacher", teacher_w, WARMSTART, f"{teacher_dtype}{div}"))
         if s.sharded and n > 1:
             tunit = max(teacher.largest_layer, teacher.root)
             t.append(Term("warm start: teacher in flight", 2 * tunit * teacher_bytes, WARMSTART, "2 units all-gathered"))
         if gpu:
-            t.append(Term("warm start: FFN being fitted", -(-sizes.ffn // sizes.layers) * 4, WARMSTART, "one layer's FFN, fp32"))
+            if k == 1:
+                t.append(Term("warm start: FFN being fitted", -(-sizes.ffn // sizes.layers) * 4, WARMSTART, "one layer's FFN, fp32"))
+            else:
+                layer = sizes.largest_layer * min(k, sizes.layers)
+                t.append(Term("warm start: block being fitted", layer * 4, WARMSTART, f"{k} whole layers, fp32"))
             t.append(Term("warm start: CUDA context", CUDA_OVERHEAD, WARMSTART))
         else:
             t.append(Term("warm start: student", sizes.total * 4, WARMSTART, "fp32, whole"))

@@ -232,6 +232,21 @@ def test_teacher_dtype_and_sharding(base, tmp_path):
     assert _term(four, "warm start: recordings") == 2 * tokens * hidden * 1 * 2 + 2 * tokens * hidden * 4
 
 
+def test_block_warmstart_plan(base, tmp_path):
+    """Blocks of layers: recordings per block (both layers of the tiny model in one), one block's
+    whole layers on the GPU, and the fit's FFN gradients, Adam moments and activations."""
+    per_ffn = _recipe(base, tmp_path, sparsity={"ffn_warmstart": {"tokens": 256}})
+    block = _recipe(base, tmp_path, sparsity={"ffn_warmstart": {"tokens": 256, "block": 2}})
+    a, b = plan_recipe(per_ffn, gpus=1), plan_recipe(block, gpus=1)
+    tokens, hidden = 256, 32
+    assert _term(a, "warm start: recordings") == 2 * tokens * hidden * 2 * 4 + 2 * tokens * hidden * 4
+    assert _term(b, "warm start: recordings") == 2 * tokens * hidden * 1 * 4 + 2 * tokens * hidden * 4
+    assert _term(b, "warm start: block being fitted") == 2 * b.sizes.largest_layer * 4
+    assert _term(b, "warm start: block fit") > 3 * b.sizes.ffn * 4  # + the activations of the fit's batch
+    assert "warm start: block fit" not in {t.name for t in a.terms}
+    assert "blocks of 2 layers" in b.table()
+
+
 def test_cpu_plan_per_process(base, tmp_path, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     one = plan_recipe(_recipe(base, tmp_path))
