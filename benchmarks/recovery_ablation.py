@@ -9,9 +9,10 @@ adds more) and its own (``VARIANTS``), trained one after the other into ``OUT/<v
 variant with a ``summary.json`` is not trained again). Each run scores ``data.eval_sources`` (the
 ``--eval-data`` texts; a variant whose training text is one of them drops it) and the original
 model's perplexity on them, so ``summary.json`` holds the ratio. Then the original and every
-variant's final model are scored by one ``relufy eval`` on the first eval text: dense, at 90%
+variant's final model are scored by ``relufy eval`` on the first eval text: dense, at 90%
 top-k, and under per-layer thresholds calibrated to 90% zeros (the training-free stand-in for
-ProSparse's final FATReLU shift; ``OUT/levels.json``). The table (markdown) gives per variant: wall
+ProSparse's final FATReLU shift; ``OUT/<variant>/levels.json``, the original's in
+``OUT/original-levels.json``). The table (markdown) gives per variant: wall
 time, zeros, the perplexity ratio on each eval text and the in-domain slice, and those three
 perplexities, with the original's in a last row; ``OUT/table.md`` and ``OUT/table.json`` keep it.
 """
@@ -43,6 +44,8 @@ VARIANTS: dict[str, list[str]] = {
     "lr1e-3": ["optim.lr=1e-3", "optim.min_lr=1e-4"],
     # the warm start fits blocks of 5 layers against the teacher's hidden states, not one FFN at a time
     "block5": ["sparsity.ffn_warmstart.block=5"],
+    # the two that beat the base at 40 steps, together
+    "block5-lr1e-3": ["sparsity.ffn_warmstart.block=5", "optim.lr=1e-3", "optim.min_lr=1e-4"],
     # twice the L1 coefficient while training (the warm start's is unchanged)
     "l1-10": ["sparsity.l1=10"],
 }
@@ -89,18 +92,15 @@ def run_variant(name: str, args) -> None:
     (out / "wall.json").write_text(json.dumps({"seconds": time.perf_counter() - start}))
 
 
-def levels(models: list[str], data: str, tokens: int, out: Path) -> list[dict]:
-    """``relufy eval`` of the models at 90% top-k and under per-layer thresholds calibrated to 90%
-    zeros (the training-free stand-in for ProSparse's final FATReLU shift), on the same windows;
-    kept in ``out`` and run again when the models differ."""
-    if out.exists():
-        kept = json.loads(out.read_text())
-        if [m["model"] for m in kept["models"]] == models:
-            return kept["models"]
-    cmd = [sys.executable, "-m", "relufy", "eval", *models, "--data", data, "--seq-len", "256"]
-    cmd += ["--max-tokens", str(tokens), "--topk", "0.9", "--threshold-sparsity", "0.9", "--json", str(out)]
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())["models"]
+def levels(model: str, data: str, tokens: int, out: Path) -> dict:
+    """``relufy eval`` of ``model`` dense, at 90% top-k and under per-layer thresholds calibrated to
+    90% zeros (the training-free stand-in for ProSparse's final FATReLU shift), kept in ``out``."""
+    if not out.exists():
+        cmd = [sys.executable, "-m", "relufy", "eval", model, "--data", data, "--seq-len", "256"]
+        cmd += ["--max-tokens", str(tokens), "--topk", "0.9", "--threshold-sparsity", "0.9", "--json", str(out)]
+        subprocess.run(cmd, check=True)
+    (scored,) = json.loads(out.read_text())["models"]
+    return scored
 
 
 def main(argv=None) -> None:
@@ -129,8 +129,8 @@ def main(argv=None) -> None:
     from relufy.embedded import smollm2_gguf
 
     first = args.eval_data[0]
-    finals = [str(args.out / name / "final") for name in names]
-    original, *trained = levels([str(smollm2_gguf()), *finals], first, args.eval_tokens, args.out / "levels.json")
+    original = levels(str(smollm2_gguf()), first, args.eval_tokens, args.out / "original-levels.json")
+    trained = [levels(str(args.out / n / "final"), first, args.eval_tokens, args.out / n / "levels.json") for n in names]
     labels = None
     rows = []
     for name, scored in zip(names, trained, strict=True):

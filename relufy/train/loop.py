@@ -583,11 +583,11 @@ class RecipeRun:
         _on_main(self.accelerator, lambda: _first_writes(self.out, self.plan, self.recipe, self.resume_requested))
 
     def warm_start(self) -> None:
-        """A fresh run with ``sparsity.ffn_warmstart`` fits each FFN to the teacher's
-        (``relufy.train.warmstart``; report in warmstart.json): every process fits its share of the
-        layers and receives the others', before the student is wrapped or sharded. Its tokens are
-        not consumed from the training data: the mixture goes back to where it was. The teacher
-        stays only to distil."""
+        """A fresh run with ``sparsity.ffn_warmstart`` fits each FFN (or each block of
+        ``ffn_warmstart.block`` layers) to the teacher's (``relufy.train.warmstart``; report in
+        warmstart.json): every process fits its share of the layers (blocks) and receives the
+        others', before the student is wrapped or sharded. Its tokens are not consumed from the
+        training data: the mixture goes back to where it was. The teacher stays only to distil."""
         spec = self.recipe.sparsity.ffn_warmstart
         if spec and self.start_checkpoint is None:
             from .warmstart import ffn_warmstart

@@ -630,7 +630,7 @@ def build_plan(sizes: ModelSizes, setup: Setup, teacher: ModelSizes | None = Non
         t.append(Term("CUDA context, NCCL", CUDA_OVERHEAD, RESIDENT))
     if s.warmstart_tokens:
         k = s.warmstart_block
-        units_here = -(-(-(-sizes.layers // k)) // s.world)  # this process's layers, or blocks
+        units_here = _ceil(_ceil(sizes.layers, k), s.world)  # this process's layers, or blocks
         unit = "layers" if k == 1 else f"blocks of {k} layers"
         rec = 2 * s.warmstart_tokens * sizes.hidden * units_here * teacher_bytes
         copy = 2 * s.warmstart_tokens * sizes.hidden * 4
@@ -644,7 +644,7 @@ def build_plan(sizes: ModelSizes, setup: Setup, teacher: ModelSizes | None = Non
             )
         )
         if k > 1:  # a fit step backpropagates through the block: its FFNs' gradients and Adam moments, its activations
-            ffn_block = min(k, sizes.layers) * -(-sizes.ffn // sizes.layers)
+            ffn_block = min(k, sizes.layers) * _ceil(sizes.ffn, sizes.layers)
             fit_tokens = max(1, s.warmstart_batch // s.seq_len) * s.seq_len
             acts = activation_bytes(sizes, replace(s, micro_batch=fit_tokens // s.seq_len, precision="fp32"), False)
             acts = acts * min(k, sizes.layers) // sizes.layers
@@ -662,7 +662,8 @@ def build_plan(sizes: ModelSizes, setup: Setup, teacher: ModelSizes | None = Non
             t.append(Term("warm start: teacher in flight", 2 * tunit * teacher_bytes, WARMSTART, "2 units all-gathered"))
         if gpu:
             if k == 1:
-                t.append(Term("warm start: FFN being fitted", -(-sizes.ffn // sizes.layers) * 4, WARMSTART, "one layer's FFN, fp32"))
+                ffn = _ceil(sizes.ffn, sizes.layers) * 4
+                t.append(Term("warm start: FFN being fitted", ffn, WARMSTART, "one layer's FFN, fp32"))
             else:
                 layer = sizes.largest_layer * min(k, sizes.layers)
                 t.append(Term("warm start: block being fitted", layer * 4, WARMSTART, f"{k} whole layers, fp32"))
