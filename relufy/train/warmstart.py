@@ -154,20 +154,29 @@ def _share(s_layers, rows: list[dict], device, world: int, block: int = 1) -> li
     return sorted((row for part in gathered for row in part), key=lambda row: row["layer"])
 
 
-def _fit_layers(student, s_layers, mine, inputs, outputs, spec, device, batch_tokens, done) -> list[dict]:
-    """Fit the student layers ``mine`` to the recorded teacher outputs; ``done(row)`` per layer.
-    The training loop's sparsity meter counts zeros and carries the L1 terms; the FFNs' own
-    observers are put back afterwards."""
+@contextlib.contextmanager
+def _metered(student, l1: bool):
+    """The training loop's sparsity meter on every FFN of ``student`` for the fits (it counts the
+    zeros and carries the L1 terms); the FFNs' own observers are put back afterwards."""
     from ..measure.meter import SparsityMeter
     from ..measure.sites import ffn_sites
 
     sites = ffn_sites(student)
-    meter = SparsityMeter(sites, l1=spec.l1 > 0)
+    meter = SparsityMeter(sites, l1=l1)
     kept = [m.relufy_observer for _, m in sites]
     for _, m in sites:
         m.relufy_observer = meter
-    rows = []
     try:
+        yield meter
+    finally:
+        for (_, m), obs in zip(sites, kept, strict=True):
+            m.relufy_observer = obs
+
+
+def _fit_layers(student, s_layers, mine, inputs, outputs, spec, device, batch_tokens, done) -> list[dict]:
+    """Fit the student layers ``mine`` to the recorded teacher outputs; ``done(row)`` per layer."""
+    rows = []
+    with _metered(student, spec.l1 > 0) as meter:
         for i in mine:
             home = _ffn_params(s_layers[i].mlp)[0].device  # back there after the fit: one FFN on the device at a time
             mlp = s_layers[i].mlp.to(device)
@@ -177,9 +186,6 @@ def _fit_layers(student, s_layers, mine, inputs, outputs, spec, device, batch_to
             rows.append(_fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g))
             mlp.to(home)
             done(rows[-1])
-    finally:
-        for (_, m), obs in zip(sites, kept, strict=True):
-            m.relufy_observer = obs
     return rows
 
 
@@ -245,8 +251,6 @@ def _block_warmstart(student, teacher, ids, spec, device, batch_tokens, show_pro
     block's first layer) and takes an Adam step on its FFN weights."""
     from torch.distributed.fsdp import FSDPModule
 
-    from ..measure.meter import SparsityMeter
-    from ..measure.sites import ffn_sites
     from ..progress import token_progress
 
     t_layers, s_layers = _layers(teacher), _layers(student)
@@ -279,9 +283,6 @@ def _block_warmstart(student, teacher, ids, spec, device, batch_tokens, show_pro
     hooks += [t_layers[i].register_forward_hook(after(i)) for i in last]
     if not isinstance(teacher, FSDPModule):
         teacher.to(device)
-    sites = ffn_sites(student)
-    meter = SparsityMeter(sites, l1=spec.l1 > 0)
-    kept = [m.relufy_observer for _, m in sites]
     rows = []
     with token_progress() if show_progress else contextlib.nullcontext() as progress:
         if progress:
@@ -294,9 +295,7 @@ def _block_warmstart(student, teacher, ids, spec, device, batch_tokens, show_pro
                     progress.advance(record_task, ids[a : a + per_batch].numel())
         for h in hooks:
             h.remove()
-        for _, m in sites:
-            m.relufy_observer = meter
-        try:
+        with _metered(student, spec.l1 > 0) as meter:
             for block in mine:
                 s = block[0]
                 home = _ffn_params(s_layers[s].mlp)[0].device
@@ -311,9 +310,6 @@ def _block_warmstart(student, teacher, ids, spec, device, batch_tokens, show_pro
                     row = rows[-1]
                     desc = f"warm start: layers {s}-{block[-1]} mse {row['mse_after']:.3g} zeros {row['zeros_after']:.1%}"
                     progress.update(fit_task, advance=1, description=desc)
-        finally:
-            for (_, m), obs in zip(sites, kept, strict=True):
-                m.relufy_observer = obs
     if world > 1:
         rows = _share(s_layers, rows, device, world, spec.block)
     return _report(ids, rows)
