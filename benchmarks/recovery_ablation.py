@@ -46,6 +46,8 @@ VARIANTS: dict[str, list[str]] = {
     "block5": ["sparsity.ffn_warmstart.block=5"],
     # the two that beat the base at 40 steps, together
     "block5-lr1e-3": ["sparsity.ffn_warmstart.block=5", "optim.lr=1e-3", "optim.min_lr=1e-4"],
+    # the same with blocks of 10 layers
+    "block10-lr1e-3": ["sparsity.ffn_warmstart.block=10", "optim.lr=1e-3", "optim.min_lr=1e-4"],
     # twice the L1 coefficient while training (the warm start's is unchanged)
     "l1-10": ["sparsity.l1=10"],
 }
