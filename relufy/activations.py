@@ -36,6 +36,14 @@ def swiglu(gate, up, threshold=None):
     return F.silu(gate) * up
 
 
+def cut(combined, cutoff=None):
+    """A magnitude cutoff (ProSparse's final FATReLU shift, taken on the combined activation): the
+    entries of ``combined`` whose magnitude is below ``cutoff`` become 0; none or 0 keeps all."""
+    if not cutoff:
+        return combined
+    return combined.masked_fill(combined.abs() < cutoff, 0)
+
+
 # name -> combine function. "swiglu" as a conversion target means: keep the model's own gated
 # activation (SiLU for Llama, tanh-GELU for Gemma); it is the identity conversion for baselines.
 GATED_ACTIVATIONS = {

@@ -40,6 +40,14 @@ def remote(tmp_path_factory):
                 jobs.append(
                     {"path": str(out), "impl": impl, "ids": input_ids().tolist(), "out": str(root / f"{family}-{act}-{impl}.pt")}
                 )
+        cut = root / f"{family}-drelu-cut"
+        relufy.convert(root / family, cut, activation="drelu")
+        config = json.loads((cut / "config.json").read_text())
+        config["relufy"]["cutoffs"] = cutoffs(family)
+        (cut / "config.json").write_text(json.dumps(config))
+        for impl in IMPLS[family]:
+            out = str(root / f"{family}-cut-{impl}.pt")
+            jobs.append({"path": str(cut), "impl": impl, "ids": input_ids().tolist(), "out": out})
         for trust in (False,):
             jobs.append(
                 {
@@ -56,11 +64,47 @@ def remote(tmp_path_factory):
     return root
 
 
-def reference_logits(family, activation):
+def reference_logits(family, activation, cut: dict | None = None):
+    """``cut``: module path -> magnitude cutoff, applied to the combined activation of that FFN."""
     model = tiny_model(family)
-    apply_reference(model, activation, ACTIVATIONS[activation])
+    for name, module in model.named_modules():
+        module._cut = (cut or {}).get(name, 0.0)
+    apply_reference(model, activation, ACTIVATIONS[activation], post=lambda m, h, e: h * (h.abs() >= m._cut))
     with torch.no_grad():
         return model(input_ids()).logits
+
+
+def cutoffs(family) -> dict:
+    """Per FFN module path of the tiny dReLU model: a cutoff near the median of its non-zero
+    activations on ``input_ids``, halfway between two neighbouring magnitudes (none lies on it)."""
+    model = tiny_model(family)
+    names = {id(m): n for n, m in model.named_modules()}
+    seen = {}
+    apply_reference(model, "drelu", post=lambda m, h, e: seen.setdefault(names[id(m)], []).append(h.abs().flatten()) or h)
+    with torch.no_grad():
+        model(input_ids())
+    out = {}
+    for name, found in seen.items():
+        v = torch.cat(found)
+        v = v[v > 0].sort().values
+        out[name] = float((v[len(v) // 2] + v[len(v) // 2 + 1]) / 2)
+    return out
+
+
+@pytest.mark.parametrize("family,impl", [(f, i) for f in FAMILIES for i in IMPLS[f]])
+def test_magnitude_cutoffs_match_the_reference(remote, family, impl):
+    """relufy.cutoffs in config.json: the remote code (every experts implementation) and relufy.load
+    zero the combined activations under each FFN's cutoff, as the reference does."""
+    cut = cutoffs(family)
+    expected = reference_logits(family, "drelu", cut)
+    result = torch.load(remote / f"{family}-cut-{impl}.pt", weights_only=True)
+    assert "error" not in result, result.get("error")
+    torch.testing.assert_close(result["logits"], expected, **TOL)
+    assert (expected - reference_logits(family, "drelu")).abs().max() > 1e-3  # the cutoffs changed the function
+    loaded = relufy.load(remote / f"{family}-drelu-cut").eval()
+    assert {n: m.relufy_cutoff for n, m in loaded.named_modules() if n in cut} == cut
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids()).logits, expected, **TOL)
 
 
 @pytest.mark.parametrize("family,activation,impl", CASES)

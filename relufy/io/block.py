@@ -10,7 +10,7 @@ the modeling code written into checkpoints reads it there without relufy install
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -48,6 +48,11 @@ class RelufyBlock(_Block):
     base_activation: str
     source: str = ""
     relufy_version: str = ""
+    cutoffs: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="FFN module path -> magnitude cutoff: entries of the combined activation act(gate) * up below it "
+        "are zero (ProSparse's final FATReLU shift, `sparsity.final_cutoff` of relufy train); none: no cutoff.",
+    )
     export: ExportInfo | None = None
 
     @classmethod

@@ -36,20 +36,21 @@ def _bins(a: torch.Tensor) -> torch.Tensor:
     return ((a.log2() - lo) * (BINS / (hi - lo))).floor().clamp_(0, BINS - 1).long()
 
 
-def _key(index, module, expert) -> tuple[str, int]:
-    return index[id(module)].name, expert or 0
+def _key(index, module, expert, per_expert: bool = True) -> tuple[str, int]:
+    return index[id(module)].name, (expert or 0) if per_expert else 0
 
 
 class _Histograms:
     """Pass 1: per (site, expert) the zeros, the positive entries and a histogram of their ``log2 |h|``."""
 
-    def __init__(self, sites):
+    def __init__(self, sites, per_expert: bool = True):
         self.index = {id(m): s for s, m in sites}
+        self.per_expert = per_expert
         self.zeros: dict = {}
         self.counts: dict = {}
 
     def __call__(self, module, combined, expert):
-        key = _key(self.index, module, expert)
+        key = _key(self.index, module, expert, self.per_expert)
         a = combined.detach().abs().float().reshape(-1)
         positive = a[a > 0]
         hist = torch.bincount(_bins(positive), minlength=BINS)
@@ -65,13 +66,14 @@ class _Histograms:
 class _BinValues:
     """Pass 2: the magnitudes that fall into the wanted bins of each (site, expert)."""
 
-    def __init__(self, sites, wanted: dict):
+    def __init__(self, sites, wanted: dict, per_expert: bool = True):
         self.index = {id(m): s for s, m in sites}
         self.wanted = wanted  # key -> sorted list of bins
+        self.per_expert = per_expert
         self.values: dict = {}  # (key, bin) -> list of tensors
 
     def __call__(self, module, combined, expert):
-        key = _key(self.index, module, expert)
+        key = _key(self.index, module, expert, self.per_expert)
         bins = self.wanted.get(key)
         if bins:
             a = combined.detach().abs().float().reshape(-1)
@@ -107,11 +109,13 @@ def calibration_windows(ids: torch.Tensor, seq_len: int, bos_id: int | None = No
     return out
 
 
-def calibrate(model, levels, forward) -> Calibration:
+def calibrate(model, levels, forward, per_expert: bool = True) -> Calibration:
     """Per level ``s`` in ``levels``, per FFN site and expert, the threshold ``t`` under which a
     fraction ``s`` of the calibration entries ``|h|`` lie: two calls of ``forward()``, one pass of
-    the unmasked model over the calibration windows each (``relufy.measure.evaluate.score``)."""
-    with observing(model, _Histograms) as hist:
+    the unmasked model over the calibration windows each (``relufy.measure.evaluate.score``).
+    ``per_expert=False``: one threshold per site, on the entries of all its experts together
+    (every expert's item in ``thresholds`` is that one)."""
+    with observing(model, lambda sites: _Histograms(sites, per_expert)) as hist:
         forward()
     counts = {k: c.cpu() for k, c in hist.counts.items()}
     zeros = {k: int(z) for k, z in hist.zeros.items()}
@@ -134,7 +138,7 @@ def calibrate(model, levels, forward) -> Calibration:
                 plan[key, s] = (b, r - (int(cum[b - 1]) if b else 0))
                 wanted.setdefault(key, set()).add(b)
     wanted = {k: sorted(v) for k, v in wanted.items()}
-    with observing(model, lambda sites: _BinValues(sites, wanted)) as picked:
+    with observing(model, lambda sites: _BinValues(sites, wanted, per_expert)) as picked:
         forward()
     values = {k: torch.cat(v).sort().values.cpu() if v else torch.empty(0) for k, v in picked.values.items()}
 
@@ -161,6 +165,11 @@ def calibrate(model, levels, forward) -> Calibration:
         dropped = 0
         for site, _ in ffn_sites(model):
             ts = []
+            if not per_expert:
+                t, n = pick((site.name, 0), s) if (site.name, 0) in counts else (0.0, 0)
+                thresholds[s][site.name] = [t] * site.experts
+                dropped += n
+                continue
             for e in range(site.experts):
                 if (site.name, e) in counts:
                     t, n = pick((site.name, e), s)

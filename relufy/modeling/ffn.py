@@ -20,7 +20,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..activations import GATED_ACTIVATIONS  # relufy-bundle: drop
+from ..activations import GATED_ACTIVATIONS, cut  # relufy-bundle: drop
 
 # Experts implementations of transformers that compute the activation through the module's
 # ``_apply_gate`` and so honour the swap. Others (e.g. "sonicmoe") fuse SwiGLU into a kernel.
@@ -35,10 +35,14 @@ class RelufyFFN:
     the combined activation to use (measurement reads it, top-k masking replaces it); ``expert``
     is the expert index inside an experts module on the eager path, else None. On that path
     ``relufy_rows`` holds the rows of the flattened input (token positions) routed to ``expert``.
+
+    ``relufy_cutoff``, when set, zeroes the entries of the combined activation whose magnitude is
+    below it (one value per module, every expert of an experts module alike: ``set_cutoffs``).
     """
 
     relufy_activation = "swiglu"
     relufy_threshold = None
+    relufy_cutoff = None
     relufy_observer = None
     relufy_rows = None
     relufy_blend = None  # training only: a in [0, 1) blends (1 - a) x the original activation + a x this one
@@ -52,6 +56,7 @@ class RelufyFFN:
             if self.relufy_blend is not None:
                 act = getattr(self, "act_fn", None) or self.activation_fn
                 out = self.relufy_blend * out + (1 - self.relufy_blend) * (act(gate) * up)
+        out = cut(out, self.relufy_cutoff)
         if self.relufy_observer is not None:
             out = self.relufy_observer(self, out, expert)
         return out
@@ -154,6 +159,20 @@ def swap_ffn(model, ffn_classes, activation, threshold=None):
     if count == 0:
         raise ValueError(f"no FFN module of {sorted(ffn_classes)} found in {type(model).__name__}")
     return count
+
+
+def set_cutoffs(model, cutoffs):
+    """Give each swapped FFN module of ``model`` its magnitude cutoff from ``cutoffs`` (module path
+    -> cutoff, as in a checkpoint's ``relufy.cutoffs``); modules not named get none. A name that
+    is not a swapped FFN module of ``model`` is an error: the cutoffs belong to another model."""
+    found = set()
+    for name, module in model.named_modules():
+        if isinstance(module, RelufyFFN):
+            module.relufy_cutoff = cutoffs.get(name) or None
+            found.add(name)
+    unknown = sorted(set(cutoffs) - found)
+    if unknown:
+        raise ValueError(f"cutoffs name {len(unknown)} module(s) that are not FFNs of this model, e.g. {unknown[0]!r}")
 
 
 @contextlib.contextmanager

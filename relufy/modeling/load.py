@@ -8,14 +8,16 @@ from ..errors import RelufyError
 from ..families import family_for
 from ..io.block import RelufyBlock
 from ..names import is_identity
-from .ffn import swap_ffn
+from .ffn import set_cutoffs, swap_ffn
 
 
 def swap_activation(model, activation: str, threshold: float | None = None, source: str | None = None):
     """Swap the FFN activation of a loaded transformers model in place and record it in its config.
 
     The config's activation key is set to ``relufy_<activation>`` (unknown to transformers), so a
-    plain ``save_pretrained`` of the result cannot be reloaded as SwiGLU by mistake.
+    plain ``save_pretrained`` of the result cannot be reloaded as SwiGLU by mistake. The block's
+    magnitude cutoffs (``relufy.cutoffs``) apply when the activation is the one they were
+    calibrated on; another activation drops them.
     """
     from .spec import activation_spec
 
@@ -25,6 +27,12 @@ def swap_activation(model, activation: str, threshold: float | None = None, sour
     block = dict(config.relufy) if known else {}
     family = family_for(known.base_model_type if known else config.model_type)
     swap_ffn(model, family.ffn_classes, spec.activation, spec.threshold)
+    if block.get("activation") != spec.activation or block.get("threshold") != spec.threshold:
+        block.pop("cutoffs", None)  # calibrated on the other activation's values
+    try:
+        set_cutoffs(model, block.get("cutoffs") or {})
+    except ValueError as e:
+        raise RelufyError(f"config.json: the relufy block's {e}") from None
     if not block:
         from .. import __version__
 

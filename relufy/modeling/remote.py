@@ -110,6 +110,7 @@ class RelufyForCausalLM(_BaseForCausalLM):
         with activation_key_as(config, ACTIVATION_KEY, block["base_activation"]):
             super().__init__(config, *args, **kwargs)
         swap_ffn(self, FFN_CLASSES, block["activation"], block.get("threshold"))
+        set_cutoffs(self, block.get("cutoffs") or {{}})
 
     def sparsity_predictors(self):
         '''The sparsity predictors of a relufy export, read from ``predictors.safetensors`` beside the

@@ -72,7 +72,12 @@ def build(model, predictors: dict | None = None, predictor_threshold: float | Ma
                 else:
                     threshold = float(predictor_threshold)
             out[(site, e)] = SparseFFN(
-                *layout_of(module).weights(module, e), block.activation, block.threshold, predictor, threshold
+                *layout_of(module).weights(module, e),
+                block.activation,
+                block.threshold,
+                predictor,
+                threshold,
+                cutoff=module.relufy_cutoff,
             )
     return out
 

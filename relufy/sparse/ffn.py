@@ -4,7 +4,9 @@
 FATReLU): compute the gate for every neuron, keep the neurons whose gate activation is non-zero
 (for any token of the small batch), compute the up projection only for those, and the down
 projection only for neurons whose combined activation is non-zero. ``predicted`` computes only
-the neurons a predictor selects (score >= threshold): gate, up and down for those alone.
+the neurons a predictor selects (score >= threshold): gate, up and down for those alone. A
+model's magnitude cutoff (``relufy.cutoffs``) zeroes small combined activations in every mode, and
+``exact`` then skips their down rows too.
 
 The down projection is stored neuron-major (``down.T``, ``[neurons, hidden]``) as engines do, so
 every selected neuron's three weight rows are contiguous; ``relufy.sparse.kernels`` reads them in
@@ -16,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..activations import GATED_ACTIVATIONS
+from ..activations import GATED_ACTIVATIONS, cut
 from ..names import ZERO_ACTIVATIONS
 from . import kernels
 
@@ -37,6 +39,7 @@ class SparseFFN:
         threshold: float | None = None,
         predictor=None,
         predictor_threshold: float = 0.0,
+        cutoff: float | None = None,
     ):
         if activation not in ZERO_ACTIVATIONS:
             raise ValueError(
@@ -47,7 +50,9 @@ class SparseFFN:
         self.down_t = down.detach().t().contiguous()  # [I, H], neuron-major
         self.activation = activation
         self.threshold = threshold
-        self.combine = GATED_ACTIVATIONS[activation]
+        combine = GATED_ACTIVATIONS[activation]
+        self.cutoff = cutoff  # the model's magnitude cutoff on the combined activation (relufy.cutoffs)
+        self.combine = (lambda gate, up, t: cut(combine(gate, up, t), cutoff)) if cutoff else combine
         self.predictor = predictor
         self.predictor_threshold = predictor_threshold
         self._all_rows = None

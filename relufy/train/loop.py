@@ -43,7 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RelufyError
+from ..io.block import RelufyBlock
 from ..measure.meter import SparsityMeter, heldout_eval
+from ..names import is_identity
 from ..progress import console
 from . import checkpoint as ckpt
 from .recipe import Recipe, dump
@@ -308,8 +310,10 @@ def preflight(recipe: Recipe, download: bool = True) -> Path:
 
 
 def _check_context(recipe: Recipe) -> None:
-    """``data.seq_len`` within the model's ``max_position_embeddings``, from its config alone."""
+    """``data.seq_len`` within the model's ``max_position_embeddings``, from its config alone; a
+    ``sparsity.final_cutoff`` on a model trained with a relufy activation."""
     spec = recipe.model
+    activation = spec.activation
     if spec.config is not None:
         from transformers import AutoConfig
 
@@ -324,8 +328,16 @@ def _check_context(recipe: Recipe) -> None:
         from ..io.source import resolve
         from ..modeling.spec import base_config
 
-        _, config = base_config(resolve(spec.path).config_dict())
+        raw = resolve(spec.path).config_dict()
+        _, config = base_config(raw)
         where = spec.path
+        block = RelufyBlock.read(raw, spec.path)
+        activation = activation or (block.activation if block else None)
+    if recipe.sparsity.final_cutoff and is_identity(activation or "swiglu"):
+        raise RelufyError(
+            "sparsity.final_cutoff needs a relufy activation (model.activation, e.g. drelu): a model kept on its "
+            "original activation is saved as the original architecture, which has no cutoffs"
+        )
     limit = getattr(config, "max_position_embeddings", None)
     if isinstance(limit, int) and limit > 0 and recipe.data.seq_len > limit:
         raise RelufyError(f"data.seq_len {recipe.data.seq_len} exceeds the model's context of {limit} tokens ({where})")
@@ -939,6 +951,11 @@ class RecipeRun:
         accelerator, recipe = self.accelerator, self.recipe
         heldout_after = self.evaluate()
         eval_after = self.evaluate_outside()
+        cutoff = None
+        if recipe.sparsity.final_cutoff:
+            cutoff = self.final_cutoff(heldout_after, eval_after)
+            heldout_after = self.evaluate()
+            eval_after = self.evaluate_outside()
         unwrapped = accelerator.unwrap_model(self.model)
         state_dict = accelerator.get_state_dict(self.model)  # FSDP2: the full weights, on the main process only
         if accelerator.is_main_process:
@@ -960,6 +977,12 @@ class RecipeRun:
             # the card and any later export name the model trained ("finetune" of its base_model)
             trained = {"recipe": recipe.name, "steps": self.total_steps, "tokens": tokens}
             unwrapped.config.relufy = {**unwrapped.config.relufy, "trained": trained}
+            if cutoff is not None:
+                unwrapped.config.relufy["cutoffs"] = cutoff["cutoffs"]
+                note += (
+                    f" Magnitude cutoffs per FFN (relufy.cutoffs) calibrated to {cutoff['sparsity']:.0%} zeros on "
+                    f"{cutoff['tokens']:,} training tokens apply; the figures above are taken with them."
+                )
             save_relufy(unwrapped, self.out / "final", tokenizer=self.tokenizer, state_dict=state_dict, card_note=note)
             summary = {
                 "steps": self.total_steps,
@@ -972,6 +995,8 @@ class RecipeRun:
                 "heldout_ppl_original": self.original.get("heldout"),
                 "eval": self._eval_summary(eval_after),
             }
+            if cutoff is not None:
+                summary["cutoff"] = {k: v for k, v in cutoff.items() if k != "cutoffs"}
             ckpt.write_json(self.out / "summary.json", summary)
             plot_curves(self.metrics_path, self.out / "curves.png")
         # every process waits for final/: the last collective's work is then released while no
@@ -980,6 +1005,50 @@ class RecipeRun:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return self.out / "final"
+
+    def final_cutoff(self, heldout: tuple, outside: dict) -> dict:
+        """``sparsity.final_cutoff``: one magnitude cutoff per FFN module, the quantile at ``sparsity``
+        of its combined activations on ``tokens`` fresh training tokens (``relufy.measure.threshold``,
+        experts pooled), set on the student. Every process runs the calibration forward passes on its
+        draw (a sharded model's all-gathers pair up); process 0's cutoffs go to all. Returns the
+        report: the cutoffs, the zeros they reach on the calibration tokens, and ``heldout`` /
+        ``outside`` (the figures before, as ``evaluate`` and ``evaluate_outside`` gave them)."""
+        from ..measure.evaluate import score
+        from ..measure.threshold import calibrate
+        from ..modeling.ffn import set_cutoffs
+        from ..text import Window
+
+        spec, a = self.recipe.sparsity.final_cutoff, self.accelerator
+        ids, _ = self.mixture.batch(max(1, spec.tokens // self.recipe.data.seq_len))
+        windows = [Window(row, torch.full_like(row, -100)) for row in ids]
+        model, was_training = self.eval_model, self.eval_model.training
+        model.eval()
+        calibration = calibrate(self.base, [spec.sparsity], lambda: score(model, windows, 4, a.device), per_expert=False)
+        model.train(was_training)
+        cutoffs = {name: ts[0] for name, ts in calibration.thresholds[spec.sparsity].items() if ts[0] > 0}
+        reached = calibration.below[spec.sparsity]
+        if a.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            cutoffs, reached = broadcast_object_list([cutoffs, reached], from_process=0)
+        set_cutoffs(self.base, cutoffs)
+        if self.show_progress and a.is_main_process:
+            console.print(
+                f"final cutoff: {len(cutoffs)} FFN(s) cut, {reached:.1%} zeros on {ids.numel():,} calibration tokens",
+                markup=False,
+                highlight=False,
+            )
+        return {
+            "sparsity": spec.sparsity,
+            "tokens": int(ids.numel()),
+            "calibration_zeros": reached,
+            "cutoffs": cutoffs,
+            "before": {
+                "heldout_ppl": heldout[0],
+                "heldout_sparsity": heldout[1],
+                "eval": {label: {"ppl": ppl, "sparsity": zeros} for label, (ppl, zeros) in outside.items()},
+            },
+        }
 
     def _eval_summary(self, after: dict) -> dict:
         """summary.json's ``eval``: per eval source its tokens, perplexity and zeros before and after,

@@ -267,6 +267,13 @@ class WarmstartSpec(_Spec):
     )
 
 
+class CutoffSpec(_Spec):
+    sparsity: float = Field(
+        gt=0, lt=1, description="Fraction of each FFN's combined activations at or below its cutoff (zeros included)."
+    )
+    tokens: int = Field(8192, ge=64, description="Training tokens, drawn after the last step, that calibrate the cutoffs.")
+
+
 class SparsitySpec(_Spec):
     l1: float = Field(0.0, ge=0, description="L1 penalty on the FFN's combined activation (ProSparse); 0: off.")
     l1_warmup_steps: int = Field(
@@ -295,6 +302,14 @@ class SparsitySpec(_Spec):
         None, description="Before training, fit each FFN to the original FFN's outputs, layer by layer."
     )
     router_aux_coef: float | None = Field(None, ge=0, description="MoE router auxiliary loss (Turbo Sparse: 0.02).")
+    final_cutoff: CutoffSpec | None = Field(
+        None,
+        description="ProSparse's final FATReLU shift, on the combined activation act(gate) * up: after the last step "
+        "each FFN gets the magnitude cutoff under which `sparsity` of its activations lie on `tokens` training tokens "
+        "(one per FFN module; the experts of an experts module share one), and entries below it become zero. The "
+        "final model applies them (config.json relufy.cutoffs, read by its modeling code, relufy and the sparse "
+        "engine); the final evals are taken with them, and summary.json's `cutoff` keeps the figures without.",
+    )
 
 
 class LoraSpec(_Spec):

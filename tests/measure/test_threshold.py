@@ -191,3 +191,24 @@ def test_names_match_reference_modules(setup):
     names = dict(model.named_modules())
     for name in result.thresholds[0.5]:
         assert name in names and re.search(r"layers\.\d+\.mlp", name)
+
+
+def test_pooled_calibration_gives_one_threshold_per_site(setup):
+    """per_expert=False (relufy train's final cutoff): one t per FFN module, the quantile of all its
+    experts' entries together, the same item for every expert."""
+    from relufy.measure.evaluate import score
+    from relufy.measure.threshold import calibrate, calibration_windows
+
+    ids = AutoTokenizer.from_pretrained(setup / "qwen2_moe")(TEXT, add_special_tokens=False)["input_ids"][:CALIBRATION]
+    model = relufy.load(setup / "qwen2_moe").eval()
+    windows = calibration_windows(torch.tensor(ids), SEQ)
+    pooled = calibrate(model, [0.5], lambda: score(model, windows, 1, "cpu"), per_expert=False)
+    own = relufy_calibration_activations(setup, "qwen2_moe")
+    for name, ts in pooled.thresholds[0.5].items():
+        assert len(set(ts)) == 1
+        h = torch.cat([v for (n, _), v in own.items() if n == name]).abs()
+        assert int((h < ts[0]).sum()) <= round(0.5 * h.numel()) <= int((h <= ts[0]).sum()), name
+    experts = [ts for name, ts in pooled.thresholds[0.5].items() if name.endswith("experts")]
+    per_expert = calibrate(model, [0.5], lambda: score(model, windows, 1, "cpu")).thresholds[0.5]
+    assert any(len(set(ts)) > 1 for name, ts in per_expert.items() if name.endswith("experts"))  # pooling changed them
+    assert experts and pooled.below[0.5] == pytest.approx(0.5, abs=2e-3)

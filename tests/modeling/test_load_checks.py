@@ -52,3 +52,19 @@ def test_sizes_that_are_not_positive_whole_numbers(tmp_path, model, cli, command
     snap = Snapshot(tmp_path)
     code, err, _ = cli(*args)
     assert_refused(snap, code, err, "config.json is not a valid llama config")
+
+
+@pytest.mark.parametrize(
+    "cutoffs,message",
+    [
+        ({"model.layers.0.self_attn": 0.1}, "cutoffs name 1 module(s) that are not FFNs of this model, e.g. 'model.layers.0."),
+        ({"model.layers.0.mlp": -0.1}, "the relufy block's cutoffs.model.layers.0.mlp: Input should be greater than or equal"),
+        ({"model.layers.0.mlp": "x"}, "the relufy block's cutoffs.model.layers.0.mlp: Input should be a valid number"),
+    ],
+)
+def test_cutoffs_that_do_not_fit_the_model(tmp_path, model, cli, cutoffs, message):
+    config = json.loads((model / "config.json").read_text())
+    _edit(model, relufy={**config["relufy"], "cutoffs": cutoffs})
+    snap = Snapshot(tmp_path)
+    code, err, _ = cli("eval", model, "--data", tmp_path / "text.txt", "--seq-len", "32")
+    assert_refused(snap, code, err, message)

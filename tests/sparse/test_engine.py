@@ -68,6 +68,41 @@ def test_exact_sparse_model_equals_dense(backend, family):
     torch.testing.assert_close(after, dense, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_exact_sparse_model_with_cutoffs_equals_dense(backend, family):
+    """A model's magnitude cutoffs (relufy.cutoffs) hold in the sparse engine too."""
+    from relufy.measure.sites import observing
+    from relufy.modeling.ffn import set_cutoffs
+
+    model = relufy.swap_activation(tiny_model(family), "drelu")
+    ids = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(2))
+    seen = {}
+
+    class Record:
+        def __init__(self, sites):
+            self.names = {id(m): s.name for s, m in sites}
+
+        def __call__(self, module, h, expert):
+            seen.setdefault(self.names[id(module)], []).append(h.abs().flatten())
+            return h
+
+    with torch.no_grad():
+        with observing(model, Record):
+            uncut = model(ids).logits
+        cutoffs = {}
+        for name, found in seen.items():
+            v = torch.cat(found)
+            v = v[v > 0].sort().values
+            cutoffs[name] = float((v[len(v) // 2] + v[len(v) // 2 + 1]) / 2)
+        set_cutoffs(model, cutoffs)
+        dense = model(ids).logits
+        with sparse_decoding(model, "exact", max_tokens=8) as ffns:
+            sparse = model(ids).logits
+    assert {f.cutoff for f in ffns.values()} <= set(cutoffs.values()) and len(ffns) >= len(cutoffs)
+    assert (dense - uncut).abs().max() > 1e-3  # the cutoffs changed the model
+    torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+
+
 def test_exact_sparse_generation_matches_dense(backend):
     model = relufy.swap_activation(tiny_model("qwen2_moe"), "reglu")
     ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(3))

@@ -48,8 +48,10 @@ KD_WARM_L1 = {
     "distill": {"weight": 0.5, "temperature": 2.0},  # teacher_dtype auto: bf16 when sharded
     "ffn_warmstart": {"tokens": 512, "steps": 10},
 }
+CUT_KD = {"sparsity": {**KD_WARM_L1, "final_cutoff": {"sparsity": 0.9, "tokens": 256}}, "log__eval_every": 4}
 RUNS = {  # name: (model, recipe overrides)
-    "llama-kd": ("llama-drelu", {"sparsity": KD_WARM_L1, "log__eval_every": 4}),
+    # with the final cutoff: every process calibrates on its draw, process 0's cutoffs go to all
+    "llama-kd": ("llama-drelu", CUT_KD),
     # the warm start on one block of both layers: process 0 fits it, process 1 receives it
     "moe-kd": ("moe-drelu", {"sparsity": {**KD_WARM_L1, "ffn_warmstart": {"tokens": 512, "steps": 10, "block": 2}}}),
     "llama-lora": (
@@ -204,6 +206,11 @@ def test_loss_curve_matches_one_process(runs, name):
     assert summary[0]["heldout_tokens"] == summary[1]["heldout_tokens"]
     for key in ("heldout_ppl_before", "heldout_ppl"):
         assert close(summary[0][key], summary[1][key], 1e-5), (key, summary)
+    if "cutoff" in summary[1]:
+        cut = [s["cutoff"] for s in summary]
+        assert close(cut[0]["calibration_zeros"], cut[1]["calibration_zeros"], 1e-3) and cut[0]["tokens"] == cut[1]["tokens"]
+        assert close(cut[0]["before"]["heldout_ppl"], cut[1]["before"]["heldout_ppl"], 1e-5)
+        assert summary[0]["heldout_sparsity"] > cut[0]["before"]["heldout_sparsity"]
     if (runs[name]["ref"] / "warmstart.json").exists():
         warm = [json.loads((runs[name][k] / "warmstart.json").read_text()) for k in ("fsdp", "ref")]
         assert warm[0]["tokens"] == warm[1]["tokens"] and len(warm[0]["layers"]) == (1 if name == "moe-kd" else 2)
@@ -232,7 +239,11 @@ def test_final_loads_with_the_one_process_logits(runs, world, name):
     from transformers import AutoModelForCausalLM
 
     final, ref = runs[name]["fsdp"] / "final", runs[name]["ref"] / "final"
-    assert json.loads((final / "config.json").read_text()) == json.loads((ref / "config.json").read_text())
+    configs = [json.loads((folder / "config.json").read_text()) for folder in (final, ref)]
+    cutoffs = [c["relufy"].pop("cutoffs", {}) for c in configs]
+    assert configs[0] == configs[1]
+    assert cutoffs[0].keys() == cutoffs[1].keys() and all(close(cutoffs[0][k], cutoffs[1][k], 1e-4) for k in cutoffs[0])
+    assert bool(cutoffs[0]) == (name == "llama-kd")
     with safe_open(final / "model.safetensors", "pt") as f:
         assert not [k for k in f.keys() if "lora" in k]  # merged
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])

@@ -28,13 +28,14 @@ def outside(base):
     return path
 
 
-def _by_hand_ppl(model_dir, text_path, seq_len, n):
-    """Perplexity of the original transformers model on the first ``n`` packed sequences of a text
-    file: tokens without special tokens, EOS after the text, loss on every next token."""
+def _by_hand_ppl(model_dir, text_path, seq_len, n, trust_remote_code=False):
+    """Perplexity of a transformers model (the original, or with ``trust_remote_code`` a relufy
+    checkpoint through its own modeling code) on the first ``n`` packed sequences of a text file:
+    tokens without special tokens, EOS after the text, loss on every next token."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(text_path.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     ids = torch.tensor(ids[: n * seq_len]).view(n, seq_len)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     with torch.no_grad():
         logits = model(ids).logits
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
@@ -65,6 +66,48 @@ def test_eval_sources_scored_beside_the_in_domain_slice(base, outside, tmp_path,
     assert rows[2]["eval"]["outside"]["ppl"] > 1 and rows[2]["heldout_ppl"] > 1
     lines = [line for line in err.splitlines() if " step 3/4 " in line]
     assert len(lines) == 1 and f"outside ppl {rows[2]['eval']['outside']['ppl']:.2f}" in lines[0], err
+
+
+def test_final_cutoff_reaches_its_zeros_and_travels_with_the_model(base, outside, tmp_path, cli):
+    """sparsity.final_cutoff: the final model's config carries one cutoff per FFN; loaded by its own
+    modeling code it scores the outside text exactly as summary.json says, and without the cutoffs
+    exactly as summary.json's ``cutoff.before`` says; the cutoffs reach their zeros."""
+    import shutil
+
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=4, checkpoint__every=0, log__every=2)
+    raw["sparsity"] = {"l1": 0.01, "final_cutoff": {"sparsity": 0.9, "tokens": 32 * 8}}
+    raw["data"]["eval_sources"] = [{"data": str(outside), "max_tokens": 32 * 6}]
+    code, err, _ = cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    cut = summary["cutoff"]
+    assert cut["sparsity"] == 0.9 and cut["tokens"] == 32 * 8
+    assert cut["calibration_zeros"] == pytest.approx(0.9, abs=2e-3)
+    assert "final cutoff: 2 FFN(s) cut" in err
+    final = tmp_path / "out" / "final"
+    cutoffs = json.loads((final / "config.json").read_text())["relufy"]["cutoffs"]
+    assert sorted(cutoffs) == ["model.layers.0.mlp", "model.layers.1.mlp"] and all(c > 0 for c in cutoffs.values())
+    after, before = summary["eval"]["outside"], cut["before"]["eval"]["outside"]
+    assert after["ppl"] == pytest.approx(_by_hand_ppl(final, outside, 32, 6, trust_remote_code=True), rel=1e-5)
+    assert after["sparsity"] == pytest.approx(0.9, abs=0.05) and after["sparsity"] > before["sparsity"] + 0.05
+    assert summary["heldout_sparsity"] > cut["before"]["heldout_sparsity"]
+    uncut = tmp_path / "uncut"
+    shutil.copytree(final, uncut)
+    config = json.loads((uncut / "config.json").read_text())
+    del config["relufy"]["cutoffs"]
+    (uncut / "config.json").write_text(json.dumps(config))
+    assert before["ppl"] == pytest.approx(_by_hand_ppl(uncut, outside, 32, 6, trust_remote_code=True), rel=1e-5)
+    assert before["ppl"] != pytest.approx(after["ppl"], rel=1e-4)
+    assert "Magnitude cutoffs per FFN (relufy.cutoffs) calibrated to 90% zeros" in (final / "README.md").read_text()
+
+
+def test_final_cutoff_needs_a_relufy_activation(base, tmp_path, cli):
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=2, checkpoint__every=0)
+    raw["model"] = {"path": str(base / "llama")}  # the original, kept on SwiGLU
+    raw["sparsity"] = {"final_cutoff": {"sparsity": 0.9}}
+    code, err, _ = cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert code != 0 and "sparsity.final_cutoff needs a relufy activation" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_eval_source_that_is_a_training_source_is_refused(base, tmp_path):
