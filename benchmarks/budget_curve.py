@@ -5,11 +5,12 @@ training tokens, on text outside the training sources, with a fitted power-law t
 
 Reads the run's ``metrics.jsonl`` (the rows with ``eval``: the steps of ``log.eval_steps``, e.g.
 log-spaced) and ``summary.json`` (the original model's perplexity on each eval source, and the
-figures after the last step). For each eval source the excess ratio ``r - 1`` is fitted as
-``a x tokens^-b`` by least squares in log-log space over the points from ``--fit-from`` tokens on;
-the table gives the measured points and the tokens the trend reaches 1.15x and 1.05x at. The
-trend is an extrapolation from one small model on one machine: use it for the order of
-magnitude, not as a promise.
+figures after the last step). A run with ``sparsity.final_cutoff`` ends its curve on the figures
+without the cutoffs and shows those with them as a separate point (a star; the table's last row).
+For each eval source the excess ratio ``r - 1`` is fitted as ``a x tokens^-b`` by least squares
+in log-log space over the points from ``--fit-from`` tokens on; the table gives the measured
+points and the tokens the trend reaches 1.15x and 1.05x at. The trend is an extrapolation from
+one small model on one machine: use it for the order of magnitude, not as a promise.
 """
 
 from __future__ import annotations
@@ -52,14 +53,17 @@ def main(argv=None) -> None:
     labels = list(summary["eval"])
     if not labels:
         raise SystemExit(f"{args.run}: the run has no data.eval_sources")
-    curves = {}
+    cutoff = summary.get("cutoff")  # sparsity.final_cutoff: summary's figures are with it, "before" without
+    curves, shifted = {}, {}
     for label in labels:
         original = summary["eval"][label]["ppl_original"]
         pts = [(r["tokens"], r["eval"][label]["ppl"] / original, r["eval"][label]["sparsity"]) for r in rows]
-        last = summary["eval"][label]
+        last = cutoff["before"]["eval"][label] if cutoff else summary["eval"][label]
         if not pts or pts[-1][0] != summary["tokens"]:
             pts.append((summary["tokens"], last["ppl"] / original, last["sparsity"]))
         curves[label] = pts
+        if cutoff:
+            shifted[label] = (summary["eval"][label]["ppl"] / original, summary["eval"][label]["sparsity"])
     print("| training tokens | " + " | ".join(f"{k} ratio | {k} zeros" for k in labels) + " |")
     print("|---:|" + "---:|---:|" * len(labels))
     for i, (tokens, *_rest) in enumerate(curves[labels[0]]):
@@ -68,6 +72,9 @@ def main(argv=None) -> None:
             _, r, z = curves[k][i]
             cells += [f"{r:.2f}x", f"{z:.1%}"]
         print(f"| {tokens:,} | " + " | ".join(cells) + " |")
+    if cutoff:
+        cells = [f"{shifted[k][0]:.2f}x | {shifted[k][1]:.1%}" for k in labels]
+        print(f"| {summary['tokens']:,} + final cutoff at {cutoff['sparsity']:.0%} | " + " | ".join(cells) + " |")
     trends = {}
     for k in labels:
         trend = fit([(t, r) for t, r, _ in curves[k] if t >= args.fit_from])
@@ -92,6 +99,9 @@ def main(argv=None) -> None:
                 grid = [t[0] * (t[-1] * 30 / t[0]) ** (j / 60) for j in range(61)]
                 ax.plot(grid, [1 + a * x**-b for x in grid], "--", color=f"C{i}", label=f"{k}: 1 + {a:.3g} T^-{b:.2f}")
             az.plot(t, [100 * p[2] for p in curves[k]], "o-", color=f"C{i}", label=k)
+            if cutoff:
+                ax.plot(t[-1], shifted[k][0], "*", ms=12, color=f"C{i}", label=f"{k}: final cutoff")
+                az.plot(t[-1], 100 * shifted[k][1], "*", ms=12, color=f"C{i}", label=f"{k}: final cutoff")
         fitted = f" (trend fitted from {args.fit_from:,} tokens)" if args.fit_from else ""
         ax.axhline(1.15, color="grey", lw=1, ls=":")
         ax.set(xscale="log", yscale="log", xlabel="training tokens", ylabel="perplexity / original's (outside text)")

@@ -188,8 +188,15 @@ def show(path: str, options: InfoOptions) -> ModelInfo:
     if result.revision:
         rows.append(("revision", result.revision))
     if result.relufy:
-        rows += [(f"relufy.{k}", v) for k, v in result.relufy.items() if k not in ("activation", "threshold")]
+        rows += [(f"relufy.{k}", _shown(k, v)) for k, v in result.relufy.items() if k not in ("activation", "threshold")]
     for k, v in rows:
         table.add_row(k, str(v))
     Console().print(table)
     return result
+
+
+def _shown(key: str, value):
+    """A relufy block entry as the table shows it: the cutoffs (one per FFN) summed up."""
+    if key == "cutoffs" and isinstance(value, dict) and value:
+        return f"{len(value)} FFN(s), magnitude {min(value.values()):.3g} to {max(value.values()):.3g}"
+    return value

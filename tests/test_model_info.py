@@ -56,3 +56,16 @@ def test_info_loads_no_weights(tmp_path, monkeypatch):
     (tmp_path / "m" / "model.safetensors").unlink()
     assert relufy.info(tmp_path / "m").params_total == before.params_total
     assert torch.get_default_device().type == "cpu"
+
+
+def test_info_sums_up_the_cutoffs(tmp_path, cli):
+    save_tiny("llama", tmp_path / "m")
+    out = relufy.convert(tmp_path / "m", tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    config["relufy"]["cutoffs"] = {"model.layers.0.mlp": 0.0125, "model.layers.1.mlp": 0.5}
+    (out / "config.json").write_text(json.dumps(config))
+    code, err, shown = cli("info", out)
+    assert code == 0, err
+    assert "2 FFN(s), magnitude 0.0125 to 0.5" in " ".join(shown.split())
+    code, _, raw = cli("info", out, "--json")
+    assert json.loads(raw)["relufy"]["cutoffs"] == config["relufy"]["cutoffs"]

@@ -154,6 +154,18 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
             f"perplexity {result.ppl_dense:.2f} dense -> {result.ppl_predicted:.2f} with predicted neurons only; "
             f"the next-token argmax agrees with dense at {result.top1_agreement:.1%} of positions.",
         ]
+    if block.cutoffs:
+        engine = options.layout in ("powerinfer", "powerinfer-gguf")
+        lines.append(
+            f"- Magnitude cutoffs on {len(block.cutoffs)} FFN(s) (`relufy.cutoffs` in config.json): activations below "
+            "them are zero in the figures above"
+            + (
+                "; PowerInfer has no such cutoff, so they act there only through the predictors, and a neuron it "
+                "computes is computed in full."
+                if engine
+                else "."
+            )
+        )
     if options.eval_json:
         models = json.loads(Path(options.eval_json).read_text())["models"]
         lines += ["", "## Evaluation (`relufy eval`)", "", "| model | ppl | FFN zeros | top-k ppl |", "|---|---:|---:|---|"]

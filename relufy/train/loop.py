@@ -1025,7 +1025,8 @@ class RecipeRun:
         model.eval()
         calibration = calibrate(self.base, [spec.sparsity], lambda: score(model, windows, 4, a.device), per_expert=False)
         model.train(was_training)
-        cutoffs = {name: ts[0] for name, ts in calibration.thresholds[spec.sparsity].items() if ts[0] > 0}
+        # 0: the FFN's zeros alone reach the target; inf (every entry): too few tokens to place a cutoff
+        cutoffs = {name: ts[0] for name, ts in calibration.thresholds[spec.sparsity].items() if 0 < ts[0] < math.inf}
         reached = calibration.below[spec.sparsity]
         if a.num_processes > 1:
             from accelerate.utils import broadcast_object_list

@@ -291,6 +291,37 @@ def test_powerinfer_dense_layout(cli, tmp_path, converted):
     assert code == 2 and len(err.splitlines()) == 1 and "powerinfer-layout export" in err and "--layout hf" in err, err
 
 
+@pytest.mark.parametrize("layout", ["hf", "powerinfer"])
+def test_export_keeps_the_cutoffs(cli, tmp_path, converted, layout):
+    """A model with magnitude cutoffs (relufy train's final_cutoff) exports with them: the same
+    function, the statistics counted with them, the card saying where they act."""
+    import shutil
+
+    source = tmp_path / "cut"
+    shutil.copytree(converted["llama"], source)
+    config = json.loads((source / "config.json").read_text())
+    cutoffs = {"model.layers.0.mlp": 0.1, "model.layers.1.mlp": 0.15}
+    config["relufy"]["cutoffs"] = cutoffs
+    (source / "config.json").write_text(json.dumps(config))
+    outs = {}
+    for name, model in (("cut", source), ("uncut", converted["llama"])):
+        outs[name] = tmp_path / f"out-{name}"
+        predictors = ("--predictors",) if layout == "powerinfer" else ()
+        code, err, _ = cli("export", model, outs[name], "--data", converted["data"], "--layout", layout, *predictors, *FAST)
+        assert code == 0, err
+    exported = json.loads((outs["cut"] / "config.json").read_text())["relufy"]
+    assert exported["cutoffs"] == cutoffs
+    zeros = {k: json.loads((o / "config.json").read_text())["relufy"]["export"]["sparsity"]["overall"] for k, o in outs.items()}
+    assert zeros["cut"] > zeros["uncut"] + 0.05, zeros
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(relufy.load(outs["cut"])(ids).logits, relufy.load(source)(ids).logits, rtol=1e-5, atol=1e-5)
+    card = (outs["cut"] / "README.md").read_text()
+    assert "Magnitude cutoffs on 2 FFN(s)" in card
+    assert ("PowerInfer has no such cutoff" in card) == (layout == "powerinfer")
+    assert "Magnitude cutoffs" not in (outs["uncut"] / "README.md").read_text()
+
+
 def test_powerinfer_moe_layout_per_expert(cli, tmp_path, converted):
     out = tmp_path / "pi-moe"
     code, err, _ = cli(
