@@ -65,3 +65,11 @@ def apply_reference(model, activation: str, threshold: float | None = None, post
         count += 1
     assert count > 0
     return count
+
+
+def midpoint_cutoff(magnitudes: list[torch.Tensor]) -> float:
+    """A magnitude cutoff near the median of the positive values seen, halfway between two
+    neighbouring ones, so that no value lies on it (a cut that float noise cannot flip)."""
+    v = torch.cat([m.flatten() for m in magnitudes])
+    v = v[v > 0].sort().values
+    return float((v[len(v) // 2] + v[len(v) // 2 + 1]) / 2)

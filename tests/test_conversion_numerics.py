@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import apply_reference
+from reference import apply_reference, midpoint_cutoff
 from tiny import FAMILIES, MOE_FAMILIES, save_tiny, tiny_model
 
 import relufy
@@ -83,12 +83,7 @@ def cutoffs(family) -> dict:
     apply_reference(model, "drelu", post=lambda m, h, e: seen.setdefault(names[id(m)], []).append(h.abs().flatten()) or h)
     with torch.no_grad():
         model(input_ids())
-    out = {}
-    for name, found in seen.items():
-        v = torch.cat(found)
-        v = v[v > 0].sort().values
-        out[name] = float((v[len(v) // 2] + v[len(v) // 2 + 1]) / 2)
-    return out
+    return {name: midpoint_cutoff(found) for name, found in seen.items()}
 
 
 @pytest.mark.parametrize("family,impl", [(f, i) for f in FAMILIES for i in IMPLS[f]])

@@ -164,12 +164,12 @@ def calibrate(model, levels, forward, per_expert: bool = True) -> Calibration:
     for s in levels:
         dropped = 0
         for site, _ in ffn_sites(model):
-            ts = []
             if not per_expert:
                 t, n = pick((site.name, 0), s) if (site.name, 0) in counts else (0.0, 0)
                 thresholds[s][site.name] = [t] * site.experts
                 dropped += n
                 continue
+            ts = []
             for e in range(site.experts):
                 if (site.name, e) in counts:
                     t, n = pick((site.name, e), s)

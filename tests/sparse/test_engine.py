@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import midpoint_cutoff
 from tiny import tiny_model
 
 import relufy
@@ -89,11 +90,7 @@ def test_exact_sparse_model_with_cutoffs_equals_dense(backend, family):
     with torch.no_grad():
         with observing(model, Record):
             uncut = model(ids).logits
-        cutoffs = {}
-        for name, found in seen.items():
-            v = torch.cat(found)
-            v = v[v > 0].sort().values
-            cutoffs[name] = float((v[len(v) // 2] + v[len(v) // 2 + 1]) / 2)
+        cutoffs = {name: midpoint_cutoff(found) for name, found in seen.items()}
         set_cutoffs(model, cutoffs)
         dense = model(ids).logits
         with sparse_decoding(model, "exact", max_tokens=8) as ffns:
