@@ -195,7 +195,9 @@ $(SMOL_EVAL_MODELS:%=%/config.json): $(SMOL_EVAL)/%/config.json: | $(STAMP)
 RECOVERY_MODEL ?= $(DEMO)/drelu
 # RECOVERY_DATA: a data.sources override for both recovery pipelines (default: the recipe's text);
 # docs/results.md used local copies: 'data.sources=[{data: SHAKESPEARE.txt}, {data: wiki.valid.raw}]'
+# (passed to relufy train as one argument: spaces inside it are fine)
 RECOVERY_DATA ?=
+RECOVERY_SOURCES = $(if $(RECOVERY_DATA),'$(RECOVERY_DATA)')
 # other training text than the recipe's: its eval source (WikiText-2 validation, from the Hub) is
 # dropped too, as it may be that very text under another name
 RECOVERY_EVAL = $(if $(RECOVERY_DATA),data.eval_sources=[])
@@ -211,7 +213,7 @@ recovery-smollm2: $(RECOVERY_RUNS)
 
 $(RECOVERY_RUNS): $(RUNS)/recovery/%/summary.json: | $(call needs_model,$(RECOVERY_MODEL))
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
-	  $(RECOVERY_DATA) $(RECOVERY_EVAL) $(RECOVERY_ARGS) $(RECOVERY.$*) $(RESUME)
+	  $(RECOVERY_SOURCES) $(RECOVERY_EVAL) $(RECOVERY_ARGS) $(RECOVERY.$*) $(RESUME)
 
 # The one-hour recovery on this CPU (the recipe as shipped: warm start with an L1 hold, then
 # distillation + L1; 180 steps), against the same tokens without the teacher ("warmstart-l1") and
@@ -226,7 +228,7 @@ recovery-smollm2-hour: $(RECOVERY_HOUR_RUNS)
 
 $(RECOVERY_HOUR_RUNS): $(RUNS)/recovery-hour/%/summary.json: | $(call needs_model,$(RECOVERY_MODEL))
 	$(BIN)/relufy train recipes/smollm2-recovery-cpu.yaml output_dir=$(@D) model.path=$(RECOVERY_MODEL) \
-	  $(RECOVERY_DATA) $(RECOVERY_EVAL) $(RECOVERY_HOUR_ARGS) $(RECOVERY_HOUR.$*) $(RESUME)
+	  $(RECOVERY_SOURCES) $(RECOVERY_EVAL) $(RECOVERY_HOUR_ARGS) $(RECOVERY_HOUR.$*) $(RESUME)
 
 # Recovery judged on text outside the training sources (docs/results.md): the training text is a
 # corpus sampled from the original model (benchmarks/teacher_corpus.py, made once), the eval text
