@@ -35,6 +35,24 @@ DEFAULT_VARIANTS = [
 ]
 
 
+class Limited:
+    """A row store read through at most ``rows`` rows per key (None: all)."""
+
+    def __init__(self, store, rows: int | None):
+        self.store = store
+        self.rows = rows
+        self.counts = store.counts
+
+    def load(self, key):
+        got = self.store.load(key)
+        if got is None or self.rows is None:
+            return got
+        return got[0][: self.rows], got[1][: self.rows]
+
+    def drop(self, key):
+        self.store.drop(key)
+
+
 class KeepRows:
     """A row store whose ``drop`` keeps the rows (the variants read them again)."""
 
@@ -81,6 +99,9 @@ def main() -> None:
     base = ExportOptions(
         data=args.data, predictors=True, seq_len=args.seq_len, max_tokens=args.max_tokens, heldout_fraction=args.heldout_fraction
     )
+    variants = [(v.partition(":")[0], json.loads(v.partition(":")[2] or "{}")) for v in args.variants]
+    # the calibration pass keeps as many training rows as the hungriest variant reads
+    train_rows = max(base.model_copy(update=o).predictor_tokens for _, o in variants)
     parts = split_windows(wins, base)
     work = Path(args.work or tempfile.mkdtemp(prefix="relufy-levers-"))
     stores = {part: DiskRows(work / part) for part in parts}
@@ -90,7 +111,7 @@ def main() -> None:
     from relufy.export.pipeline import Chain
 
     with tapped(model, sites, base.predictor_input) as tap:
-        collector = Collector(sites, tap, stores=stores, limits={"train": base.predictor_tokens})
+        collector = Collector(sites, tap, stores=stores, limits={"train": train_rows})
         with observing(model, lambda _: Chain([counter, collector])):
             for part, ws in parts.items():
                 collector.part = part
@@ -107,11 +128,11 @@ def main() -> None:
     kept = {part: KeepRows(store) for part, store in stores.items()}
     rules = [r.strip() for r in args.rules.split(",")]
     rows = []
-    for variant in args.variants:
-        name, _, spec = variant.partition(":")
-        options = base.model_copy(update=json.loads(spec or "{}"))
+    for name, overrides in variants:
+        options = base.model_copy(update=overrides)
+        limited = {part: Limited(store, options.predictor_tokens if part == "train" else None) for part, store in kept.items()}
         start = time.perf_counter()
-        predictors, _, _ = fit_predictors(model, sites, counts, {}, kept, options, device)
+        predictors, _, _ = fit_predictors(model, sites, counts, {}, limited, options, device)
         train_s = time.perf_counter() - start
         cost = predictor_cost(predictors, counts, positions)
         for rule in rules:
@@ -124,13 +145,17 @@ def main() -> None:
                     thresholds[key] = found[0] if found is not None else 0.0
             else:
                 thresholds = dict.fromkeys(predictors, float(rule))
-            recalls, mass_recalls = [], []
+            recalls, mass_recalls, per_predictor = [], [], []
             for key, p in predictors.items():
                 data = kept["report"].load(key)
                 if data is not None:
                     m = predictor_metrics(p, *data, thresholds[key])
                     recalls.append(m.recall)
                     mass_recalls.append(1 - m.missed_magnitude)
+                    per_predictor.append(
+                        {"layer": key[0].layer, "expert": key[1] if key[0].routed else None, "rank": p.fc1.weight.shape[0]}
+                        | {k: getattr(m, k) for k in ("recall", "computed", "sparsity", "missed_magnitude")}
+                    )
             top1: list = []
             with tapped(model, sites, options.predictor_input) as tap:
                 with observing(model, lambda s, t=thresholds, p=predictors: PredictedOnly(s, tap, p, t)) as masked:
@@ -138,7 +163,7 @@ def main() -> None:
             same = sum(int((a == b).sum()) for a, b in zip(dense_top1, top1, strict=True))
             row = {
                 "variant": name,
-                "options": json.loads(spec or "{}"),
+                "options": overrides,
                 "rule": rule,
                 "ppl_ratio": math.exp(nll_p / count) / ppl_dense,
                 "computed": masked.kept / masked.total,
@@ -151,8 +176,8 @@ def main() -> None:
                 "predictor_cost": cost,
                 "train_seconds": train_s,
             }
-            rows.append(row)
             print(json.dumps(row), flush=True)
+            rows.append(row | {"per_predictor": per_predictor})
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\ndense ppl {ppl_dense:.3f} on {count} held-out tokens")

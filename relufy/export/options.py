@@ -74,6 +74,11 @@ class ExportOptions(PushOptions):
         ge=0,
         description="Weight a missed active neuron by |activation|^p in the loss (average weight unchanged); 0: count only.",
     )
+    predictor_init: Literal["weights", "random"] = Field(
+        "weights",
+        description="weights: start each predictor from its FFN's gate and up weights (their best rank-r linear "
+        "estimate from the predictor input, fitted on the calibration rows), then train; random: a random start.",
+    )
     predictor_steps: int = Field(300, ge=1, description="Adam steps per predictor.")
     predictor_lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine to a tenth).")
     predictor_batch: int = Field(1024, ge=1, description="Tokens per predictor training step.")

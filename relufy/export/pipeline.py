@@ -189,6 +189,28 @@ class Chain:
         return combined
 
 
+def train_as(options: ExportOptions, x, y, rank: int, device, model, site, module, expert: int = 0):
+    """One predictor for ``site``'s FFN (``module``, its ``expert``) trained on rows ``x``, ``y`` as
+    ``options`` say (loss, steps, start)."""
+    from ..measure.sites import preactivations
+    from .predictors import train_predictor
+
+    start = options.predictor_init == "weights"
+    return train_predictor(
+        x,
+        y,
+        rank,
+        options.predictor_steps,
+        options.predictor_lr,
+        options.predictor_batch,
+        options.predictor_pos_weight,
+        options.seed,
+        magnitude_power=options.predictor_magnitude_power,
+        device=device,
+        preact=preactivations(model, site, module, expert, options.predictor_input, device) if start else None,
+    )
+
+
 def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOptions, device, advance=None):
     """One predictor per (site, expert), trained on ``stores["train"]`` rows one key at a time; its
     threshold picked on ``stores["tune"]`` to reach ``options.predictor_recall`` (else the global
@@ -197,7 +219,7 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
     per-predictor report rows (layer, kind, expert, rank, threshold, held-out metrics).
     ``advance(layer_rows)`` is called once per layer, when its last predictor is done."""
     from ..modeling.predictor import Predictor, auto_rank
-    from .predictors import pick_threshold, predictor_metrics, train_predictor
+    from .predictors import pick_threshold, predictor_metrics
 
     hidden = model.config.hidden_size
     predictors, thresholds, rows = {}, {}, {}
@@ -215,7 +237,7 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
         return x, codes
 
     last = {site.layer: site for site, _ in sites}  # the layer's last FFN site (shared + experts)
-    for site, _ in sites:
+    for site, module in sites:
         for e in range(site.experts):
             key = (site, e)
             train = load("train", site, e)
@@ -230,17 +252,7 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
                 threshold = min(0.0, options.predictor_threshold)
                 tune = load("tune", site, e)
             else:
-                predictor = train_predictor(
-                    *train,
-                    rank,
-                    options.predictor_steps,
-                    options.predictor_lr,
-                    options.predictor_batch,
-                    options.predictor_pos_weight,
-                    options.seed,
-                    magnitude_power=options.predictor_magnitude_power,
-                    device=device,
-                )
+                predictor = train_as(options, *train, rank, device, model, site, module, e)
                 threshold = options.predictor_threshold
                 tune = load("tune", site, e)
                 if recall is not None:

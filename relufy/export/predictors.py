@@ -12,6 +12,20 @@ the negative/positive ratio of the layer, which balances both classes). With
 (``a`` its activation; the mean over the layer's positives): missing a large activation costs
 more, and the average weight of positives is unchanged.
 
+Start: given its FFN's pre-activations (``preact``), a predictor starts from the FFN's own
+weights (``linear_init``) rather than at random. A neuron is active when its gate and up
+pre-activations are both positive, and both are linear in the FFN input, which is the predictor
+input up to the norm in front of the FFN (RMSNorm: a per-token positive scale, which signs
+ignore). ``linear_init`` fits, by least squares over the calibration rows, the map from the
+predictor input to the standardized gate and up pre-activations (times each row's RMS, which
+makes the map linear), then keeps its best rank-``r`` part over the input distribution
+(reduced-rank regression: the top eigenvectors of the whitened fit). ``fc1`` holds the ``r``
+input directions twice, as ``+v`` and ``-v``, so that ``relu(z) - relu(-z) = z`` passes them on
+linearly, and ``fc2`` starts at each neuron's gate + up estimate from them. The BCE steps then
+correct what a sum of the two estimates gets wrong about "both positive". No library computes
+this (it reads the FFN's weights through relufy's layouts), hence the few lines of linear
+algebra here.
+
 Threshold: ``recall_threshold`` picks, per predictor, the largest threshold whose recall on the
 given rows is at least a target (the (1 - target) quantile of the active neurons' scores).
 
@@ -132,6 +146,50 @@ def _chunks(n: int, size: int = 8192):
     return ((i, min(i + size, n)) for i in range(0, n, size))
 
 
+def linear_init(
+    x: torch.Tensor, preact, rank: int, scale: float, device=None, chunk: int = 2048
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A predictor's start from its FFN's weights (see the module docstring): the first ``2 r`` units,
+    ``(fc1 [2 r, hidden], fc2 [width, 2 r])`` with ``r = min(rank // 2, hidden)``, for inputs divided
+    by ``scale``. ``preact(rows)`` gives the FFN's gate and up pre-activations ``(g, u)``, each
+    ``[rows, width]``, of predictor-input rows, linear in the rows
+    (``relufy.measure.sites.preactivations``). The other units (past ``2 * hidden``, an odd last
+    one) keep their random start."""
+    device = torch.device(device) if device is not None else x.device
+    n, hidden = x.shape
+    cov = xt = total = square = None
+    for a, b in _chunks(n, chunk):
+        xb = x[a:b].to(device, torch.float32)
+        t = torch.cat(preact(xb), 1).float()
+        xs = xb / scale
+        if cov is None:
+            cov = torch.zeros(hidden, hidden, device=device, dtype=torch.float64)
+            xt = torch.zeros(hidden, t.shape[1], device=device)
+            total = torch.zeros(t.shape[1], device=device, dtype=torch.float64)
+            square = torch.zeros_like(total)
+        cov += (xs.T @ xs).double()
+        xt += xs.T @ t
+        total += t.sum(0).double()
+        square += t.pow(2).sum(0).double()
+    cov /= n
+    xt /= n
+    std = ((square / n) - (total / n).pow(2)).clamp_min(0).sqrt().float().clamp_min(1e-6)
+    xt /= std  # standardized targets: gate and up weigh the same
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(0) + 1e-4 * float(evals.mean()) + 1e-30  # a small ridge: few rows stay finite
+    inv_half = (evecs * evals.rsqrt()) @ evecs.T
+    # the least-squares map B = C^-1 X'T, whitened: C^(1/2) B = C^(-1/2) X'T
+    fit = inv_half.float() @ xt
+    del xt
+    top = torch.linalg.eigh((fit @ fit.T).double()).eigenvectors.flip(1)  # [hidden, hidden], best first
+    width = fit.shape[1] // 2
+    r = min(rank // 2, hidden)
+    directions = (inv_half @ top[:, :r]).float()  # [hidden, r]: unit-variance projections of the input
+    coeff = top[:, :r].T.float() @ fit  # [r, 2 * width]: the rank-r fit of the standardized (g, u)
+    score = coeff[:, :width] + coeff[:, width:]
+    return torch.cat([directions.T, -directions.T]), torch.cat([score.T, -score.T], 1)
+
+
 def train_predictor(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -143,9 +201,12 @@ def train_predictor(
     seed: int = 0,
     magnitude_power: float = 0.0,
     device=None,
+    preact=None,
 ) -> Predictor:
     """Fit a predictor to inputs ``x [N, hidden]`` and labels ``y [N, width]`` (bool, or uint8
-    magnitude codes, which ``magnitude_power`` > 0 needs); trains on ``device`` (default: x's)."""
+    magnitude codes, which ``magnitude_power`` > 0 needs); trains on ``device`` (default: x's).
+    ``preact``: the FFN's ``(gate, up)`` pre-activations of input rows, to start from its weights
+    (``linear_init``); None starts at random."""
     if magnitude_power and y.dtype != torch.uint8:
         raise ValueError("a magnitude-weighted loss needs magnitude codes (relufy.export.calibration.encode_magnitude)")
     device = torch.device(device) if device is not None else x.device
@@ -168,6 +229,11 @@ def train_predictor(
     # the scale into fc1 at the end, so the stored predictor reads the raw input
     square = sum(float(x[a:b].float().pow(2).sum()) for a, b in _chunks(n))
     scale = max((square / max(x.numel(), 1)) ** 0.5, 1e-6)
+    if preact is not None:
+        fc1, fc2 = linear_init(x, preact, rank, scale, device)
+        with torch.no_grad():
+            predictor.fc1.weight[: fc1.shape[0]] = fc1
+            predictor.fc2.weight[:, : fc2.shape[1]] = fc2
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1), eta_min=lr * 0.1)
     for _ in range(steps):

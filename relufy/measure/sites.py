@@ -133,6 +133,43 @@ class TopKMask:
         return combined * mask
 
 
+def ffn_norm_of(model, site: Site, modules: dict | None = None) -> torch.nn.Module:
+    """The norm in front of ``site``'s FFN (its layer's ``Family.ffn_norm``), whose input is the
+    residual stream a ``"residual"`` predictor reads."""
+    family = family_for(RelufyBlock.read(model.config).base_model_type)
+    modules = modules if modules is not None else dict(model.named_modules())
+    m = _LAYER_PATH.match(site.name)
+    norm = modules.get(f"{m.group(1)}.{family.ffn_norm}") if m else None
+    if norm is None:
+        raise ValueError(f"{site.name}: no {family.ffn_norm} in front of this FFN to read the residual stream from")
+    return norm
+
+
+def preactivations(model, site: Site, module, expert: int, input: str = "residual", device=None):
+    """``rows -> (gate, up)``: the float32 gate and up pre-activations ``[rows, width]`` that
+    ``site``'s FFN (its ``expert``) computes from predictor-input rows (``input`` as ``InputTap``
+    reads them), each row's times a positive factor that makes them linear in the rows: for
+    ``"residual"`` rows pass the FFN's norm and the factor is the row's RMS (an RMSNorm's
+    ``x / rms(x) * w`` becomes ``x * w``), for ``"ffn"`` rows it is 1. Signs are unchanged."""
+    gate, up, _ = layout_of(module).weights(module, expert)
+    device = torch.device(device) if device is not None else gate.device
+    gate, up = gate.detach().to(device, torch.float32), up.detach().to(device, torch.float32)
+    norm = ffn_norm_of(model, site) if input == "residual" else None
+
+    def preact(rows: torch.Tensor):
+        with torch.no_grad():
+            factor = None
+            if norm is not None:
+                factor = rows.to(device, torch.float32).pow(2).mean(-1, keepdim=True).sqrt()
+                weight = next(norm.parameters(), rows)
+                rows = norm(rows.to(weight.device, weight.dtype))
+            rows = rows.to(device, torch.float32)
+            g, u = rows @ gate.T, rows @ up.T
+            return (g, u) if factor is None else (g * factor, u * factor)
+
+    return preact
+
+
 class InputTap:
     """Forward pre-hooks that keep, per FFN site, the current batch's predictor input ``[tokens, hidden]``."""
 
@@ -141,20 +178,16 @@ class InputTap:
             raise ValueError(f"predictor input must be one of {', '.join(PREDICTOR_INPUTS)}, got {input!r}")
         self.current: dict[int, torch.Tensor] = {}  # id(site module) -> [tokens, hidden]
         self.handles = []
-        family = family_for(RelufyBlock.read(model.config).base_model_type)
         modules = dict(model.named_modules())
-        by_layer: dict[str, list[torch.nn.Module]] = {}
+        by_layer: dict[torch.nn.Module, list[torch.nn.Module]] = {}
         for site, module in sites:
             if input == "ffn":
                 self.handles.append(module.register_forward_pre_hook(self._keep([module])))
                 continue
-            m = _LAYER_PATH.match(site.name)
-            norm = modules.get(f"{m.group(1)}.{family.ffn_norm}") if m else None
-            if norm is None:
-                raise ValueError(f"{site.name}: no {family.ffn_norm} in front of this FFN to read the residual stream from")
-            by_layer.setdefault(f"{m.group(1)}.{family.ffn_norm}", []).append(module)
-        for name, users in by_layer.items():
-            self.handles.append(modules[name].register_forward_pre_hook(self._keep(users)))
+            norm = ffn_norm_of(model, site, modules)
+            by_layer.setdefault(norm, []).append(module)
+        for norm, users in by_layer.items():
+            self.handles.append(norm.register_forward_pre_hook(self._keep(users)))
 
     def _keep(self, users):
         def hook(_module, args):

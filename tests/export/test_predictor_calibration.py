@@ -14,7 +14,8 @@ from relufy.export.layouts import _scaled, fold_thresholds
 from relufy.export.options import ExportOptions
 from relufy.export.pipeline import Chain, fit_predictors
 from relufy.export.predictors import predictor_metrics, recall_threshold, train_predictor
-from relufy.measure.sites import ActivationCounter, ffn_sites, observing, tapped
+from relufy.measure.sites import ActivationCounter, ffn_sites, observing, preactivations, tapped
+from relufy.modeling.layouts import layout_of
 from relufy.modeling.predictor import Predictor
 
 
@@ -153,3 +154,56 @@ def test_per_predictor_thresholds_reach_the_recall_on_the_tune_rows(of, target):
         m = predictor_metrics(predictors[key], x, codes, thresholds[key])
         assert (m.recall if of == "neurons" else 1 - m.missed_magnitude) >= target - 1e-9
         assert rows[key]["threshold"] == thresholds[key] and 0 <= rows[key]["recall"] <= 1  # report rows scored
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "qwen2_moe"])
+def test_weight_start_is_the_least_squares_gate_plus_up(family):
+    """At full rank and before any step, a predictor started from its FFN's weights scores each
+    neuron by its standardized gate + up pre-activation (times the row's RMS), computed here from
+    the norm module and the weights directly."""
+    model = relufy.swap_activation(tiny_model(family), "drelu")
+    sites = ffn_sites(model)
+    stores = {"train": MemoryRows()}
+    _collect(model, sites, stores, {"train": _ids(4, 48, 1)})
+    modules = dict(model.named_modules())
+    norm_name = "pre_feedforward_layernorm" if family == "gemma2" else "post_attention_layernorm"
+    checked = 0
+    for site, module in sites:
+        got = stores["train"].load((site, 0))
+        if got is None or got[0].shape[0] < 64:
+            continue
+        x = got[0].float()
+        norm = modules[f"model.layers.{site.layer}.{norm_name}"]
+        gate, up, _ = layout_of(module).weights(module, 0)
+        with torch.no_grad():
+            n = norm(x)
+            rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+            t_g, t_u = (n @ gate.T) * rms, (n @ up.T) * rms
+            expected = t_g / t_g.std(0, unbiased=False) + t_u / t_u.std(0, unbiased=False)
+        hidden = x.shape[1]
+        predictor = train_predictor(
+            got[0], got[1], rank=2 * hidden, steps=0, preact=preactivations(model, site, module, 0, "residual")
+        )
+        with torch.no_grad():
+            score = predictor(x)
+        torch.testing.assert_close(score, expected, rtol=0, atol=2e-3 * float(expected.abs().max()))
+        checked += 1
+    assert checked >= 2
+
+
+def test_weight_start_reaches_the_recall_with_fewer_neurons():
+    """Same rows, rank and steps: started from the FFN's weights, a predictor computes fewer neurons
+    for 95% recall on held-out rows than started at random."""
+    model = relufy.swap_activation(tiny_model("llama", intermediate_size=256), "drelu")
+    sites = ffn_sites(model)
+    stores = {"train": MemoryRows(), "report": MemoryRows()}
+    _collect(model, sites, stores, {"train": _ids(8, 48, 1), "report": _ids(4, 48, 2)})
+    for site, module in sites:
+        x, y = stores["train"].load((site, 0))
+        xr, yr = stores["report"].load((site, 0))
+        computed = {}
+        for start in ("weights", "random"):
+            preact = preactivations(model, site, module, 0, "residual") if start == "weights" else None
+            p = train_predictor(x, y, rank=16, steps=30, lr=1e-2, preact=preact)
+            computed[start] = predictor_metrics(p, xr, yr, recall_threshold(p, xr, yr, 0.95)).computed
+        assert computed["weights"] < computed["random"], (site.name, computed)
