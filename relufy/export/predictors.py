@@ -147,14 +147,16 @@ def _chunks(n: int, size: int = 8192):
 
 
 def linear_init(
-    x: torch.Tensor, preact, rank: int, scale: float, device=None, chunk: int = 2048
+    x: torch.Tensor, preact, rank: int, scale: float, device=None, chunk: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A predictor's start from its FFN's weights (see the module docstring): the first ``2 r`` units,
     ``(fc1 [2 r, hidden], fc2 [width, 2 r])`` with ``r = min(rank // 2, hidden)``, for inputs divided
     by ``scale``. ``preact(rows)`` gives the FFN's gate and up pre-activations ``(g, u)``, each
     ``[rows, width]``, of predictor-input rows, linear in the rows
     (``relufy.measure.sites.preactivations``). The other units (past ``2 * hidden``, an odd last
-    one) keep their random start."""
+    one) keep their random start. Memory beyond the rows: one ``[hidden, 2 * width]`` float32
+    matrix, a few ``[hidden, hidden]`` ones and one chunk of pre-activations (at a 7B shape,
+    4096 x 14336, about 0.9 GiB)."""
     device = torch.device(device) if device is not None else x.device
     n, hidden = x.shape
     cov = xt = total = square = None
@@ -163,29 +165,33 @@ def linear_init(
         t = torch.cat(preact(xb), 1).float()
         xs = xb / scale
         if cov is None:
-            cov = torch.zeros(hidden, hidden, device=device, dtype=torch.float64)
+            cov = torch.zeros(hidden, hidden, device=device)
             xt = torch.zeros(hidden, t.shape[1], device=device)
             total = torch.zeros(t.shape[1], device=device, dtype=torch.float64)
             square = torch.zeros_like(total)
-        cov += (xs.T @ xs).double()
+        cov += xs.T @ xs
         xt += xs.T @ t
         total += t.sum(0).double()
         square += t.pow(2).sum(0).double()
+        del t
     cov /= n
     xt /= n
     std = ((square / n) - (total / n).pow(2)).clamp_min(0).sqrt().float().clamp_min(1e-6)
     xt /= std  # standardized targets: gate and up weigh the same
     evals, evecs = torch.linalg.eigh(cov)
+    del cov
     evals = evals.clamp_min(0) + 1e-4 * float(evals.mean()) + 1e-30  # a small ridge: few rows stay finite
     inv_half = (evecs * evals.rsqrt()) @ evecs.T
-    # the least-squares map B = C^-1 X'T, whitened: C^(1/2) B = C^(-1/2) X'T
-    fit = inv_half.float() @ xt
-    del xt
-    top = torch.linalg.eigh((fit @ fit.T).double()).eigenvectors.flip(1)  # [hidden, hidden], best first
+    del evecs
+    # the least-squares map B = C^-1 X'T, whitened: C^(1/2) B = C^(-1/2) X'T, in place by columns
+    fit = xt
+    for a, b in _chunks(fit.shape[1], 4096):
+        fit[:, a:b] = inv_half @ fit[:, a:b]
+    top = torch.linalg.eigh(fit @ fit.T).eigenvectors.flip(1)  # [hidden, hidden], best first
     width = fit.shape[1] // 2
     r = min(rank // 2, hidden)
-    directions = (inv_half @ top[:, :r]).float()  # [hidden, r]: unit-variance projections of the input
-    coeff = top[:, :r].T.float() @ fit  # [r, 2 * width]: the rank-r fit of the standardized (g, u)
+    directions = inv_half @ top[:, :r]  # [hidden, r]: unit-variance projections of the input
+    coeff = top[:, :r].T @ fit  # [r, 2 * width]: the rank-r fit of the standardized (g, u)
     score = coeff[:, :width] + coeff[:, width:]
     return torch.cat([directions.T, -directions.T]), torch.cat([score.T, -score.T], 1)
 

@@ -153,7 +153,7 @@ def preactivations(model, site: Site, module, expert: int, input: str = "residua
     ``x / rms(x) * w`` becomes ``x * w``), for ``"ffn"`` rows it is 1. Signs are unchanged."""
     gate, up, _ = layout_of(module).weights(module, expert)
     device = torch.device(device) if device is not None else gate.device
-    gate, up = gate.detach().to(device, torch.float32), up.detach().to(device, torch.float32)
+    gate, up = gate.detach().to(device), up.detach().to(device)  # no copy when already there
     norm = ffn_norm_of(model, site) if input == "residual" else None
 
     def preact(rows: torch.Tensor):
@@ -163,8 +163,8 @@ def preactivations(model, site: Site, module, expert: int, input: str = "residua
                 factor = rows.to(device, torch.float32).pow(2).mean(-1, keepdim=True).sqrt()
                 weight = next(norm.parameters(), rows)
                 rows = norm(rows.to(weight.device, weight.dtype))
-            rows = rows.to(device, torch.float32)
-            g, u = rows @ gate.T, rows @ up.T
+            rows = rows.to(device, gate.dtype)
+            g, u = (rows @ gate.T).float(), (rows @ up.T).float()
             return (g, u) if factor is None else (g * factor, u * factor)
 
     return preact
