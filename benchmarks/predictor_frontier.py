@@ -18,27 +18,18 @@ alike). Figures per layer and predictor:
 - ``cost``: its multiply-adds per token over the dense FFN's (``rank * (hidden + width)`` over
   ``3 * hidden * width``).
 
-The floor is ``0.95 x active``: a layer whose active share is above 25% cannot compute 25% at
-95% recall whatever the predictor.
+The floor is ``0.95 x active``: a layer with more than 26.3% of its neurons active cannot keep
+95% of them within 25% computed, whatever the predictor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-
-
-def computed_at(scores: torch.Tensor, active: torch.Tensor, recall: float) -> tuple[float, float]:
-    """``(share of neurons scored >= t, t)`` for the highest ``t`` keeping ``recall`` of the active ones."""
-    positives = scores[active]
-    k = math.ceil(round(recall * positives.numel(), 6))
-    t = float(positives.kthvalue(positives.numel() - k + 1).values)
-    return float((scores >= t).float().mean()), t
 
 
 class Only:
@@ -70,6 +61,7 @@ def main() -> None:
     from relufy.export.calibration import Collector, MemoryRows
     from relufy.export.options import ExportOptions
     from relufy.export.pipeline import split_windows, train_as
+    from relufy.export.predictors import predictor_metrics, recall_threshold
     from relufy.measure.evaluate import score
     from relufy.measure.sites import ffn_sites, observing, tapped
     from relufy.modeling.tokenizer import load_tokenizer
@@ -101,27 +93,23 @@ def main() -> None:
         x, y = stores["train"].load((site, 0))
         xu, yu = stores["tune"].load((site, 0))
         xr, yr = stores["report"].load((site, 0))
-        active, active_tune = yr != 0, yu != 0
         hidden = x.shape[1]
-        density = float(active.float().mean())
+        density = float((yr != 0).float().mean())
         for rank in [int(v) for v in args.ranks.split(",")]:
             for start_from in args.starts.split(","):
                 t0 = time.perf_counter()
                 started = options.model_copy(update={"predictor_init": start_from})
                 predictor = train_as(started, x, y, rank, device, model, site, module)
-                with torch.no_grad():
-                    s_report, s_tune = predictor(xr.float()), predictor(xu.float())
-                computed, _ = computed_at(s_report, active, args.recall)
-                _, t_tune = computed_at(s_tune, active_tune, args.recall)
-                keep = s_report >= t_tune
+                best = predictor_metrics(predictor, xr, yr, recall_threshold(predictor, xr, yr, args.recall))
+                tuned = predictor_metrics(predictor, xr, yr, recall_threshold(predictor, xu, yu, args.recall))
                 row = {
                     "layer": site.layer,
                     "active": density,
                     "rank": rank,
                     "start": start_from,
-                    "computed": computed,
-                    "tuned_computed": float(keep.float().mean()),
-                    "tuned_recall": float((keep & active).sum() / active.sum()),
+                    "computed": best.computed,
+                    "tuned_computed": tuned.computed,
+                    "tuned_recall": tuned.recall,
                     "cost": rank * (hidden + site.width) / (3 * hidden * site.width),
                     "seconds": time.perf_counter() - t0,
                 }

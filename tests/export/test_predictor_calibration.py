@@ -14,6 +14,7 @@ from relufy.export.layouts import _scaled, fold_thresholds
 from relufy.export.options import ExportOptions
 from relufy.export.pipeline import Chain, fit_predictors
 from relufy.export.predictors import predictor_metrics, recall_threshold, train_predictor
+from relufy.families import family_for
 from relufy.measure.sites import ActivationCounter, ffn_sites, observing, preactivations, tapped
 from relufy.modeling.layouts import layout_of
 from relufy.modeling.predictor import Predictor
@@ -166,7 +167,7 @@ def test_weight_start_is_the_least_squares_gate_plus_up(family):
     stores = {"train": MemoryRows()}
     _collect(model, sites, stores, {"train": _ids(4, 48, 1)})
     modules = dict(model.named_modules())
-    norm_name = "pre_feedforward_layernorm" if family == "gemma2" else "post_attention_layernorm"
+    norm_name = family_for(family).ffn_norm
     checked = 0
     for site, module in sites:
         got = stores["train"].load((site, 0))
