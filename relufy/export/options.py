@@ -79,14 +79,14 @@ class ExportOptions(PushOptions):
         description="weights: start each predictor from its FFN's gate and up weights (their best rank-r linear "
         "estimate from the predictor input, fitted on the calibration rows), then train; random: a random start.",
     )
-    predictor_steps: int = Field(300, ge=1, description="Adam steps per predictor.")
+    predictor_steps: int = Field(3000, ge=1, description="Adam steps per predictor.")
     predictor_lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine to a tenth).")
     predictor_batch: int = Field(1024, ge=1, description="Tokens per predictor training step.")
     predictor_pos_weight: float | None = Field(
         None, gt=0, description="Weight of active neurons in the BCE; None: negatives/positives of the layer."
     )
     predictor_tokens: int = Field(
-        16384,
+        32768,
         ge=16,
         description="At most this many training tokens per predictor (kept on disk beside OUT, "
         "2 x hidden + FFN width bytes each; one predictor's are in memory at a time).",

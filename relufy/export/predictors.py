@@ -147,7 +147,7 @@ def _chunks(n: int, size: int = 8192):
 
 
 def linear_init(
-    x: torch.Tensor, preact, rank: int, scale: float, device=None, chunk: int = 1024
+    x: torch.Tensor, preact, rank: int, scale: float, device=None, chunk: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A predictor's start from its FFN's weights (see the module docstring): the first ``2 r`` units,
     ``(fc1 [2 r, hidden], fc2 [width, 2 r])`` with ``r = min(rank // 2, hidden)``, for inputs divided
@@ -155,8 +155,8 @@ def linear_init(
     ``[rows, width]``, of predictor-input rows, linear in the rows
     (``relufy.measure.sites.preactivations``). The other units (past ``2 * hidden``, an odd last
     one) keep their random start. Memory beyond the rows: one ``[hidden, 2 * width]`` float32
-    matrix, a few ``[hidden, hidden]`` ones and one chunk of pre-activations (at a 7B shape,
-    4096 x 14336, about 0.9 GiB)."""
+    matrix, at most three ``[hidden, hidden]`` ones at a time and one chunk of pre-activations (at a
+    7B shape, 4096 x 14336, about 0.7 GiB)."""
     device = torch.device(device) if device is not None else x.device
     n, hidden = x.shape
     cov = xt = total = square = None
@@ -187,11 +187,11 @@ def linear_init(
     fit = xt
     for a, b in _chunks(fit.shape[1], 4096):
         fit[:, a:b] = inv_half @ fit[:, a:b]
-    top = torch.linalg.eigh(fit @ fit.T).eigenvectors.flip(1)  # [hidden, hidden], best first
     width = fit.shape[1] // 2
     r = min(rank // 2, hidden)
-    directions = inv_half @ top[:, :r]  # [hidden, r]: unit-variance projections of the input
-    coeff = top[:, :r].T @ fit  # [r, 2 * width]: the rank-r fit of the standardized (g, u)
+    top = torch.linalg.eigh(fit @ fit.T).eigenvectors[:, hidden - r :].flip(1)  # [hidden, r], best first
+    directions = inv_half @ top  # [hidden, r]: unit-variance projections of the input
+    coeff = top.T @ fit  # [r, 2 * width]: the rank-r fit of the standardized (g, u)
     score = coeff[:, :width] + coeff[:, width:]
     return torch.cat([directions.T, -directions.T]), torch.cat([score.T, -score.T], 1)
 
