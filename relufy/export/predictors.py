@@ -155,8 +155,8 @@ def linear_init(
     ``[rows, width]``, of predictor-input rows, linear in the rows
     (``relufy.measure.sites.preactivations``). The other units (past ``2 * hidden``, an odd last
     one) keep their random start. Memory beyond the rows: one ``[hidden, 2 * width]`` float32
-    matrix, at most three ``[hidden, hidden]`` ones at a time and one chunk of pre-activations (at a
-    7B shape, 4096 x 14336, about 0.7 GiB)."""
+    matrix, a few ``[hidden, hidden]`` ones (the eigensolver's workspace included) and one chunk of
+    pre-activations (at a 7B shape, 4096 x 14336, about 0.8 GiB: docs/benchmarks.md)."""
     device = torch.device(device) if device is not None else x.device
     n, hidden = x.shape
     cov = xt = total = square = None
