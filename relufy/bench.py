@@ -72,7 +72,7 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     MODEL's measured sparsity), then MODEL's generation speed; table, JSON and PNG."""
     import torch
 
-    from .progress import console
+    from .progress import console, show_table
     from .sparse.timing import SHAPES, bench_ffn, write_plot
 
     o = options
@@ -169,7 +169,7 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
             f"{c.predictor_speedup:.2f}",
             f"{c.limit:.1f}",
         )
-    console.print(table)
+    show_table(table, console)
     if real:
         _print_real(real, repeats)
     for row in gen:
@@ -296,7 +296,7 @@ def bench_real_cases(layers: list[dict], named: dict, config, dtypes, threads, r
 def _print_real(real: list[dict], repeats: int) -> None:
     from rich.table import Table
 
-    from .progress import console
+    from .progress import console, show_table
 
     table = Table(title=f"FFN decode per token at the model's real densities (ms summed over layers, median of {repeats})")
     cols = ("shape", "dtype", "threads", "active", "predicted", "dense", "exact", "predictor", "exact x", "predictor x")
@@ -324,7 +324,7 @@ def _print_real(real: list[dict], repeats: int) -> None:
             f"{c['synthetic_predictor_speedup']:.2f}",
             f"{c['limit']:.1f}",
         )
-    console.print(table)
+    show_table(table, console)
 
 
 def _check_fits(shape: str, hidden: int, width: int) -> None:

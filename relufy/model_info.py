@@ -162,8 +162,9 @@ def show(path: str, options: InfoOptions) -> ModelInfo:
     if options.json_out:
         print(json.dumps(result.model_dump(), indent=2))
         return result
-    from rich.console import Console
     from rich.table import Table
+
+    from .progress import show_table
 
     table = Table(show_header=False, title=str(path))
     rows = [
@@ -191,7 +192,7 @@ def show(path: str, options: InfoOptions) -> ModelInfo:
         rows += [(f"relufy.{k}", _shown(k, v)) for k, v in result.relufy.items() if k not in ("activation", "threshold")]
     for k, v in rows:
         table.add_row(k, str(v))
-    Console().print(table)
+    show_table(table)
     return result
 
 

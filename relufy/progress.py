@@ -1,9 +1,12 @@
-"""Progress for long work, on stderr so that stdout stays clean for --json.
+"""Progress for long work, on stderr so that stdout stays clean for --json; tables printed whole.
 
 On a terminal: rich progress bars. Elsewhere (logs, CI, ``2> file``): plain lines, one when a
 task finishes and at most one every ``PLAIN_EVERY`` seconds while it runs, so a log shows what
 happened without redrawn bars. Both offer the same ``add_task / advance / update`` calls.
 Quiet (``relufy -q``, ``set_quiet``): neither, the same calls print nothing.
+
+``show_table``: off a terminal rich lays tables out in 80 columns and cuts wide cells to "…",
+which leaves a log of ``relufy bench`` unreadable; there a table gets its natural width instead.
 """
 
 from __future__ import annotations
@@ -27,6 +30,19 @@ from rich.text import Text
 console = Console(stderr=True)
 PLAIN_EVERY = 30.0
 _QUIET = False
+
+
+def show_table(table, to: Console | None = None) -> None:
+    """Print a rich ``table`` on ``to`` (default: stdout): fitted to the window on a terminal,
+    at its natural width elsewhere (a log, a pipe, ``> file``) so that no cell is cut."""
+    from rich.measure import Measurement
+
+    to = to or Console()
+    if not to.is_terminal:
+        width = Measurement.get(to, to.options.update(max_width=1 << 16), table).maximum
+        if width > to.width:
+            to = Console(file=to.file, width=width, no_color=to.no_color, force_terminal=False)
+    to.print(table)
 
 
 def set_quiet(quiet: bool = True) -> None:

@@ -33,16 +33,15 @@ def _name(r: ModelEval) -> str:
 def print_table(results: list[ModelEval], console=None) -> None:
     """The perplexity table (with --data; with --threshold-sparsity also the perplexity-vs-sparsity
     table) and the benchmark tables (with --tasks)."""
-    from rich.console import Console
+    from ..progress import show_table
 
-    console = console or Console()
     if any(r.ppl is not None for r in results):
-        console.print(perplexity_table(results))
+        show_table(perplexity_table(results), console)
     if any(r.threshold for r in results):
-        console.print(sparsity_table(results))
+        show_table(sparsity_table(results), console)
     if any(r.tasks for r in results):
         for table in tasks_tables(results):
-            console.print(table)
+            show_table(table, console)
 
 
 def perplexity_table(results: list[ModelEval]):

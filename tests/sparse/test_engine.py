@@ -341,6 +341,8 @@ def test_bench_at_real_densities(cli, models, tmp_path):
     # the same densities for both shapes (they are the model's), the 7B-style shape with its own ranks
     assert [x["density"] for x in real[0]["layers"]] == [x["density"] for x in real[1]["layers"]]
     assert "real densities" in stdout + err
+    # off a terminal the tables keep their natural width: every header whole, no cell cut to "…"
+    assert "synthetic predictor x" in err and "64x256" in err and "…" not in stdout + err
 
 
 def test_bench_case_has_the_sparsity_it_claims():
