@@ -54,6 +54,12 @@ def _file_stem(site, expert: int) -> str:
     return f"{site.layer}.shared" if site.kind == "shared" else f"{site.layer}"
 
 
+# Largest scale fold_thresholds gives a predictor under T = -1: its thresholds above -0.1 act as
+# -0.1. On the one-hour SmolLM2 the last layer's threshold (+1.33) then keeps 9.9% of its neurons
+# instead of 7.8% (9.7% at 0), and its scores reach -883 instead of -8.8e5 (docs/results.md).
+MAX_FOLD_SCALE = 10.0
+
+
 def fold_thresholds(predictors: dict, thresholds: dict) -> tuple[float, dict]:
     """One engine threshold ``T`` and, per predictor, a scale ``c > 0`` such that the predictor with
     ``fc1`` and ``fc2`` each multiplied by ``sqrt(c)`` keeps neuron j (score >= ``T``) exactly when the
@@ -62,9 +68,12 @@ def fold_thresholds(predictors: dict, thresholds: dict) -> tuple[float, dict]:
     ``sparse_threshold``).
 
     Equal thresholds: ``T`` is that value, no scaling. Otherwise ``T = -1`` and ``c = -1 / t`` (all
-    ``t > 0``: ``T = 1``, ``c = 1 / t``). A ``t >= 0`` under ``T = -1`` cannot be reached by a positive
-    scale; it gets ``c`` large, i.e. a threshold just below 0, which keeps every neuron ``t`` keeps and
-    a few more. ``c`` is also capped so that fp16 weights stay finite, which again only keeps more."""
+    ``t > 0``: ``T = 1``, ``c = 1 / t``). Under ``T = -1``, ``c`` is at most ``MAX_FOLD_SCALE``: a
+    ``t`` above ``-1 / MAX_FOLD_SCALE`` (``t >= 0`` included, which no positive scale reaches) acts
+    as ``-1 / MAX_FOLD_SCALE``, which keeps every neuron ``t`` keeps and a few more. Without the cap a
+    layer's scores would be scaled by thousands, past fp16's range in the engine, and no engine
+    threshold (``-60000`` and below) would compute all its neurons any more. ``c`` is also capped so
+    that fp16 weights stay finite, which again only keeps more."""
     values = {float(t) for t in thresholds.values()}
     if len(values) <= 1:
         return (values.pop() if values else 0.0), dict.fromkeys(predictors, 1.0)
@@ -76,10 +85,11 @@ def fold_thresholds(predictors: dict, thresholds: dict) -> tuple[float, dict]:
         cap = (6e4 / largest) ** 2  # sqrt(c) * largest <= 6e4 (fp16's max is 65504)
         if largest <= 1e-30:  # an all-zero predictor: its scores are 0 at any scale
             c = 1.0
-        elif t * target > 0:
-            c = target / t
+        elif target > 0:
+            c = 1.0 / t
         else:
-            c = 1e4
+            c = -1.0 / t if t < 0 else MAX_FOLD_SCALE
+            c = min(c, MAX_FOLD_SCALE)
         scales[key] = min(c, cap)
     return target, scales
 
