@@ -88,8 +88,7 @@ def fold_thresholds(predictors: dict, thresholds: dict) -> tuple[float, dict]:
         elif target > 0:
             c = 1.0 / t
         else:
-            c = -1.0 / t if t < 0 else MAX_FOLD_SCALE
-            c = min(c, MAX_FOLD_SCALE)
+            c = min(-1.0 / t, MAX_FOLD_SCALE) if t < 0 else MAX_FOLD_SCALE
         scales[key] = min(c, cap)
     return target, scales
 
