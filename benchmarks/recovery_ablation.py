@@ -48,6 +48,10 @@ VARIANTS: dict[str, list[str]] = {
     "block5-lr1e-3": ["sparsity.ffn_warmstart.block=5", "optim.lr=1e-3", "optim.min_lr=1e-4"],
     # the same with blocks of 10 layers
     "block10-lr1e-3": ["sparsity.ffn_warmstart.block=10", "optim.lr=1e-3", "optim.min_lr=1e-4"],
+    # blocks of 3 layers
+    "block3": ["sparsity.ffn_warmstart.block=3"],
+    # each FFN alone first (the base's fit), then blocks of 5 from there
+    "ffn-block5": ["sparsity.ffn_warmstart.block=[1, 5]"],
     # twice the L1 coefficient while training (the warm start's is unchanged)
     "l1-10": ["sparsity.l1=10"],
 }

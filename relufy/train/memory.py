@@ -341,7 +341,7 @@ class Setup:
     teacher_dtype: str = "auto"  # auto | fp32 | bf16
     top_k: int | None = None
     warmstart_tokens: int | None = None  # None: no FFN warm start
-    warmstart_block: int = 1  # decoder layers fitted together (sparsity.ffn_warmstart.block)
+    warmstart_blocks: tuple[int, ...] = (1,)  # decoder layers fitted together, per stage (sparsity.ffn_warmstart.block)
     warmstart_batch: int = 1024  # tokens per fit step (whole sequences for blocks)
     gpus: int | None = None  # None: this machine's CPU
     world: int = 1  # processes sharing the run (GPUs x nodes, or CPU processes)
@@ -400,7 +400,7 @@ def setup_from_recipe(
         teacher_dtype=s.distill.teacher_dtype if s.distill else "fp32",
         top_k=s.distill.top_k if s.distill else None,
         warmstart_tokens=tokens,
-        warmstart_block=warm.block if warm is not None else 1,
+        warmstart_blocks=tuple(warm.stages) if warm is not None else (1,),
         gpus=gpus,
         world=world,
         strategy=strategy,
@@ -629,9 +629,11 @@ def build_plan(sizes: ModelSizes, setup: Setup, teacher: ModelSizes | None = Non
     else:
         t.append(Term("CUDA context, NCCL", CUDA_OVERHEAD, RESIDENT))
     if s.warmstart_tokens:
-        k = s.warmstart_block
-        units_here = _ceil(_ceil(sizes.layers, k), s.world)  # this process's layers, or blocks
-        unit = "layers" if k == 1 else f"blocks of {k} layers"
+        # stages run one after the other, each freeing what it recorded: the most recordings are the
+        # smallest blocks', the largest fit the largest blocks' (both counted: a bound for several stages)
+        k, kr = max(s.warmstart_blocks), min(s.warmstart_blocks)
+        units_here = _ceil(_ceil(sizes.layers, kr), s.world)  # this process's layers, or blocks
+        unit = "layers" if kr == 1 else f"blocks of {kr} layers"
         rec = 2 * s.warmstart_tokens * sizes.hidden * units_here * teacher_bytes
         copy = 2 * s.warmstart_tokens * sizes.hidden * 4
         t.append(
@@ -640,7 +642,7 @@ def build_plan(sizes: ModelSizes, setup: Setup, teacher: ModelSizes | None = Non
                 rec + copy,
                 WARMSTART,
                 f"2 x {s.warmstart_tokens} tokens x {sizes.hidden} x {units_here} {unit} x {teacher_bytes} B "
-                f"+ one {'layer' if k == 1 else 'block'}'s fp32 copy",
+                f"+ one {'layer' if kr == 1 else 'block'}'s fp32 copy",
             )
         )
         if k > 1:  # a fit step backpropagates through the block: its FFNs' gradients and Adam moments, its activations

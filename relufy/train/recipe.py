@@ -255,16 +255,28 @@ class WarmstartSpec(_Spec):
     l1: float = Field(
         0.0, ge=0, description="L1 penalty on each FFN's combined activation during the fit (holds sparsity); 0: off."
     )
-    block: int = Field(
+    block: int | list[int] = Field(
         1,
-        ge=1,
         description="Decoder layers fitted together. 1: each FFN alone, on the original FFN's recorded inputs and "
         "outputs. K > 1: each run of K consecutive layers (the last run may be shorter) starts from the original "
         "model's hidden state at its first layer, and its FFNs are fitted so that its last layer's output matches the "
         "original's (squared error on the residual stream; attention and routers are not trained), so the errors that "
         "compound from layer to layer inside a block are fitted as well. `steps` are then Adam steps per block, each "
-        "on whole sequences.",
+        "on whole sequences. A list fits in stages, one after the other on the same tokens, each with `steps`, `lr` "
+        "and `l1`: [1, 5] fits each FFN alone, then blocks of 5 layers from there.",
     )
+
+    @model_validator(mode="after")
+    def _blocks(self):
+        stages = self.stages
+        if not stages or any(k < 1 for k in stages):
+            raise ValueError("block: a layer count >= 1, or a non-empty list of them")
+        return self
+
+    @property
+    def stages(self) -> list[int]:
+        """The block sizes fitted one after the other (one stage for a single ``block``)."""
+        return list(self.block) if isinstance(self.block, list) else [self.block]
 
 
 class CutoffSpec(_Spec):

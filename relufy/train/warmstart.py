@@ -18,6 +18,11 @@ called alone with the arguments the teacher's layers received on their first cal
 embeddings, attention mask), recorded by hooks, as quantizers such as GPTQ do: no family-specific
 code. The report then has one row per block (``layers`` lists them).
 
+``block`` may list stages, run one after the other on the same tokens, each with ``steps``,
+``lr`` and ``l1``: ``[1, 5]`` fits each FFN alone, then blocks of 5 from there (the per-FFN fit
+holds the zeros, the block fit then corrects what compounds). The report is the last stage's,
+with ``zeros_before`` from before the first and every stage's report under ``stages``.
+
 Across processes (DDP or FSDP2, before the student is wrapped): every process runs the teacher
 over as many sequences (a sharded teacher needs every process in each forward): the same ones for
 in-memory sources, each process its own for streaming sources split across processes; it records and fits
@@ -75,15 +80,26 @@ def ffn_warmstart(
     world: int = 1,
 ) -> dict:
     """Fit the student's FFNs to the teacher's, layer by layer; returns the report. With
-    ``world > 1`` every process of the default process group calls it at once (see above)."""
+    ``world > 1`` every process of the default process group calls it at once (see above). With
+    ``spec.block`` a list, the stages run one after the other on the same tokens."""
+    n_seq = max(1, spec.tokens // seq_len)
+    ids, _ = mixture.batch(n_seq)  # the labels are not needed: the fit is on FFN outputs
+    reports = []
+    for k in spec.stages:
+        fit = _block_warmstart if k > 1 else _ffn_warmstart
+        reports.append(fit(student, teacher, ids, spec, k, device, batch_tokens, show_progress, rank, world))
+    if len(reports) == 1:
+        return reports[0]
+    # stages: the last stage's rows, zeros from before the first stage to after the last
+    return {**reports[-1], "zeros_before": reports[0]["zeros_before"], "stages": reports}
+
+
+def _ffn_warmstart(student, teacher, ids, spec, size, device, batch_tokens, show_progress, rank, world) -> dict:
+    """Each FFN alone (``size`` 1), on the teacher FFN's recorded inputs and outputs."""
     from torch.distributed.fsdp import FSDPModule
 
     from ..progress import token_progress
 
-    n_seq = max(1, spec.tokens // seq_len)
-    ids, _ = mixture.batch(n_seq)  # the labels are not needed: the fit is on FFN outputs
-    if spec.block > 1:
-        return _block_warmstart(student, teacher, ids, spec, device, batch_tokens, show_progress, rank, world)
     t_layers, s_layers = _layers(teacher), _layers(student)
     mine = [i for i in range(len(s_layers)) if i % world == rank]
     inputs = {i: [] for i in mine}
@@ -213,7 +229,7 @@ def _fit_layer(i, mlp, x, y, meter, spec, batch_tokens, g) -> dict:
     }
 
 
-# --- blocks of layers (spec.block > 1) -----------------------------------------------------------
+# --- blocks of layers (a stage's size > 1) -------------------------------------------------------
 
 
 def _split_call(args, kwargs) -> tuple:
@@ -240,8 +256,8 @@ def _cast(obj, device, dtype):
     return obj
 
 
-def _block_warmstart(student, teacher, ids, spec, device, batch_tokens, show_progress, rank, world) -> dict:
-    """Blocks of ``spec.block`` decoder layers, each fitted from the teacher's hidden state at its
+def _block_warmstart(student, teacher, ids, spec, size, device, batch_tokens, show_progress, rank, world) -> dict:
+    """Blocks of ``size`` decoder layers, each fitted from the teacher's hidden state at its
     first layer to the teacher's output of its last layer. The teacher runs over the sequences in
     batches of ``batch_tokens // seq_len`` (at least one) sequences; hooks record, per block of this
     process, the hidden states entering its first layer and leaving its last one, and, per layer,
@@ -256,7 +272,7 @@ def _block_warmstart(student, teacher, ids, spec, device, batch_tokens, show_pro
     t_layers, s_layers = _layers(teacher), _layers(student)
     n_seq = ids.shape[0]
     per_batch = min(n_seq, max(1, batch_tokens // ids.shape[1]))
-    blocks = [list(range(s, min(s + spec.block, len(s_layers)))) for s in range(0, len(s_layers), spec.block)]
+    blocks = [list(range(s, min(s + size, len(s_layers)))) for s in range(0, len(s_layers), size)]
     mine = [b for j, b in enumerate(blocks) if j % world == rank]
     first = {b[0] for b in mine}
     last = {b[-1]: b[0] for b in mine}
@@ -311,7 +327,7 @@ def _block_warmstart(student, teacher, ids, spec, device, batch_tokens, show_pro
                     desc = f"warm start: layers {s}-{block[-1]} mse {row['mse_after']:.3g} zeros {row['zeros_after']:.1%}"
                     progress.update(fit_task, advance=1, description=desc)
     if world > 1:
-        rows = _share(s_layers, rows, device, world, spec.block)
+        rows = _share(s_layers, rows, device, world, size)
     return _report(ids, rows)
 
 

@@ -245,6 +245,11 @@ def test_block_warmstart_plan(base, tmp_path):
     assert _term(b, "warm start: block fit") > 3 * b.sizes.ffn * 4  # + the activations of the fit's batch
     assert "warm start: block fit" not in {t.name for t in a.terms}
     assert "blocks of 2 layers" in b.table()
+    # stages [1, 2]: the per-FFN stage's recordings (the most) and the block stage's fit (the largest)
+    staged = plan_recipe(_recipe(base, tmp_path, sparsity={"ffn_warmstart": {"tokens": 256, "block": [1, 2]}}), gpus=1)
+    assert _term(staged, "warm start: recordings") == _term(a, "warm start: recordings")
+    assert _term(staged, "warm start: block fit") == _term(b, "warm start: block fit")
+    assert _term(staged, "warm start: block being fitted") == _term(b, "warm start: block being fitted")
 
 
 def test_cpu_plan_per_process(base, tmp_path, monkeypatch):

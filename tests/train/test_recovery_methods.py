@@ -225,6 +225,22 @@ def test_hidden_distillation_adds_its_term_to_the_first_loss(base, tmp_path):
     assert with_hidden - plain == pytest.approx(0.5 * float(d), rel=1e-4)
 
 
+class _FixedMixture:
+    """A mixture whose batches are the first ``n`` rows of fixed token ids (what the warm start draws)."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def batch(self, n):
+        from relufy.train.mixture import Batch
+
+        return Batch.text(self.ids[:n])
+
+
+def _seeded_ids(rows, seed):
+    return torch.randint(0, 64, (rows, 32), generator=torch.Generator().manual_seed(seed))
+
+
 def _drelu_by_hand(model):
     """The original transformers model with only the activation changed: every MLP computes
     down(relu(gate(x)) * relu(up(x)))."""
@@ -260,21 +276,16 @@ def test_block_warmstart_fits_blocks_against_the_originals_hidden_states():
     from tiny import tiny_model
 
     from relufy.modeling.load import swap_activation
-    from relufy.train.mixture import Batch
     from relufy.train.recipe import WarmstartSpec
     from relufy.train.warmstart import ffn_warmstart
 
-    ids = torch.randint(0, 64, (16, 32), generator=torch.Generator().manual_seed(1))
-
-    class Mixture:
-        def batch(self, n):
-            return Batch.text(ids[:n])
+    ids = _seeded_ids(16, 1)
 
     teacher = tiny_model("llama", num_hidden_layers=4).eval()
     student = swap_activation(tiny_model("llama", num_hidden_layers=4), "drelu")
     before = {k: v.clone() for k, v in student.state_dict().items()}
     spec = WarmstartSpec(tokens=16 * 32, steps=30, lr=1e-2, l1=0.1, block=2)
-    report = ffn_warmstart(student, teacher, Mixture(), spec, torch.device("cpu"), seq_len=32, batch_tokens=128)
+    report = ffn_warmstart(student, teacher, _FixedMixture(ids), spec, torch.device("cpu"), seq_len=32, batch_tokens=128)
     assert [r["layers"] for r in report["layers"]] == [[0, 1], [2, 3]]
 
     hand = _drelu_by_hand(teacher)
@@ -300,6 +311,56 @@ def test_block_warmstart_fits_blocks_against_the_originals_hidden_states():
     assert err_fit < err_unfit
 
 
+def test_warmstart_stages_fit_one_after_the_other():
+    """block=[1, 2]: the per-FFN fit, then blocks of 2 from where it left, on the same tokens: the
+    student equals two warm starts run one after the other by hand (block=1, then block=2); the
+    report keeps both stages, the last one's rows, and the zeros from before the first."""
+    import copy
+
+    from tiny import tiny_model
+
+    from relufy.modeling.load import swap_activation
+    from relufy.train.recipe import WarmstartSpec
+    from relufy.train.warmstart import ffn_warmstart
+
+    ids = _seeded_ids(8, 3)
+
+    teacher = tiny_model("llama", num_hidden_layers=4).eval()
+    student = swap_activation(tiny_model("llama", num_hidden_layers=4), "drelu")
+    by_hand = copy.deepcopy(student)
+    cpu, kw = torch.device("cpu"), {"seq_len": 32, "batch_tokens": 128}
+    spec = dict(tokens=8 * 32, steps=20, lr=1e-2, l1=0.1)
+    report = ffn_warmstart(student, teacher, _FixedMixture(ids), WarmstartSpec(**spec, block=[1, 2]), cpu, **kw)
+    first = ffn_warmstart(by_hand, teacher, _FixedMixture(ids), WarmstartSpec(**spec, block=1), cpu, **kw)
+    second = ffn_warmstart(by_hand, teacher, _FixedMixture(ids), WarmstartSpec(**spec, block=2), cpu, **kw)
+
+    for k, v in by_hand.state_dict().items():
+        assert torch.equal(student.state_dict()[k], v), k
+    assert report["stages"] == [first, second]
+    assert report["layers"] == second["layers"] and [r["layers"] for r in report["layers"]] == [[0, 1], [2, 3]]
+    assert report["zeros_before"] == first["zeros_before"] and report["zeros_after"] == second["zeros_after"]
+    # the second stage starts from the first stage's FFNs, not from the converted ones
+    fresh = ffn_warmstart(
+        swap_activation(tiny_model("llama", num_hidden_layers=4), "drelu"),
+        teacher,
+        _FixedMixture(ids),
+        WarmstartSpec(**spec, block=2),
+        cpu,
+        **kw,
+    )
+    assert [r["mse_before"] for r in second["layers"]] != [r["mse_before"] for r in fresh["layers"]]
+
+
+@pytest.mark.parametrize("block", [0, [], [1, 0]])
+def test_warmstart_block_refuses_empty_or_zero(block):
+    from pydantic import ValidationError
+
+    from relufy.train.recipe import WarmstartSpec
+
+    with pytest.raises(ValidationError, match="block"):
+        WarmstartSpec(block=block)
+
+
 def _pre_norm(model, ids):
     """The last decoder layer's output (the model without its final norm)."""
     import copy
@@ -318,15 +379,10 @@ def test_block_warmstart_calls_layers_as_the_model_does(family):
     from tiny import tiny_model
 
     from relufy.modeling.load import swap_activation
-    from relufy.train.mixture import Batch
     from relufy.train.recipe import WarmstartSpec
     from relufy.train.warmstart import ffn_warmstart
 
-    ids = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(2))
-
-    class Mixture:
-        def batch(self, n):
-            return Batch.text(ids[:n])
+    ids = _seeded_ids(8, 2)
 
     shape = {"gemma3_text": {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"]}}.get(family, {})
     teacher = tiny_model(family, **shape).eval()
@@ -334,7 +390,7 @@ def test_block_warmstart_calls_layers_as_the_model_does(family):
     want = float(F.mse_loss(_pre_norm(student, ids), _pre_norm(teacher, ids)))
     layers = student.config.num_hidden_layers
     spec = WarmstartSpec(tokens=8 * 32, steps=5, lr=1e-2, block=layers)
-    report = ffn_warmstart(student, teacher, Mixture(), spec, torch.device("cpu"), seq_len=32, batch_tokens=256)
+    report = ffn_warmstart(student, teacher, _FixedMixture(ids), spec, torch.device("cpu"), seq_len=32, batch_tokens=256)
     (row,) = report["layers"]
     assert row["layers"] == list(range(layers))
     assert row["mse_before"] == pytest.approx(want, rel=1e-5)
