@@ -12,7 +12,9 @@ model's perplexity on them, so ``summary.json`` holds the ratio. Then the origin
 variant's final model are scored by ``relufy eval`` on the first eval text: dense, at 90%
 top-k, and under per-layer thresholds calibrated to 90% zeros (the training-free stand-in for
 ProSparse's final FATReLU shift; ``OUT/<variant>/levels.json``, the original's in
-``OUT/original-levels.json``). The table (markdown) gives per variant: wall
+``OUT/original-levels.json``). The variants train without the recipe's final cutoff (the shift
+itself is measured at the hour); a run given one with ``--set`` is read as it stood before it
+(its summary's ``cutoff.before``, its weights scored without the cutoffs). The table (markdown) gives per variant: wall
 time, zeros, the perplexity ratio on each eval text and the in-domain slice, and those three
 perplexities, with the original's in a last row; ``OUT/table.md`` and ``OUT/table.json`` keep it.
 """
@@ -71,6 +73,7 @@ def shared(args) -> list[str]:
         "checkpoint.every=0",
         "log.every=5",
         "log.eval_steps=[]",
+        "sparsity.final_cutoff=null",  # the methods before ProSparse's final shift (the hour's table has it)
         *args.set,
     ]
 
@@ -109,6 +112,22 @@ def levels(model: str, data: str, tokens: int, out: Path) -> dict:
     return scored
 
 
+def before_cutoff(model: Path) -> Path:
+    """``model`` as it stood before a final cutoff: itself when its config has none, else a sibling
+    folder ``<model>-uncut`` with the cutoffs left out of its config and links to the other files."""
+    config = json.loads((model / "config.json").read_text())
+    if not config.get("relufy", {}).get("cutoffs"):
+        return model
+    uncut = model.with_name(model.name + "-uncut")
+    uncut.mkdir(exist_ok=True)
+    for f in model.iterdir():
+        if f.name != "config.json" and not (uncut / f.name).exists():
+            (uncut / f.name).symlink_to(f.resolve())
+    del config["relufy"]["cutoffs"]
+    (uncut / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return uncut
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
@@ -136,22 +155,26 @@ def main(argv=None) -> None:
 
     first = args.eval_data[0]
     original = levels(str(smollm2_gguf()), first, args.eval_tokens, args.out / "original-levels.json")
-    trained = [levels(str(args.out / n / "final"), first, args.eval_tokens, args.out / n / "levels.json") for n in names]
+    trained = [
+        levels(str(before_cutoff(args.out / n / "final")), first, args.eval_tokens, args.out / n / "levels.json") for n in names
+    ]
     labels = None
     rows = []
     for name, scored in zip(names, trained, strict=True):
         s = json.loads((args.out / name / "summary.json").read_text())
         wall = json.loads((args.out / name / "wall.json").read_text())["seconds"]
         labels = labels or list(s["eval"])
+        # a run trained with a final cutoff (--set) is read as it stood before it, like the others
+        b = s.get("cutoff", {}).get("before", s)
         rows.append(
             {
                 "variant": name,
                 "minutes": wall / 60,
                 "tokens": s["tokens"],
-                "zeros": s["heldout_sparsity"],
-                "in_domain_ratio": s["heldout_ppl"] / s["heldout_ppl_original"],
-                "eval": {k: v["ratio"] for k, v in s["eval"].items()},
-                "eval_zeros": {k: v["sparsity"] for k, v in s["eval"].items()},
+                "zeros": b["heldout_sparsity"],
+                "in_domain_ratio": b["heldout_ppl"] / s["heldout_ppl_original"],
+                "eval": {k: v["ppl"] / s["eval"][k]["ppl_original"] for k, v in b["eval"].items()},
+                "eval_zeros": {k: v["sparsity"] for k, v in b["eval"].items()},
                 "dense": scored["ppl"],
                 "topk90": scored["topk"][0]["ppl"],
                 "threshold90": scored["threshold"][0]["ppl"],
