@@ -238,7 +238,7 @@ $(RECOVERY_HOUR_RUNS): $(RUNS)/recovery-hour/%/summary.json: | $(call needs_mode
 # recovery-budget: the chosen recipe for an hour with log-spaced evaluations, then its budget
 # curve (docs/img/budget_curve.png).
 TEACHER_CORPUS := $(RUNS)/data/teacher-smollm2.jsonl
-METHODS ?= base,stages,hidden,anneal,lr1e-3,l1-10,block5,block5-lr1e-3
+METHODS ?= base,stages,hidden,anneal,lr1e-3,l1-10,block5,block5-lr1e-3,ffn-block5
 SHAKESPEARE ?=
 OUTSIDE_EVAL = 'data.eval_sources=[{data: builtin:pydoc, max_tokens: 8192}, {data: $(WIKITEXT), max_tokens: 8192}]'
 BUDGET_RUN := $(RUNS)/recovery-budget

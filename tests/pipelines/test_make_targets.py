@@ -198,7 +198,8 @@ def test_every_target_dry_runs(tmp_path):
     curve = f".venv/bin/python benchmarks/budget_curve.py {runs}/recovery-budget --fit-from 40960"
     assert budget[-1] == curve + " --plot docs/img/budget_curve.png"
     methods = dry("recovery-methods", f"RUNS={runs}", "SHAKESPEARE=input.txt")
-    assert "--variants base,stages,hidden,anneal,lr1e-3,l1-10,block5,block5-lr1e-3 --shakespeare input.txt" in methods[-1]
+    variants = "base,stages,hidden,anneal,lr1e-3,l1-10,block5,block5-lr1e-3,ffn-block5"
+    assert f"--variants {variants} --shakespeare input.txt" in methods[-1]
 
     chain = dry("bench-sparse", f"RUNS={runs}")
     assert [line.split()[1] for line in chain if line.startswith(".venv/bin/relufy ")] == ["convert", "train", "export", "bench"]
