@@ -14,9 +14,10 @@ top-k, and under per-layer thresholds calibrated to 90% zeros (the training-free
 ProSparse's final FATReLU shift; ``OUT/<variant>/levels.json``, the original's in
 ``OUT/original-levels.json``). The variants train without the recipe's final cutoff (the shift
 itself is measured at the hour); a run given one with ``--set`` is read as it stood before it
-(its summary's ``cutoff.before``, its weights scored without the cutoffs). The table (markdown) gives per variant: wall
-time, zeros, the perplexity ratio on each eval text and the in-domain slice, and those three
-perplexities, with the original's in a last row; ``OUT/table.md`` and ``OUT/table.json`` keep it.
+(its summary's ``cutoff.before``, its weights scored without the cutoffs). The table (markdown)
+gives per variant: wall time, zeros, the perplexity ratio on each eval text and the in-domain
+slice, and those three perplexities, with the original's in a last row; ``OUT/table.md`` and
+``OUT/table.json`` keep it.
 """
 
 from __future__ import annotations
