@@ -317,36 +317,30 @@ bench-sparse: $(if $(filter $(EXPORT),$(BENCH_MODEL:/=)),$(EXPORT).json) $(STAMP
 	$(BIN)/relufy bench $(BENCH_MODEL) --stats $(BENCH_MODEL)/sparsity.safetensors \
 	  --json $(RUNS)/bench/sparse.json --plot $(RUNS)/bench/sparse.png $(BENCH_SPARSE_ARGS)
 
-# The paper's section 3.2 ablation: dReLU vs SwiGLU trained from scratch with the same data,
-# budget and seed; then loss curves, held-out perplexity and the top-k curve side by side
-# ($(RUNS)/ablation-<ABLATION>/report.md). ABLATION=mini: a CPU miniature (minutes);
-# ABLATION=300m: the paper's 300M pair, under accelerate launch (NPROC GPUs, ACCELERATE_CONFIG).
-ABLATION ?= mini
-ABLATION_STEPS ?= 300
-ABLATION_DATA ?= builtin:pydoc
-ABLATION_EVAL ?= $(ABLATION_DATA)
-ABLATION_TOKENIZER ?= $(DEMO)/drelu
-ABLATION_EVAL_TOKENS ?= 16384
-ABL := $(RUNS)/ablation-$(ABLATION)
+# The paper's section 3.2 ablation at its scale: its 300M dReLU / SwiGLU pair trained from scratch with
+# the same data, budget and seed under accelerate launch (NPROC GPUs, ACCELERATE_CONFIG); then loss
+# curves, held-out perplexity and the top-k curve side by side ($(RUNS)/ablation-300m/report.md).
+# On a CPU, make organism trains the miniature (the organism and its dReLU twin, same report).
+# ABLATION_DATA, ABLATION_TOKENIZER: the recipes' text and tokenizer (a 32,000-token one) unless given
+ABLATION_DATA ?=
+ABLATION_TOKENIZER ?=
+ABLATION_EVAL ?= wikitext:wikitext-2-raw-v1:validation
+ABLATION_EVAL_TOKENS ?= 65536
+ABL := $(RUNS)/ablation-300m
 ABL_MODELS := $(ABL)/drelu/final $(ABL)/swiglu/final
-ABL_EVAL_FLAGS = --data $(ABLATION_EVAL) --seq-len 128 --max-tokens $(ABLATION_EVAL_TOKENS) --topk $(TOPK) \
+ABL_EVAL_FLAGS = --data $(ABLATION_EVAL) --seq-len 512 --max-tokens $(ABLATION_EVAL_TOKENS) --topk $(TOPK) \
   --batch-size 8
 ABLATION_ARGS ?=
-ABL_ARGS = output_dir=$(ABL)/$* model.tokenizer=$(ABLATION_TOKENIZER) 'data.sources=[{data: "$(ABLATION_DATA)"}]' $(ABLATION_ARGS)
-ifeq ($(ABLATION),mini)
-ABL_TRAIN = $(BIN)/relufy train recipes/ablation-mini-$*-cpu.yaml $(ABL_ARGS) budget.max_steps=$(ABLATION_STEPS)
-else
-ABL_TRAIN = $(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) -m relufy train \
-  recipes/ablation-300m-$*.yaml $(ABL_ARGS)
-endif
+ABL_ARGS = output_dir=$(ABL)/$* $(if $(ABLATION_TOKENIZER),model.tokenizer=$(ABLATION_TOKENIZER)) \
+  $(if $(ABLATION_DATA),'data.sources=[{data: "$(ABLATION_DATA)"}]') $(ABLATION_ARGS)
 
 ablation: $(ABL)/report.md
 	@echo "== done: $(ABL)/report.md"
 
-# the SmolLM2 tokenizer comes with the demo's conversion; another ABLATION_TOKENIZER is used as is
-$(ABL)/%/summary.json: | $(call needs_model,$(ABLATION_TOKENIZER))
-	@echo "== train $* from scratch ($(ABLATION))"
-	$(ABL_TRAIN) $(RESUME)
+$(ABL)/%/summary.json: | $(STAMP)
+	@echo "== train $* from scratch (300m)"
+	$(BIN)/accelerate launch --config_file $(ACCELERATE_CONFIG) --num_processes $(NPROC) -m relufy train \
+	  recipes/ablation-300m-$*.yaml $(ABL_ARGS) $(RESUME)
 
 $(ABL)/eval.json: $(ABL_MODELS:%/final=%/summary.json)
 	@echo "== evaluate both, with the top-k curve"
@@ -364,6 +358,151 @@ EVAL_DATA ?= wikitext:wikitext-2-raw-v1:test
 $(addprefix turbosparse-,$(TURBOSPARSE)): turbosparse-%: | $(STAMP)
 	$(BIN)/python -m relufy.pipelines.cluster $* --out $(RUNS)/turbosparse-$* --nproc $(NPROC) \
 	  --accelerate-config $(ACCELERATE_CONFIG) --eval-data $(EVAL_DATA) $(if $(DRY_RUN),--dry-run)
+
+# The model organism (docs/results.md): a SwiGLU model pretrained here, so that its pretraining token
+# count is known and 0.3-10% of it costs minutes; then the relufy road on it beside the published
+# methods at equal tokens. Every step is a file target: a rerun skips finished work and a killed
+# training resumes. The corpus is read from Debian documentation packages; without them its step
+# refuses, naming the apt-get command (make organism-packages runs it, as root).
+# ORGANISM=base: 1.38M parameters on 19.7M tokens (recipes/organism-pretrain-cpu.yaml), with its
+# dReLU and ReGLU twins trained from scratch on the same tokens; ORGANISM=small: 0.53M parameters
+# trained about 10x longer per parameter on the same compute (organism-small-pretrain-cpu.yaml).
+# ORGANISM_ARGS: overrides for every pretraining run (the tests shrink the pipeline with these).
+ORGANISM ?= base
+ORG_ROOT := $(RUNS)/organism
+ORG := $(ORG_ROOT)/$(ORGANISM)
+ORG_CORPUS := $(ORG_ROOT)/corpus
+ORG_TOKENIZER := $(ORG_ROOT)/tokenizer
+ORG_VOCAB ?= 4096
+ORG_EVAL_TOKENS ?= 65536
+ORGANISM_ARGS ?=
+ORG_DATA = model.tokenizer=$(ORG_TOKENIZER) 'data.sources=[{data: $(ORG_CORPUS)/train.jsonl}]' \
+  'data.eval_sources=[{data: $(ORG_CORPUS)/heldout.jsonl, name: heldout, max_tokens: $(ORG_EVAL_TOKENS)}, {data: $(ORG_CORPUS)/ood.jsonl, name: ood, max_tokens: $(ORG_EVAL_TOKENS)}]'
+ORG_RECIPE.base := organism-pretrain-cpu
+ORG_RECIPE.small := organism-small-pretrain-cpu
+ORG_PRETRAINED.base := swiglu drelu reglu
+ORG_PRETRAINED.small := swiglu
+ORG_PRETRAINED := $(ORG_PRETRAINED.$(ORGANISM))
+ORG_PRETRAIN.swiglu :=
+ORG_PRETRAIN.drelu := model.activation=drelu
+ORG_PRETRAIN.reglu := model.activation=reglu
+.PHONY: organism organism-packages organism-pretrain
+organism-packages:
+	apt-get install -y $$($(BIN)/python -c "from relufy.pipelines.corpus import INSTALL; print(INSTALL.split(' ', 2)[2])")
+
+$(ORG_CORPUS)/manifest.json: | $(STAMP)
+	$(BIN)/python -m relufy.pipelines.corpus build $(ORG_CORPUS)
+
+$(ORG_TOKENIZER)/tokenizer.json: $(ORG_CORPUS)/manifest.json
+	$(BIN)/python -m relufy.pipelines.corpus tokenizer $(ORG_CORPUS)/train.jsonl $(ORG_TOKENIZER) --vocab $(ORG_VOCAB)
+
+organism-pretrain: $(ORG_PRETRAINED:%=$(ORG)/pretrain/%/summary.json)
+
+$(ORG)/pretrain/%/summary.json: $(ORG_TOKENIZER)/tokenizer.json
+	$(BIN)/relufy train $(ORG_RECIPE.$(ORGANISM)) output_dir=$(@D) name=organism-$(ORGANISM)-$* $(ORG_DATA) $(ORG_PRETRAIN.$*) \
+	  $(ORGANISM_ARGS) $(RESUME)
+
+# The SwiGLU organism converted (dReLU; ReGLU for ProSparse's method), then recovered on its own
+# training text with each method at each budget (percent of its pretraining tokens), the same text,
+# steps and seed: relufy's recipe (recipes/small-recovery-cpu.yaml), Turbo Sparse's (dReLU, plain LM
+# loss), ProSparse's (ReLU on the gate, progressive L1 in sine stages, final threshold shift), and
+# relufy's recipe on the ReGLU conversion (relufy-reglu). Each run: $(ORG)/recover/<method>/<percent>.
+# ORG_RECOVERY_ARGS: overrides for every recovery run.
+ORG_BUDGETS ?= 0.3 1 3 10
+ORG_METHODS ?= relufy relufy-reglu turbosparse prosparse
+ORG_RECOVERY_ARGS ?=
+ORG_RECOVER.relufy := model.path=$(ORG)/convert/drelu/final
+ORG_RECOVER.relufy-reglu := model.path=$(ORG)/convert/reglu/final
+ORG_RECOVER.turbosparse := model.path=$(ORG)/convert/drelu/final sparsity.distill=null sparsity.ffn_warmstart=null \
+  sparsity.l1=0 sparsity.final_cutoff=null
+ORG_RECOVER.prosparse := model.path=$(ORG)/convert/reglu/final sparsity.distill=null sparsity.ffn_warmstart=null \
+  sparsity.l1=1 sparsity.l1_schedule=sine-stages sparsity.l1_stages=3
+ORG_GRID := $(foreach m,$(ORG_METHODS),$(foreach b,$(ORG_BUDGETS),$(ORG)/recover/$(m)/$(b)))
+ORG_SWIGLU := $(ORG)/pretrain/swiglu/summary.json
+
+$(ORG)/convert/%/final/config.json: $(ORG_SWIGLU)
+	$(BIN)/relufy convert $(ORG)/pretrain/swiglu/final $(@D) --activation $* --force
+
+$(ORG_GRID:%=%/summary.json): $(ORG)/recover/%/summary.json: $(ORG)/convert/drelu/final/config.json \
+  $(ORG)/convert/reglu/final/config.json
+	@mkdir -p $(@D); echo "$$(date +%s)" > $(@D)/.started
+	$(BIN)/relufy train small-recovery-cpu output_dir=$(@D) name=organism-$(ORGANISM)-$(subst /,-,$*) \
+	  'data.sources=[{data: $(ORG_CORPUS)/train.jsonl}]' \
+	  budget.max_tokens=$$($(BIN)/python -m relufy.pipelines.organism budget $(ORG_SWIGLU) $(notdir $*)) \
+	  $(ORG_RECOVER.$(patsubst %/,%,$(dir $*))) $(ORG_RECOVERY_ARGS) $(RESUME)
+	@echo "{\"seconds\": $$(( $$(date +%s) - $$(cat $(@D)/.started) ))}" > $(@D)/wall.json
+
+# The tuning behind recipes/small-recovery-cpu.yaml: variants at 1% of the pretraining tokens, judged
+# only on the last 1% of the training text's sequences (data.heldout_fraction; no held-out document
+# and no out-of-domain text is read). organism-tune prints their table.
+ORG_TUNE.ws0-l1-0 := sparsity.ffn_warmstart.l1=0 sparsity.l1=0
+ORG_TUNE.ws0-l1-1 := sparsity.ffn_warmstart.l1=0 sparsity.l1=1
+ORG_TUNE.ws0-l1-5 := sparsity.ffn_warmstart.l1=0 sparsity.l1=5
+ORG_TUNE.ws0-l1-20 := sparsity.ffn_warmstart.l1=0 sparsity.l1=20
+ORG_TUNE.ws2-l1-1 := sparsity.ffn_warmstart.l1=2 sparsity.l1=1
+ORG_TUNE.ws2-l1-5 := sparsity.ffn_warmstart.l1=2 sparsity.l1=5
+ORG_TUNE.ws2-l1-1-lm := sparsity.ffn_warmstart.l1=2 sparsity.l1=1 sparsity.distill=null
+ORG_TUNE.ws2-l1-1-lr3e-3 := sparsity.ffn_warmstart.l1=2 sparsity.l1=1 optim.lr=3e-3 optim.min_lr=3e-4
+ORG_TUNE.reglu-ws0-l1-1 := model.path=$(ORG)/convert/reglu/final sparsity.ffn_warmstart.l1=0 sparsity.l1=1
+ORG_TUNE.reglu-ws0-l1-1-lm := model.path=$(ORG)/convert/reglu/final sparsity.ffn_warmstart.l1=0 sparsity.l1=1 \
+  sparsity.distill=null
+ORG_TUNE.ws20-l1-5 := sparsity.ffn_warmstart.l1=20 sparsity.l1=5
+ORG_TUNE.plain := $(ORG_RECOVER.turbosparse)
+ORG_TUNE.prosparse-l1-1 := $(ORG_RECOVER.prosparse)
+ORG_TUNE.prosparse-l1-15 := $(ORG_RECOVER.prosparse) sparsity.l1=15
+ORG_TUNE_VARIANTS ?= ws0-l1-0 ws0-l1-1 ws0-l1-5 ws0-l1-20 ws2-l1-1 ws2-l1-5 ws2-l1-1-lm ws2-l1-1-lr3e-3 \
+  reglu-ws0-l1-1 reglu-ws0-l1-1-lm ws20-l1-5 plain prosparse-l1-1 prosparse-l1-15
+.PHONY: organism-tune
+organism-tune: $(ORG_TUNE_VARIANTS:%=$(ORG)/tune/%/summary.json)
+	$(BIN)/python -m relufy.pipelines.organism tune $(ORG) $(ORG_TUNE_VARIANTS)
+
+$(ORG)/tune/%/summary.json: $(ORG)/convert/drelu/final/config.json $(ORG)/convert/reglu/final/config.json
+	$(BIN)/relufy train small-recovery-cpu output_dir=$(@D) name=organism-tune-$* 'data.sources=[{data: $(ORG_CORPUS)/train.jsonl}]' \
+	  budget.max_tokens=$$($(BIN)/python -m relufy.pipelines.organism budget $(ORG_SWIGLU) 1) $(ORG_RECOVER.relufy) \
+	  $(ORG_TUNE.$*) $(ORG_RECOVERY_ARGS) $(RESUME)
+
+# Every model scored on the held-out and the out-of-domain text with the same windows: perplexity,
+# FFN zeros and top-k 90%. The SwiGLU organism also under the training-free thresholds (TEAL/CATS)
+# at 50% and 90% (thresholds-*.json: the first 4,096 tokens calibrate them and are not scored there,
+# so those rows are read against that file's own dense perplexity).
+ORG_EVAL_FLAGS = --seq-len 256 --max-tokens $(ORG_EVAL_TOKENS) --topk 0.9 --batch-size 16
+# (in this order: the grid before the twins, which only give the ceiling)
+ORG_MODELS := $(ORG)/pretrain/swiglu $(ORG)/convert/drelu $(ORG)/convert/reglu $(ORG_GRID) \
+  $(filter-out $(ORG)/pretrain/swiglu,$(ORG_PRETRAINED:%=$(ORG)/pretrain/%))
+ORG_EVALS := $(foreach m,$(ORG_MODELS),$(m)/eval-heldout.json $(m)/eval-ood.json) \
+  $(ORG)/pretrain/swiglu/thresholds-heldout.json $(ORG)/pretrain/swiglu/thresholds-ood.json
+$(ORG)/pretrain/swiglu/thresholds-%.json: $(ORG_SWIGLU)
+	$(BIN)/relufy eval $(ORG)/pretrain/swiglu/final --data $(ORG_CORPUS)/$*.jsonl $(ORG_EVAL_FLAGS) \
+	  --threshold-sparsity 0.5,0.9 --threshold-calibration-tokens 4096 --json $@
+$(ORG)/pretrain/%/final/config.json: $(ORG)/pretrain/%/summary.json ;
+$(ORG)/recover/%/final/config.json: $(ORG)/recover/%/summary.json ;
+$(ORG)/%/eval-heldout.json: $(ORG)/%/final/config.json
+	$(BIN)/relufy eval $(ORG)/$*/final --data $(ORG_CORPUS)/heldout.jsonl $(ORG_EVAL_FLAGS) --json $@
+$(ORG)/%/eval-ood.json: $(ORG)/%/final/config.json
+	$(BIN)/relufy eval $(ORG)/$*/final --data $(ORG_CORPUS)/ood.jsonl $(ORG_EVAL_FLAGS) --json $@
+
+# the table (markdown and JSON) and the plot of the held-out ratio against the budget, one line a method
+ORG_PLOT ?= $(ORG)/recovery.png
+organism: $(ORG)/table.md $(if $(filter drelu,$(ORG_PRETRAINED)),$(ORG)/pretrain/report.md)
+	@echo "== done: $(ORG)/table.md"
+
+# The paper's section 3.2 ablation in miniature: the SwiGLU organism and its dReLU twin from scratch,
+# loss curves and the top-k curve beside the paper's Tables 2-3 ($(ORG)/pretrain/report.md)
+$(ORG)/pretrain/report.md: $(ORG)/pretrain/swiglu/summary.json $(ORG)/pretrain/drelu/summary.json
+	$(BIN)/relufy eval $(ORG)/pretrain/swiglu/final $(ORG)/pretrain/drelu/final --data $(ORG_CORPUS)/heldout.jsonl \
+	  --seq-len 256 --max-tokens $(ORG_EVAL_TOKENS) --topk $(TOPK) --batch-size 16 --json $(ORG)/pretrain/eval.json
+	$(BIN)/python -m relufy.pipelines.report ablation $(ORG)/pretrain
+$(ORG)/table.md: $(ORG_EVALS)
+	$(BIN)/python -m relufy.pipelines.organism table $(ORG) --plot $(ORG_PLOT)
+
+# The forecast from the organisms made so far (base, small), beside SmolLM2's measured budget curve:
+# the share of pretraining each method's trend needs for 1.05x, in tokens and node-hours for
+# Llama-3.1-8B (docs/guide-llama-8b.md). ORG_FORECAST_PLOT: where its PNG goes.
+ORG_FORECAST_PLOT ?= $(ORG_ROOT)/forecast.png
+.PHONY: organism-forecast
+organism-forecast:
+	$(BIN)/python -m relufy.pipelines.organism forecast $(wildcard $(ORG_ROOT)/base/table.json $(ORG_ROOT)/small/table.json) \
+	  --smollm2 docs/data/smollm2-budget-curve.json --plot $(ORG_FORECAST_PLOT) --json $(ORG_ROOT)/forecast.json
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

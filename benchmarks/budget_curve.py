@@ -17,22 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
+
+from relufy.pipelines.organism import power_law
 
 
 def fit(points: list[tuple[int, float]]) -> tuple[float, float] | None:
     """``(a, b)`` of ``r - 1 = a x tokens^-b`` over points with r > 1; None with fewer than 2."""
-    pts = [(math.log(t), math.log(r - 1)) for t, r in points if r > 1 and t > 0]
-    if len(pts) < 2:
-        return None
-    n = len(pts)
-    mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
-    sxx = sum((x - mx) ** 2 for x, _ in pts)
-    if sxx == 0:
-        return None
-    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
-    return math.exp(my - slope * mx), -slope
+    return power_law(points)
 
 
 def tokens_for(ratio: float, a: float, b: float) -> float | None:

@@ -1,4 +1,4 @@
-"""The tokenizer of any model relufy reads (folder, .gguf file, hub id)."""
+"""The tokenizer of any model relufy reads (folder, .gguf file, hub id), or a tokenizer folder of its own."""
 
 from __future__ import annotations
 
@@ -17,7 +17,12 @@ def load_tokenizer(path: str | Path):
     source = resolve(path)
     if source.gguf_file:
         check_gguf_structure(source.folder / source.gguf_file)
-    kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {"config": base_config(source.config_dict())[1]}
+    if source.gguf_file:
+        kwargs = {"gguf_file": source.gguf_file}
+    elif not (source.folder / "config.json").exists() and (source.folder / "tokenizer_config.json").is_file():
+        kwargs = {}  # a tokenizer folder of its own (tokenizer.json and tokenizer_config.json, no model)
+    else:
+        kwargs = {"config": base_config(source.config_dict())[1]}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError... for a missing tokenizer

@@ -1,7 +1,7 @@
 """Markdown reports of the Makefile pipelines, from the files their steps wrote.
 
     python -m relufy.pipelines.report demo runs/demo
-    python -m relufy.pipelines.report ablation runs/ablation-mini
+    python -m relufy.pipelines.report ablation runs/organism/base/pretrain   # make organism: the twins
 
 Each report states where every number comes from (the step's output file) and copies or draws
 the PNGs next to itself.
@@ -227,8 +227,11 @@ def ablation(folder: Path) -> Path:
         "Perplexity vs top-k sparsity (paper Table 3)",
     )
     final_loss = {act: sum(loss for _, loss in c[-5:]) / len(c[-5:]) for act, c in curves.items()}
+    # held-out: the runs' slice of their training text, else their first outside eval source (the
+    # organism's held-out documents)
+    heldout = {act: s["heldout_ppl"] or next(iter((s.get("eval") or {}).values()), {}).get("ppl") for act, s in summaries.items()}
     rows2 = "\n".join(
-        f"| {act} | {final_loss[act]:.3f} | {summaries[act]['heldout_ppl']:,.2f} | {evals[act]['ppl']:,.2f} | {evals[act]['sparsity']['overall']:.1%} | {PAPER_TABLE2[act]['loss']} | {PAPER_TABLE2[act]['ppl']} |"
+        f"| {act} | {final_loss[act]:.3f} | {heldout[act]:,.2f} | {evals[act]['ppl']:,.2f} | {evals[act]['sparsity']['overall']:.1%} | {PAPER_TABLE2[act]['loss']} | {PAPER_TABLE2[act]['ppl']} |"
         for act in ("swiglu", "drelu")
     )
     rows3 = "\n".join(f"| {act} (relufy) | " + _topk_row(evals[act], levels) + " |" for act in ("swiglu", "drelu"))
@@ -257,7 +260,7 @@ sparsity while SwiGLU's rises.
 
 ## Perplexity (Table 2)
 
-| activation | final train loss (last 5 logs) | held-out ppl (train split) | eval ppl | FFN zeros | paper: train loss | paper: WikiText-2 ppl |
+| activation | final train loss (last 5 logs) | held-out ppl (run) | eval ppl | FFN zeros | paper: train loss | paper: WikiText-2 ppl |
 |---|---:|---:|---:|---:|---:|---:|
 {rows2}
 

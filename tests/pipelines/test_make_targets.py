@@ -1,4 +1,4 @@
-"""The Makefile pipelines: the cluster dry runs, the ablation miniature, a shrunken demo, and the
+"""The Makefile pipelines: the cluster dry runs, the model organism in miniature, a shrunken demo, and the
 recovery -> export -> bench chain on a tiny model, run through make itself, each producing its
 report from real outputs; every target's dry run and the documented commands it prints."""
 
@@ -85,35 +85,54 @@ def test_cluster_dry_run_catches_problems(tmp_path, capsys):
         cluster.main(["gpt2", "--dry-run"])
 
 
-def test_ablation_miniature(tmp_path):
-    save_tiny_with_tokenizer("llama", tmp_path / "tok")
-    runs = tmp_path / "runs"
+def test_organism_through_make(tmp_path):
+    """make organism's whole chain at micro scale: pretraining (the SwiGLU organism and its dReLU /
+    ReGLU twins), conversions, the recovery grid, every eval, the table, the plot and the twins'
+    report; a second make reruns nothing. The corpus and tokenizer steps are laid in place from
+    Python's help text by the corpus module (make would build them from the Debian packages)."""
+    from corpus_kit import package_roots
+
+    from relufy.pipelines import corpus
+
+    org = tmp_path / "runs" / "organism"
+    corpus.build(org / "corpus", roots=package_roots(tmp_path / "pkgs"))
+    corpus.fit_tokenizer(org / "corpus" / "train.jsonl", org / "tokenizer", vocab=512)
     args = [
-        "ablation",
-        f"RUNS={runs}",
-        "ABLATION_STEPS=12",
-        f"ABLATION_TOKENIZER={tmp_path / 'tok'}",
-        "ABLATION_DATA=builtin:pydoc",
-        "ABLATION_EVAL=builtin:pydoc",
-        "ABLATION_EVAL_TOKENS=1024",
-        "ABLATION_ARGS=optim.warmup_steps=2 log.every=2 model.config.vocab_size=128 data.heldout_fraction=0.01",
+        "organism",
+        f"RUNS={tmp_path / 'runs'}",
+        "ORG_BUDGETS=20",
+        "ORG_EVAL_TOKENS=1024",
+        "ORGANISM_ARGS=budget.max_steps=12 budget.micro_batch_size=4 data.seq_len=64 optim.warmup_steps=2 log.every=4 "
+        "log.eval_every=0 checkpoint.every=0 model.config.vocab_size=512 model.config.hidden_size=32 "
+        "model.config.intermediate_size=64 model.config.num_hidden_layers=2 model.config.num_attention_heads=2 "
+        "model.config.num_key_value_heads=2",
+        "ORG_RECOVERY_ARGS=data.seq_len=64 budget.micro_batch_size=2 sparsity.ffn_warmstart.tokens=256 "
+        "sparsity.ffn_warmstart.steps=2 sparsity.final_cutoff.tokens=256 log.every=1",
     ]
-    proc = make(*args)
+    proc = make(*args, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    folder = runs / "ablation-mini"
-    evals = {m["activation"]: m for m in json.loads((folder / "eval.json").read_text())["models"]}
-    assert set(evals) == {"drelu", "swiglu"}
-    assert evals["drelu"]["sparsity"]["overall"] > 0.3 and evals["swiglu"]["sparsity"]["overall"] == 0
-    for act in ("drelu", "swiglu"):
-        summary = json.loads((folder / act / "summary.json").read_text())
-        assert summary["steps"] == 12
-    report = (folder / "report.md").read_text()
-    # the report quotes the runs' own numbers next to the paper's
-    assert f"{evals['drelu']['ppl']:,.2f}" in report and f"{evals['swiglu']['ppl']:,.2f}" in report
+    base = org / "base"
+    pre = json.loads((base / "pretrain" / "swiglu" / "summary.json").read_text())
+    assert pre["steps"] == 12 and pre["tokens"] == 12 * 4 * 64
+    table = json.loads((base / "table.json").read_text())
+    grid = {(r["method"], r["percent"]): r["tokens"] for r in table["rows"] if r["kind"] == "recovered"}
+    # each method at the budget, its tokens that share of the organism's pretraining (within a step)
+    assert set(grid) == {("prosparse", 20), ("relufy", 20), ("turbosparse", 20)}
+    assert all(abs(tokens - 0.2 * 3072) < 2 * 64 for tokens in grid.values()), grid
+    kinds = [r["kind"] for r in table["rows"]]
+    assert kinds.count("scratch") == 2 and kinds.count("converted") == 2 and kinds.count("training-free") == 2
+    for r in table["rows"]:
+        for text in ("heldout", "ood"):
+            assert r[text]["ratio"] == pytest.approx(r[text]["ppl"] / table["rows"][0][text]["ppl"])
+    relufy_rows = [r for r in table["rows"] if r["method"] == "relufy"]
+    assert all(r["heldout"]["zeros"] > 0.85 for r in relufy_rows)  # the final cutoff holds
+    assert all(r["seconds"] is not None for r in relufy_rows)
+    md = (base / "table.md").read_text()
+    assert "| SwiGLU organism |" in md and "@ 20%" in md and "TEAL/CATS threshold 90%" in md
+    assert (base / "recovery.png").stat().st_size > 10_000
+    report = (base / "pretrain" / "report.md").read_text()
     assert "| drelu (paper, 300M) | 28.45 | 28.45 | 28.45 | 28.65 | 29.19 |" in report
-    assert (folder / "report-img" / "loss.png").stat().st_size > 1000 and (folder / "report-img" / "topk.png").exists()
-    # a second run reuses every finished step
-    again = make(*args)
+    again = make(*args, timeout=600)
     assert again.returncode == 0 and "relufy train" not in again.stdout and "relufy eval" not in again.stdout
 
 
