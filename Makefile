@@ -407,7 +407,7 @@ $(ORG)/pretrain/%/summary.json: $(ORG_TOKENIZER)/tokenizer.json
 # steps and seed: relufy's recipe (recipes/small-recovery-cpu.yaml), Turbo Sparse's (dReLU, plain LM
 # loss), ProSparse's (ReLU on the gate, progressive L1 in sine stages, final threshold shift), and
 # relufy's recipe on the ReGLU conversion (relufy-reglu). Each run: $(ORG)/recover/<method>/<percent>.
-# ORG_RECOVERY_ARGS: overrides for every recovery run.
+# ORG_RECOVERY_ARGS: overrides for every recovery run (before each method's own, which win).
 ORG_BUDGETS ?= 0.3 1 3 10
 ORG_METHODS ?= relufy relufy-reglu turbosparse prosparse
 ORG_RECOVERY_ARGS ?=
@@ -429,7 +429,7 @@ $(ORG_GRID:%=%/summary.json): $(ORG)/recover/%/summary.json: $(ORG)/convert/drel
 	$(BIN)/relufy train small-recovery-cpu output_dir=$(@D) name=organism-$(ORGANISM)-$(subst /,-,$*) \
 	  'data.sources=[{data: $(ORG_CORPUS)/train.jsonl}]' \
 	  budget.max_tokens=$$($(BIN)/python -m relufy.pipelines.organism budget $(ORG_SWIGLU) $(notdir $*)) \
-	  $(ORG_RECOVER.$(patsubst %/,%,$(dir $*))) $(ORG_RECOVERY_ARGS) $(RESUME)
+	  $(ORG_RECOVERY_ARGS) $(ORG_RECOVER.$(patsubst %/,%,$(dir $*))) $(RESUME)
 	@echo "{\"seconds\": $$(( $$(date +%s) - $$(cat $(@D)/.started) ))}" > $(@D)/wall.json
 
 # The tuning behind recipes/small-recovery-cpu.yaml: variants at 1% of the pretraining tokens, judged
@@ -459,13 +459,14 @@ organism-tune: $(ORG_TUNE_VARIANTS:%=$(ORG)/tune/%/summary.json)
 $(ORG)/tune/%/summary.json: $(ORG)/convert/drelu/final/config.json $(ORG)/convert/reglu/final/config.json
 	$(BIN)/relufy train small-recovery-cpu output_dir=$(@D) name=organism-tune-$* 'data.sources=[{data: $(ORG_CORPUS)/train.jsonl}]' \
 	  budget.max_tokens=$$($(BIN)/python -m relufy.pipelines.organism budget $(ORG_SWIGLU) 1) $(ORG_RECOVER.relufy) \
-	  $(ORG_TUNE.$*) $(ORG_RECOVERY_ARGS) $(RESUME)
+	  $(ORG_RECOVERY_ARGS) $(ORG_TUNE.$*) $(RESUME)
 
 # Every model scored on the held-out and the out-of-domain text with the same windows: perplexity,
 # FFN zeros and top-k 90%. The SwiGLU organism also under the training-free thresholds (TEAL/CATS)
-# at 50% and 90% (thresholds-*.json: the first 4,096 tokens calibrate them and are not scored there,
+# at 50% and 90% (thresholds-*.json: the first ORG_CALIBRATION_TOKENS calibrate them and are not scored there,
 # so those rows are read against that file's own dense perplexity).
 ORG_EVAL_FLAGS = --seq-len 256 --max-tokens $(ORG_EVAL_TOKENS) --topk 0.9 --batch-size 16
+ORG_CALIBRATION_TOKENS ?= 4096
 # (in this order: the grid before the twins, which only give the ceiling)
 ORG_MODELS := $(ORG)/pretrain/swiglu $(ORG)/convert/drelu $(ORG)/convert/reglu $(ORG_GRID) \
   $(filter-out $(ORG)/pretrain/swiglu,$(ORG_PRETRAINED:%=$(ORG)/pretrain/%))
@@ -473,12 +474,13 @@ ORG_EVALS := $(foreach m,$(ORG_MODELS),$(m)/eval-heldout.json $(m)/eval-ood.json
   $(ORG)/pretrain/swiglu/thresholds-heldout.json $(ORG)/pretrain/swiglu/thresholds-ood.json
 $(ORG)/pretrain/swiglu/thresholds-%.json: $(ORG_SWIGLU)
 	$(BIN)/relufy eval $(ORG)/pretrain/swiglu/final --data $(ORG_CORPUS)/$*.jsonl $(ORG_EVAL_FLAGS) \
-	  --threshold-sparsity 0.5,0.9 --threshold-calibration-tokens 4096 --json $@
-$(ORG)/pretrain/%/final/config.json: $(ORG)/pretrain/%/summary.json ;
-$(ORG)/recover/%/final/config.json: $(ORG)/recover/%/summary.json ;
-$(ORG)/%/eval-heldout.json: $(ORG)/%/final/config.json
+	  --threshold-sparsity 0.5,0.9 --threshold-calibration-tokens $(ORG_CALIBRATION_TOKENS) --json $@
+# a model is done when its run wrote summary.json (written last), a conversion when it has its config.json
+org_done = $(if $(findstring /convert/,$(1)),$(1)/final/config.json,$(1)/summary.json)
+$(foreach m,$(ORG_MODELS),$(eval $(m)/eval-heldout.json $(m)/eval-ood.json: $(call org_done,$(m))))
+$(ORG)/%/eval-heldout.json:
 	$(BIN)/relufy eval $(ORG)/$*/final --data $(ORG_CORPUS)/heldout.jsonl $(ORG_EVAL_FLAGS) --json $@
-$(ORG)/%/eval-ood.json: $(ORG)/%/final/config.json
+$(ORG)/%/eval-ood.json:
 	$(BIN)/relufy eval $(ORG)/$*/final --data $(ORG_CORPUS)/ood.jsonl $(ORG_EVAL_FLAGS) --json $@
 
 # the table (markdown and JSON) and the plot of the held-out ratio against the budget, one line a method

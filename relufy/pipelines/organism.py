@@ -91,7 +91,7 @@ def collect(root: Path) -> dict:
     rows: list[dict] = []
 
     def add(kind: str, name: str, row: dict, tokens: int | None, method: str | None = None, percent=None, dense=None):
-        entry = {"kind": kind, "name": name, "method": method, "percent": percent, "tokens": tokens, **row}
+        entry = {**row, "kind": kind, "name": name, "method": method, "percent": percent, "tokens": tokens}
         for text in TEXTS:
             entry[text]["ratio"] = row[text]["ppl"] / (dense or base)[text]["ppl"]
         rows.append(entry)
@@ -227,7 +227,7 @@ def tune_markdown(root: Path, names: list[str]) -> str:
     only: perplexity after the warm start, at the end before the final cutoff, and at the end,
     each with its zeros, and the end's ratio to the organism on the same slice."""
     lines = [
-        "| variant | after warm start | zeros | before the cutoff | zeros | end | zeros | ratio |",
+        "| variant | start (after the warm start, if any) | zeros | before the cutoff | zeros | end | zeros | ratio |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     original = None

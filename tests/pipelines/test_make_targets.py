@@ -102,16 +102,20 @@ def test_organism_through_make(tmp_path):
         f"RUNS={tmp_path / 'runs'}",
         "ORG_BUDGETS=20",
         "ORG_EVAL_TOKENS=1024",
+        "ORG_CALIBRATION_TOKENS=256",
         "ORGANISM_ARGS=budget.max_steps=12 budget.micro_batch_size=4 data.seq_len=64 optim.warmup_steps=2 log.every=4 "
         "log.eval_every=0 checkpoint.every=0 model.config.vocab_size=512 model.config.hidden_size=32 "
         "model.config.intermediate_size=64 model.config.num_hidden_layers=2 model.config.num_attention_heads=2 "
         "model.config.num_key_value_heads=2",
-        "ORG_RECOVERY_ARGS=data.seq_len=64 budget.micro_batch_size=2 sparsity.ffn_warmstart.tokens=256 "
+        "ORG_RECOVERY_ARGS=data.seq_len=64 budget.micro_batch_size=2 optim.warmup_steps=1 sparsity.ffn_warmstart.tokens=256 "
         "sparsity.ffn_warmstart.steps=2 sparsity.final_cutoff.tokens=256 log.every=1",
     ]
     proc = make(*args, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     base = org / "base"
+    # every model is whole afterwards (make deletes the files it treats as intermediate)
+    finals = sorted(base.glob("*/*/final")) + sorted(base.glob("recover/*/*/final"))
+    assert len(finals) == 3 + 2 + 4 and all((f / "config.json").is_file() for f in finals), finals
     pre = json.loads((base / "pretrain" / "swiglu" / "summary.json").read_text())
     assert pre["steps"] == 12 and pre["tokens"] == 12 * 4 * 64
     table = json.loads((base / "table.json").read_text())
@@ -241,7 +245,29 @@ def test_every_target_dry_runs(tmp_path):
         "--data wikitext:wikitext-2-raw-v1:validation --seq-len 512 --max-tokens 16384 "
         "--topk 0,0.5,0.8,0.85,0.9 --batch-size 4 --json"
     ) in evals[2]
-    assert "--seq-len 128 --max-tokens 16384 --topk 0,0.5,0.8,0.85,0.9 --batch-size 8 --json" in evals[3]
+    assert (
+        "--data wikitext:wikitext-2-raw-v1:validation --seq-len 512 --max-tokens 65536 --topk 0,0.5,0.8,0.85,0.9 "
+        "--batch-size 8 --json"
+    ) in evals[3]
+
+    # the organism: corpus, tokenizer, pretraining, conversions, the grid, every eval, the table
+    org = dry("organism", f"RUNS={runs}", "ORG_BUDGETS=1")
+    steps = [" ".join(line.split()[:3]) for line in org if line.startswith(".venv/bin/")]
+    assert steps[:3] == [
+        ".venv/bin/python -m relufy.pipelines.corpus",
+        ".venv/bin/python -m relufy.pipelines.corpus",
+        ".venv/bin/relufy train organism-pretrain-cpu",
+    ]
+    assert steps.count(".venv/bin/relufy train small-recovery-cpu") == 4
+    assert steps.count(".venv/bin/relufy train organism-pretrain-cpu") == 3  # the organism and its twins
+    assert steps[-1] == ".venv/bin/python -m relufy.pipelines.report"
+    assert (
+        f".venv/bin/python -m relufy.pipelines.organism table {runs}/organism/base --plot {runs}/organism/base/recovery.png"
+        in org
+    )
+    small = dry("organism", f"RUNS={runs}", "ORGANISM=small", "ORG_BUDGETS=1")
+    assert any(line.startswith(".venv/bin/relufy train organism-small-pretrain-cpu") for line in small)
+    assert not any("relufy.pipelines.report" in line for line in small)  # no twins for the small organism
 
 
 @pytest.fixture(scope="module")
