@@ -196,6 +196,7 @@ def plot(table: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
     titles = ("held-out (same kind of text)", "out of domain (dictionary)")
@@ -210,8 +211,15 @@ def plot(table: dict, path: Path) -> None:
         for r in table["rows"]:
             if r["kind"] == "scratch" and r["name"].startswith("drelu"):
                 ax.axhline(r[text]["ratio"], color="black", ls=":", lw=1, label="dReLU twin from scratch")
+            if r["kind"] == "training-free" and r["name"].endswith("90%"):
+                ax.axhline(r[text]["ratio"], color="grey", ls="-.", lw=1, label="SwiGLU organism, thresholds at 90%")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2f}x"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:.2f}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(sorted({r["percent"] for r in table["rows"] if r["percent"]}))
         ax.set_xlabel("recovery tokens, % of the organism's pretraining")
         ax.set_ylabel("perplexity / SwiGLU organism's")
         ax.set_title(title, fontsize=10)
