@@ -80,7 +80,7 @@ def package_version(name: str) -> str | None:
 
 
 def _read(path: Path) -> str:
-    data = path.read_bytes() if path.suffix != ".gz" else gzip.decompress(path.read_bytes())
+    data = gzip.decompress(path.read_bytes()) if path.suffix in (".gz", ".dz") else path.read_bytes()  # .dz: dictzip
     return data.decode("utf-8", errors="replace").replace("\r\n", "\n")
 
 
@@ -109,7 +109,7 @@ def package_documents(package: Package, root: Path | None = None) -> Iterator[tu
 
 def gcide_entries(path: Path) -> Iterator[tuple[str, str]]:
     """The dictionary's entries (a headword line at column 0 up to the next one), numbered."""
-    text = _read(path) if path.suffix != ".dz" else gzip.decompress(path.read_bytes()).decode("utf-8", "replace")
+    text = _read(path)
     entry: list[str] = []
     n = 0
     for line in text.split("\n"):
@@ -225,9 +225,9 @@ def fit_tokenizer(train: Path, out: Path, vocab: int = 4096, force: bool = False
 
 
 def count_tokens(path: Path, tokenizer_dir: Path) -> int:
-    from transformers import AutoTokenizer
+    from ..modeling.tokenizer import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok = load_tokenizer(tokenizer_dir)
     n, batch = 0, []
     for text in jsonl_texts(path):
         batch.append(text)
