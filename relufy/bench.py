@@ -78,7 +78,7 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     o = options
     stats, levels, dtype_names, thread_counts, repeats = o.stats, o.sparsities, o.dtypes, o.threads, o.repeats
     generation, new_tokens, json_out, plot = o.generation, o.new_tokens, o.json_out, o.plot
-    from .io.paths import check_output_file
+    from .io.paths import check_output_file, distinct_outputs
     from .io.source import local_inputs, resolve
 
     inputs = local_inputs(model, stats, o.data)
@@ -86,6 +86,7 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
         raise RelufyError("--data needs MODEL (its predictors and activations are read on that text)")
     json_out = json_out and check_output_file(json_out, inputs, "--json")
     plot = plot and check_output_file(plot, inputs, "--plot")
+    distinct_outputs(("--json", json_out), ("--plot", plot))
     measured = None
     config = None
     if model is not None:

@@ -7,6 +7,10 @@ even on SIGKILL), so a second relufy writing the same target stops at once. The 
 never replaces a folder that appeared meanwhile (``renameat2(RENAME_NOREPLACE)``); with
 ``force`` an existing target is replaced only once the new one is whole.
 
+Nothing here follows a link it did not expect: the lock is opened with ``O_NOFOLLOW`` and must
+be a regular file, temporary entries are created exclusively (``mkstemp``/``mkdtemp``), and a
+file target that is a link, a device, a pipe or a socket is refused rather than replaced.
+
 Files get the usual umask-based mode, except copies of input files, which never get more
 permissions than their source had (``keep_mode``).
 """
@@ -19,11 +23,12 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 from ..errors import RelufyError
-from .paths import check_output_dir
+from .paths import check_output_dir, refuse_unexpected
 
 _LEFTOVERS = ("tmp", "old", "gguf")
 _KEPT: set[str] = set()  # files (absolute paths) whose mode was set from their source
@@ -87,7 +92,15 @@ def target_lock(out: Path):
     """Hold ``.NAME.relufy-lock`` beside ``out``; refuse if another process holds it."""
     lock = out.parent / f".{out.name}.relufy-lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:  # O_NONBLOCK: a pipe planted under the lock's name must not block the open
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666 & ~_umask())
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise RelufyError(f"{lock} is a link; relufy does not follow it (remove it)") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RelufyError(f"{lock} is not a regular file; relufy does not use it (remove it)")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -192,6 +205,7 @@ def atomic_file(path: Path):
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     with target_lock(path):
+        refuse_unexpected(path)
         remove_leftovers(path)
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.relufy-tmp-", dir=path.parent)
         os.close(fd)

@@ -7,6 +7,9 @@
   input file. An empty path (an unset shell variable) is refused, not read as ``.``.
 - An output's parent must be a folder this process can write in, and an output file must not
   be an existing folder; so a bad path fails at once, not after an hour of computation.
+- Outputs are regular files or folders, or absent: a device node, a pipe or a socket given as
+  an output is refused (writing ``--json /dev/null`` as root would otherwise replace the system's
+  ``/dev/null`` with a regular file), and so is one path given for two outputs.
 - Links inside a model folder are followed only when they stay inside it (the Hugging Face cache
   links a snapshot's files to its ``blobs`` folder, which counts as inside).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,6 +62,64 @@ def _writable_parent(path: Path, what: str) -> None:
         raise RelufyError(f"{what}: cannot write in {parent} ({reason})") from None
 
 
+def _special(path: Path) -> str | None:
+    """What ``path`` is when it exists and is neither a regular file nor a folder (links followed)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe"))
+    return next((name for test, name in kinds if test(mode)), "a socket" if stat.S_ISSOCK(mode) else "a special file")
+
+
+def refuse_special(path: Path, spelled: str | os.PathLike, what: str) -> None:
+    """Refuse an output that exists and is a device, pipe or socket (relufy writes regular files only)."""
+    kind = _special(path)
+    if kind is not None:
+        raise RelufyError(f"{what} {spelled} is {kind}, not a regular file; relufy writes only regular files")
+
+
+def refuse_planted_lock(target: Path) -> None:
+    """The lock relufy will hold beside ``target`` (``.NAME.relufy-lock``) must be absent or a
+    regular file: a link or a pipe planted there is refused now, before any long work."""
+    lock = target.parent / f".{target.name}.relufy-lock"
+    try:
+        mode = os.lstat(lock).st_mode
+    except OSError:
+        return
+    if stat.S_ISLNK(mode):
+        raise RelufyError(f"{lock} is a link; relufy does not follow it (remove it)")
+    if not stat.S_ISREG(mode):
+        raise RelufyError(f"{lock} is not a regular file; relufy does not use it (remove it)")
+
+
+def refuse_unexpected(path: Path) -> None:
+    """A file relufy names itself (inside a folder it was given) must be absent or a regular file:
+    a link, device, pipe or socket there is not replaced."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode):
+        raise RelufyError(f"{path} is a link; relufy does not replace links (remove it or name its target)")
+    if not stat.S_ISREG(mode):
+        raise RelufyError(f"{path} exists and is not a regular file; relufy writes only regular files")
+
+
+def distinct_outputs(*outputs: tuple[str, Path | None]) -> None:
+    """Refuse two outputs (``(what, resolved path)``; ``None`` for one not asked for) at one path:
+    the second would silently overwrite the first."""
+    seen: dict[Path, str] = {}
+    for what, path in outputs:
+        if not path:
+            continue
+        if path in seen:
+            raise RelufyError(f"{seen[path]} and {what} are the same file {path}: give each output its own path")
+        seen[path] = what
+
+
 def check_output_dir(out: str | os.PathLike, force: bool, inputs: Iterable[Path] = (), what: str = "OUT") -> Path:
     """Checks for a folder relufy is about to write (and, with ``force``, replace); returns it resolved."""
     target = user_path(out, what)
@@ -65,6 +127,8 @@ def check_output_dir(out: str | os.PathLike, force: bool, inputs: Iterable[Path]
         if _related(target, inp):
             rel = "is" if target == inp else "is inside" if target.is_relative_to(inp) else "contains"
             raise RelufyError(f"{what} {out} {rel} the input {inp}: choose another output folder")
+    refuse_special(target, out, what)
+    refuse_planted_lock(target)
     if target.exists() or target.is_symlink():
         if not target.is_dir():
             raise RelufyError(f"{what} {out} exists and is not a folder")
@@ -80,6 +144,8 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[Path] = (), what
     for inp in inputs:
         if target == inp or target.is_relative_to(inp) or inp.is_relative_to(target):
             raise RelufyError(f"{what} {path} would overwrite the input {inp}: choose another path")
+    refuse_special(target, path, what)
+    refuse_planted_lock(target)
     if target.is_dir():
         raise RelufyError(f"{what} {path} is a folder; give a file path")
     _writable_parent(target, what)
@@ -92,6 +158,7 @@ def check_output_folder(path: str | os.PathLike, inputs: Iterable[Path] = (), wh
     for inp in inputs:
         if _related(target, inp):
             raise RelufyError(f"{what} {path} would write among the input {inp}: choose another folder")
+    refuse_special(target, path, what)
     if target.exists() and not target.is_dir():
         raise RelufyError(f"{what} {path} exists and is not a folder")
     _writable_parent(target, what)

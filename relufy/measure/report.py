@@ -185,7 +185,7 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
         ax.set(xlabel="layer", ylabel="zeros in FFN activation (%)", ylim=(0, 100), title=f"Activation sparsity: {_label(r)}")
         ax.legend(loc="lower right")
         fig.tight_layout()
-        written.append(folder / f"sparsity_{i}.png")
+        written.append(folder / plot_names(len(results))[i])
         save_png(fig, written[-1])
         plt.close(fig)
         if r.moe:
@@ -196,7 +196,7 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
             ax.set_yticks(range(len(r.moe["layers"])), r.moe["layers"])
             fig.colorbar(im, ax=ax)
             fig.tight_layout()
-            written.append(folder / f"experts_{i}.png")
+            written.append(folder / plot_names(len(results))[len(results) + i])
             save_png(fig, written[-1])
             plt.close(fig)
     if any(p.get("ppl") is not None for r in results for p in r.topk + r.threshold):
@@ -217,16 +217,23 @@ def write_plots(results: list[ModelEval], folder: Path) -> list[Path]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
-        written.append(folder / "ppl_vs_sparsity.png")
+        written.append(folder / plot_names(len(results))[-1])
         save_png(fig, written[-1])
         plt.close(fig)
     return written
 
 
+def plot_names(n_models: int) -> list[str]:
+    """Every file name ``write_plots`` may write for ``n_models`` models: sparsity bars per model,
+    then expert maps per model (MoE), then the perplexity-vs-sparsity curve."""
+    bars, maps = [f"sparsity_{i}.png" for i in range(n_models)], [f"experts_{i}.png" for i in range(n_models)]
+    return [*bars, *maps, "ppl_vs_sparsity.png"]
+
+
 def run_eval(models: list[str], options: EvalOptions) -> list[ModelEval]:
     """``relufy eval``: outputs checked before any model loads, then every model scored, the table
     printed and the JSON, plots and statistics written (each atomically)."""
-    from ..io.paths import check_output_file, check_output_folder
+    from ..io.paths import check_output_file, check_output_folder, distinct_outputs, refuse_unexpected
     from ..io.source import local_inputs
     from ..progress import console
     from .evaluate import evaluate
@@ -234,6 +241,8 @@ def run_eval(models: list[str], options: EvalOptions) -> list[ModelEval]:
     inputs = local_inputs(*models, options.data)
     json_out = options.json_out and check_output_file(options.json_out, inputs, "--json")
     plot = options.plot and check_output_folder(options.plot, inputs, "--plot")
+    for name in plot_names(len(models)) if plot else ():
+        refuse_unexpected(plot / name)  # before the models run, not after
     targets = []
     if options.stats_out is not None:
         first = check_output_file(options.stats_out, inputs, "--stats-out")
@@ -241,6 +250,7 @@ def run_eval(models: list[str], options: EvalOptions) -> list[ModelEval]:
             [first] if len(models) == 1 else [first.with_name(f"{first.stem}.{i}{first.suffix}") for i in range(len(models))]
         )
         targets = [check_output_file(t, inputs, "--stats-out") for t in targets]
+    distinct_outputs(("--json", json_out), *(("--stats-out", t) for t in targets))
     results = evaluate(models, options)
     print_table([r for r, _ in results])
     if json_out:
