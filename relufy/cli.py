@@ -10,6 +10,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
+import shlex
 import sys
 from enum import Enum
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -70,12 +72,38 @@ _LIBRARY_ENV = {
 }
 
 
+_SECRET_OPTIONS = ("--token",)
+_HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{8,}")
+
+
+def _secrets(argv: list[str]) -> list[str]:
+    """The token values given on the command line (``--token X``, ``--token=X``) and in HF_TOKEN."""
+    found = [os.environ[k] for k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if os.environ.get(k)]
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if flag in _SECRET_OPTIONS:
+            found.append(value if eq else argv[i + 1] if i + 1 < len(argv) else "")
+    return [s for s in found if s]
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _HF_TOKEN.sub("hf_***", text)
+
+
+def _redacted(argv: list[str]) -> str:
+    """The command line for the debug log, every token value replaced by ``***``."""
+    return _redact(shlex.join(argv), _secrets(argv))
+
+
 class _StderrHandler(logging.Handler):
-    """Log records as plain lines on the current ``sys.stderr``."""
+    """Log records as plain lines on the current ``sys.stderr``, token values redacted (a token
+    never appears in relufy's output, whatever a message quotes)."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            print(self.format(record), file=sys.stderr)
+            print(_redact(self.format(record), _secrets(sys.argv[1:])), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging never takes the command down
             self.handleError(record)
 
@@ -133,7 +161,7 @@ def _options(
         raise RelufyError("give at most one of -v/--verbose and -q/--quiet")
     _restore_verbosity.append(_set_verbosity("verbose" if verbose else "quiet" if quiet else "normal"))
     log.debug("relufy %s, %s", _version(), _library_versions())
-    log.debug("command: %s", " ".join(sys.argv[1:]))
+    log.debug("command: %s", _redacted(sys.argv[1:]))
 
 
 def _library_versions() -> str:
@@ -402,6 +430,11 @@ def _os_error(e: OSError) -> str:
     return f"{where}: {reason}" if where else reason
 
 
+def _error(message: str) -> None:
+    """The one error line: on one line, token values redacted."""
+    print(_redact(f"relufy: error: {message}".replace("\n", " "), _secrets(sys.argv[1:])), file=sys.stderr)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     if not sys.stderr.isatty():  # logs get plain lines (relufy.progress), not redrawn tqdm bars
@@ -414,7 +447,7 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except RelufyError as e:
-        print(f"relufy: error: {e}".replace("\n", " "), file=sys.stderr)
+        _error(str(e))
         sys.exit(2)
     except KeyboardInterrupt:
         print("relufy: interrupted", file=sys.stderr)
@@ -422,10 +455,10 @@ def main() -> None:
     except NoArgsIsHelpError:  # plain `relufy`: Typer printed the help
         sys.exit(0)
     except ClickException as e:  # bad options and arguments
-        print(f"relufy: error: {e.format_message()}".replace("\n", " "), file=sys.stderr)
+        _error(e.format_message())
         sys.exit(2)
     except OSError as e:  # disk full, permissions, a path that changed under us
-        print(f"relufy: error: {_os_error(e)}".replace("\n", " "), file=sys.stderr)
+        _error(_os_error(e))
         sys.exit(2)
     except Abort:
         sys.exit(1)

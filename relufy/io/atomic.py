@@ -11,8 +11,10 @@ Nothing here follows a link it did not expect: the lock is opened with ``O_NOFOL
 be a regular file, temporary entries are created exclusively (``mkstemp``/``mkdtemp``), and a
 file target that is a link, a device, a pipe or a socket is refused rather than replaced.
 
-Files get the usual umask-based mode, except copies of input files, which never get more
-permissions than their source had (``keep_mode``).
+Files get the usual umask-based mode, except that weights and statistics (``.safetensors``,
+``.gguf``, ``.bin``) never get wider permissions than the input weights they were made from (a
+0600 GGUF converts to 0600 shards), and copies of input files keep at most their source's
+(``keep_mode``).
 """
 
 from __future__ import annotations
@@ -46,11 +48,34 @@ def keep_mode(path: Path, source_mode: int) -> None:
     _KEPT.add(str(Path(path).absolute()))
 
 
-def _publish_mode(path: Path, directory: bool) -> None:
+_WEIGHTS = (".safetensors", ".gguf", ".bin", ".pt", ".pth")
+
+
+def input_mode(inputs) -> int:
+    """The permission bits every output may have given its ``inputs`` (files, or model folders:
+    their weight files): those all of them grant, so an owner-only input gives owner-only outputs."""
+    allowed = 0o666
+    for inp in inputs:
+        inp = Path(inp)
+        try:
+            files = [inp] if inp.is_file() else [f for f in inp.iterdir() if f.suffix in _WEIGHTS and f.is_file()]
+            for f in files:
+                allowed &= os.stat(f).st_mode
+        except OSError:  # gone or unreadable: its reader reports it
+            continue
+    return allowed & 0o666
+
+
+def _publish_mode(path: Path, directory: bool, allowed: int = 0o666) -> None:
     """mkdtemp/mkstemp (and some writers, e.g. safetensors) create owner-only paths; give the
-    result, and for a folder everything in it, the usual umask-based mode."""
+    result, and for a folder everything in it, the usual umask-based mode; weights and statistics
+    within ``allowed`` (``input_mode`` of the inputs)."""
     mask = _umask()
-    path.chmod((0o777 if directory else 0o666) & ~mask)
+
+    def file_mode(name: str) -> int:
+        return 0o666 & ~mask & (allowed if name.endswith(_WEIGHTS) else 0o666)
+
+    path.chmod(0o777 & ~mask if directory else 0o666 & ~mask & allowed)  # a lone file: ``allowed`` is for it
     if directory:
         for root, dirs, files in os.walk(path):
             for name in dirs:
@@ -60,7 +85,7 @@ def _publish_mode(path: Path, directory: bool) -> None:
                 if os.path.abspath(file) in _KEPT:
                     _KEPT.discard(os.path.abspath(file))
                 elif os.stat(file).st_nlink == 1:  # hard links (convert --link) share the source's inode
-                    os.chmod(file, 0o666 & ~mask)
+                    os.chmod(file, file_mode(name))
 
 
 _libc = None
@@ -139,6 +164,8 @@ def atomic_dir(out: Path, force: bool = False, inputs=(), what: str = "OUT"):
 
     ``inputs`` are the resolved paths the caller reads: ``out`` may not be, hold or lie in one.
     """
+    inputs = list(inputs)
+    allowed = input_mode(inputs)
     out = check_output_dir(out, force, inputs, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     with target_lock(out):
@@ -147,7 +174,7 @@ def atomic_dir(out: Path, force: bool = False, inputs=(), what: str = "OUT"):
         tmp = scratch_dir(out, "tmp")
         try:
             yield tmp
-            _publish_mode(tmp, directory=True)
+            _publish_mode(tmp, directory=True, allowed=allowed)
             _publish(tmp, out, force)
         except Exception as e:
             if is_disk_full(e):
@@ -200,8 +227,9 @@ def _publish(tmp: Path, out: Path, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path):
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+def atomic_file(path: Path, allowed: int = 0o666):
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+    ``allowed``: the permission bits it may get at most (``input_mode`` of what it was made from)."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     with target_lock(path):
@@ -212,7 +240,7 @@ def atomic_file(path: Path):
         tmp = Path(name)
         try:
             yield tmp
-            _publish_mode(tmp, directory=False)
+            _publish_mode(tmp, directory=False, allowed=allowed)
             os.replace(tmp, path)
         except Exception as e:
             if is_disk_full(e):

@@ -258,7 +258,9 @@ def run_eval(models: list[str], options: EvalOptions) -> list[ModelEval]:
     if plot:
         for path in write_plots([r for r, _ in results], plot):
             console.print(f"wrote {path}", highlight=False)
+    from ..io.atomic import input_mode
+
     for target, (_, stats) in zip(targets, results, strict=False):
-        stats.save(target)
+        stats.save(target, allowed=input_mode(inputs))
         console.print(f"wrote {target}", highlight=False)
     return [r for r, _ in results]

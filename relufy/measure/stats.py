@@ -91,9 +91,10 @@ class Stats:
         return {"layers": layers, "per_expert": per_expert, "router_share": share, "shared": shared_sparsity}
 
     # ---- file ------------------------------------------------------------------------------
-    def save(self, path: Path, extra_tensors: dict | None = None, extra_meta: dict | None = None) -> None:
+    def save(self, path: Path, extra_tensors: dict | None = None, extra_meta: dict | None = None, allowed: int = 0o666) -> None:
         """Write the stats file; ``extra_tensors`` / ``extra_meta`` ride along (export's
-        ``sparsity.safetensors`` adds frequencies, permutations and predictor figures)."""
+        ``sparsity.safetensors`` adds frequencies, permutations and predictor figures). The model
+        and the text are named as in a model card: a local path by its last name only."""
         from safetensors.torch import save_file
 
         from ..io.atomic import atomic_file
@@ -104,9 +105,14 @@ class Stats:
             tensors[f"{key}.counts"] = counts.contiguous()
             tensors[f"{key}.tokens"] = tokens.contiguous()
             ppn[key] = site.params_per_neuron
+        from ..io.hub import public_name
+
         meta = {k: str(v) for k, v in {**self.meta, **(extra_meta or {})}.items()}
+        for key in ("model", "data"):  # the file is shared and pushed: a local path by its last name only
+            if key in meta:
+                meta[key] = public_name(meta[key])
         meta.update(format=FORMAT, version="1", positions=str(self.positions), params_per_neuron=json.dumps(ppn))
-        with atomic_file(Path(path)) as tmp:
+        with atomic_file(Path(path), allowed) as tmp:  # allowed: at most the inputs' permissions
             save_file(tensors, tmp, metadata=meta)
 
     @classmethod

@@ -345,3 +345,23 @@ def test_bad_gguf_through_the_command_line(tmp_path, vocab, cli, case):
         for args in (("info", path), ("eval", path, "--data", tmp_path / "t.txt"), ("generate", path)):
             code, err, _ = cli(*args)
             assert_refused(snap, code, err, str(path), words)
+
+
+def test_an_owner_only_gguf_converts_to_owner_only_weights(tmp_path, vocab):
+    """Outputs are never wider in permissions than the weights they come from: a 0600 GGUF gives
+    0600 shards (the umask's 0644 before), while relufy's own config and card keep the umask's mode."""
+    import os
+    import stat
+
+    from relufy import convert
+
+    path = _valid(tmp_path, vocab)
+    path.chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        out = convert(path, tmp_path / "out")
+    finally:
+        os.umask(old)
+    shards = list(out.glob("*.safetensors"))
+    assert shards and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in shards)
+    assert stat.S_IMODE((out / "config.json").stat().st_mode) == 0o644
