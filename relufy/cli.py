@@ -444,6 +444,8 @@ def main() -> None:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
     try:
         code = app(standalone_mode=False)
+        if code == 130:  # Typer turns Ctrl-C inside a command into exit code 130 and returns it
+            raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
     except RelufyError as e:
@@ -460,7 +462,10 @@ def main() -> None:
     except OSError as e:  # disk full, permissions, a path that changed under us
         _error(_os_error(e))
         sys.exit(2)
-    except Abort:
+    except Abort as e:  # Click turns Ctrl-C inside a command into Abort (standalone_mode=False included)
+        if isinstance(e.__cause__, KeyboardInterrupt):
+            print("relufy: interrupted", file=sys.stderr)
+            sys.exit(130)
         sys.exit(1)
     finally:
         while _restore_verbosity:  # as before -v / -q (the CLI run again in one process)

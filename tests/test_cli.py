@@ -168,3 +168,25 @@ def test_export_help_lists_every_field():
 
     for field in ExportOptions.model_fields:
         assert flag_of(ExportOptions, field) in proc.stdout, field
+
+
+def test_ctrl_c_exits_130_with_one_line(tiny_llama, tmp_path):
+    """SIGINT during a command: exit status 130 and "relufy: interrupted" last, no traceback (Click
+    turns the KeyboardInterrupt into Abort before relufy's handler sees it)."""
+    import signal
+
+    from tiny import corpus
+
+    (tmp_path / "text.txt").write_text(corpus() * 400)
+    cmd = ["-v", "eval", str(tiny_llama), "--data", str(tmp_path / "text.txt"), "--seq-len", "64"]
+    proc = subprocess.Popen([sys.executable, "-m", "relufy", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # -v logs the command line once the command has started
+        seen.append(line)
+        if "command:" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=600)  # a hang guard, far above the seconds it takes
+    err = "".join(seen) + proc.stderr.read()  # the same buffered reader: nothing it read ahead is lost
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "relufy: interrupted", err
