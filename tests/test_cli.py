@@ -175,6 +175,7 @@ def test_ctrl_c_exits_130_with_one_line(tiny_llama, tmp_path):
     turns the KeyboardInterrupt into Abort before relufy's handler sees it)."""
     import signal
 
+    from hang import bound
     from tiny import corpus
 
     (tmp_path / "text.txt").write_text(corpus() * 400)
@@ -186,7 +187,7 @@ def test_ctrl_c_exits_130_with_one_line(tiny_llama, tmp_path):
         if "command:" in line:
             break
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=600)  # a hang guard, far above the seconds it takes
+    proc.wait(timeout=bound(60))  # a hang guard, far above the seconds it takes
     err = "".join(seen) + proc.stderr.read()  # the same buffered reader: nothing it read ahead is lost
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "relufy: interrupted", err

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hang import bound, run_watched
 from tiny import save_tiny_with_tokenizer
 
 from relufy.pipelines import cluster
@@ -23,16 +24,10 @@ from relufy.train import recipes
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make(*args, timeout=900, **env):
+def make(*args, **env):
+    """``make ARGS`` in the repository, stopped only after 15 minutes without output (tests/hang.py)."""
     env = {**os.environ, "MAKEFLAGS": "", **env}
-    return subprocess.run(
-        ["make", "--no-print-directory", "-C", str(ROOT), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        check=False,
-    )
+    return run_watched(["make", "--no-print-directory", "-C", str(ROOT), *args], env=env)
 
 
 def dry(*args) -> list[str]:
@@ -110,7 +105,7 @@ def test_organism_through_make(tmp_path):
         "ORG_RECOVERY_ARGS=data.seq_len=64 budget.micro_batch_size=2 optim.warmup_steps=1 sparsity.ffn_warmstart.tokens=256 "
         "sparsity.ffn_warmstart.steps=2 sparsity.final_cutoff.tokens=256 log.every=1",
     ]
-    proc = make(*args, timeout=2400)
+    proc = make(*args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     base = org / "base"
     # every model is whole afterwards (make deletes the files it treats as intermediate)
@@ -138,7 +133,7 @@ def test_organism_through_make(tmp_path):
     assert (base / "recovery.png").stat().st_size > 10_000
     report = (base / "pretrain" / "report.md").read_text()
     assert "| drelu (paper, 300M) | 28.45 | 28.45 | 28.45 | 28.65 | 29.19 |" in report
-    again = make(*args, timeout=600)
+    again = make(*args)
     assert again.returncode == 0 and "relufy train" not in again.stdout and "relufy eval" not in again.stdout
 
 
@@ -351,7 +346,7 @@ def test_killed_run_continues(tmp_path, tiny_drelu):
         env={**os.environ, "MAKEFLAGS": "", **TINY_ENV},
         start_new_session=True,
     )
-    deadline = time.time() + 300
+    deadline = time.time() + bound(60)  # a hang guard, not a time limit
     while time.time() < deadline and not (run / "checkpoints" / "step-00000002").exists():
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # make and relufy train
