@@ -310,17 +310,20 @@ def _train(recipe: str, overrides: list[str] | None, options) -> None:
     spec = load_recipe(recipe, overrides or [])
     from .train.loop import preflight
 
-    preflight(spec, download=not options.dry_run)  # paths and context length, before anything loads
-    if options.dry_run:
+    if options.dry_run:  # what the run checks before its first step (the run itself: in train())
+        from .train import rundir
         from .train.mixture import probe_sources
 
+        o = options
+        world = o.gpus * o.nodes if o.gpus is not None else o.processes
+        out = preflight(spec, download=False, processes=world, tokenizer=True)
+        rundir.check(out, spec, resume=o.resume)  # the output folder, as the run will find it
         probes = probe_sources(spec.data)  # every source's first record: its column, or a one-line refusal
         typer.echo(dump(spec))
         for line in probes:
             typer.echo(f"# {line}")  # YAML comments: the output stays the resolved recipe
         from .train.memory import plan_recipe
 
-        o = options
         try:  # per GPU with --gpus, else this machine's CPU processes; from config.json alone
             plan = plan_recipe(spec, o.gpus, o.nodes, o.gpu_memory, o.strategy, o.processes)
         except RelufyError as e:
@@ -335,6 +338,7 @@ def _train(recipe: str, overrides: list[str] | None, options) -> None:
     if options.export_step is not None:
         from .train.midrun import export_checkpoint
 
+        preflight(spec)  # paths, and the model as the recipe builds it
         typer.echo(f"wrote {export_checkpoint(spec, options.export_step)}")
         return
     from .io.hub import HubPush

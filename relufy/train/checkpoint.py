@@ -119,11 +119,21 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fresh(tmp: Path):
+    """``tmp`` opened for writing as a new file: a leftover under its name (or a link planted
+    there) is removed first, and the open never follows a link (``x``: O_CREAT | O_EXCL)."""
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    return open(tmp, "x")
+
+
 def write_json(path: Path, value) -> None:
     """``path`` replaced atomically (temporary file, fsync, rename) by ``value`` as JSON."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.relufy-tmp")
-    with open(tmp, "w") as f:
+    with _fresh(tmp) as f:
         f.write(dumps(value, indent=2) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -134,7 +144,7 @@ def write_json(path: Path, value) -> None:
 def write_text(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.relufy-tmp")
-    with open(tmp, "w") as f:
+    with _fresh(tmp) as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -389,6 +399,8 @@ def _verify(path: Path, run_id: str | None) -> Verdict:
         return Verdict(path, f"{STATE_FILE} is damaged")
     if not isinstance(state.get("scheduler"), dict) or not isinstance(state.get("mixture"), dict):
         return Verdict(path, f"{STATE_FILE} lacks the scheduler or data state")
+    if problem := scheduler_problem(state["scheduler"], scheduler_reference(), step, lengths=False):
+        return Verdict(path, f"{STATE_FILE}: the scheduler state is damaged ({problem})")
     rng = sorted(n for n in listed if re.fullmatch(r"random_states_\d+\.pkl", n))
     if not rng:
         return Verdict(path, "it holds no RNG states (random_states_*.pkl)")
@@ -402,6 +414,57 @@ def _verify(path: Path, run_id: str | None) -> Verdict:
     if any(Path(n).name.startswith("custom_checkpoint_") for n in listed):
         return Verdict(path, "it holds Accelerate custom-state pickles (custom_checkpoint_*.pkl), which relufy never loads")
     return Verdict(path, None, state)
+
+
+def scheduler_reference() -> dict:
+    """The state of the scheduler relufy trains with (``LambdaLR``), fresh: its keys and their types."""
+    import torch
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0).state_dict()
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def scheduler_problem(saved: dict, reference: dict, step: int, lengths: bool = True) -> str | None:
+    """Why a checkpoint's scheduler state ``saved`` cannot be loaded where ``reference`` is the
+    scheduler's own state (``LambdaLR.load_state_dict`` copies every key into the scheduler, so a
+    key or type that differs would break the run at its next step); None if it can. ``lengths``:
+    lists must also have the reference's lengths (one entry per parameter group)."""
+    if set(saved) != set(reference):
+        odd = sorted(str(k) for k in set(saved) ^ set(reference))
+        return f"its keys differ from the scheduler's: {', '.join(odd[:3])}"
+    for key, ref in reference.items():
+        value = saved[key]
+        if isinstance(ref, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(ref, int):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif isinstance(ref, float):
+            ok = _finite_number(value)
+        elif ref is None:
+            ok = value is None
+        elif isinstance(ref, list | tuple):
+            ok = isinstance(value, list) and (not lengths or len(value) == len(ref)) and bool(value)
+            kinds = {type(r) for r in ref}
+            if ok and kinds <= {type(None)}:
+                ok = all(v is None for v in value)
+            elif ok:
+                ok = all(_finite_number(v) for v in value)
+        else:
+            ok = value == ref
+        if not ok:
+            return f"{key} is {_short(value)}"
+    if saved.get("last_epoch") != step:
+        return f"last_epoch is {_short(saved.get('last_epoch'))}, the checkpoint's step {step}"
+    return None
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def choose(out: Path, run_id: str | None) -> tuple[Verdict | None, list[Verdict]]:

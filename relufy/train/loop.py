@@ -14,17 +14,23 @@ draws the same global batch and trains on its own rows; the logged loss and spar
 means over all processes, so a run's curve does not depend on how many processes share its
 global batch (up to float reduction order).
 
-Output folder: ``run.json`` (the run's identity), ``recipe.yaml`` (the resolved recipe),
-``metrics.jsonl`` (one JSON object per logged step; a value that is not finite is ``null``),
-``checkpoints/step-N`` (model, optimizer and RNG states from Accelerate, relufy's own state as
-JSON, a manifest of sizes and hashes written last: see ``relufy.train.checkpoint``),
-``curves.png``, ``summary.json`` and ``final/`` (same format as ``relufy convert`` output).
+Output folder: ``run.json`` (the run's identity), ``recipe.yaml`` (the resolved recipe, its first
+line a comment with the run's id), ``metrics.jsonl`` (one JSON object per logged step; a value
+that is not finite is ``null``), ``checkpoints/step-N`` (model, optimizer and RNG states from
+Accelerate, relufy's own state as JSON, a manifest of sizes and hashes written last: see
+``relufy.train.checkpoint``), ``curves.png``, ``summary.json`` and ``final/`` (same format as
+``relufy convert`` output).
 
 Before anything is written the paths are checked (``output_dir`` is not, does not hold and
 does not lie in the model, tokenizer, teacher or a data file; ``data.seq_len`` fits the model's
-context); a fresh run into a folder that already holds a run is refused, and the folder is
-locked while the run trains. A checkpoint is saved only when the step's loss and gradient norm,
-the parameters and the optimizer state are finite on every process.
+context), and the model, its LoRA adapters, optimizer and teacher are built on the meta device
+(``relufy.train.checks``: ``--dry-run`` runs the same ``preflight``); a fresh run into a folder
+that already holds a run is refused, so are links and files relufy did not write among the
+entries it manages (``relufy.train.rundir``), and the folder is locked while the run trains.
+Everything the run writes gets at most its inputs' permissions. A checkpoint is saved only when
+the step's loss and gradient norm, the parameters and the optimizer state are finite on every
+process; one that cannot be written (the disk full) stops the run on one line, its partial folder
+removed, the checkpoints before it whole for ``--resume``.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from ..measure.meter import SparsityMeter, heldout_eval
 from ..names import is_identity
 from ..progress import console
 from . import checkpoint as ckpt
+from . import rundir
 from .recipe import Recipe, dump
 
 
@@ -139,8 +146,8 @@ def lora_config(lora):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=lora.target_modules or None,
-        target_parameters=lora.target_parameters or None,
+        target_modules=list(lora.target_modules),  # [] with target_parameters: None would add peft's defaults
+        target_parameters=list(lora.target_parameters) or None,
     )
 
 
@@ -255,27 +262,64 @@ def shard_frozen(model, accelerator):
     return model
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, keep_last: int, run_id: str, state: dict) -> Path:
+def _save_checkpoint(
+    accelerator, out: Path, step: int, keep_last: int, run_id: str, state: dict, last_good: Path | None = None
+) -> Path:
     """Accelerate's state and relufy's JSON into ``checkpoints/.tmp-step-N``, then the manifest,
-    then the rename to ``step-N``; older checkpoints are rotated out only after that."""
+    then the rename to ``step-N``; older checkpoints are rotated out only after that. A failure to
+    write (the disk full) stops every process with one line; the partial folder is removed and the
+    checkpoints written before stay whole, for ``--resume``."""
     root = out / "checkpoints"
     final = root / ckpt.checkpoint_name(step)
     tmp = root / f".tmp-{final.name}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if tmp.exists() or tmp.is_symlink():
+            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    failure = None
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as e:  # noqa: BLE001 - torch reports a full disk as a RuntimeError; judged below
+        failure = e
+    if not _agree(accelerator, failure is None):  # every process stops, not only the one that failed
+        message = _write_failure(failure, root, final, step, last_good) if failure else None
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RelufyError(message or f"another process failed to write checkpoint {final}; stopped after step {step}")
     accelerator.wait_for_everyone()
 
     def publish():
-        ckpt.write_state(tmp, state)
-        ckpt.finish(tmp, final, run_id, step)
+        try:
+            ckpt.write_state(tmp, state)
+            ckpt.finish(tmp, final, run_id, step)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RelufyError(_write_failure(e, root, final, step, last_good)) from None
         ckpt.rotate(out, keep_last, run_id, step)
 
     _on_main(accelerator, publish)
     return final
+
+
+def _write_failure(e: BaseException, root: Path, final: Path, step: int, last_good: Path | None) -> str:
+    """One line for a checkpoint that could not be written: no space left (what torch's writers
+    report as ``unexpected pos`` or ``file write failed``), or the error's first line."""
+    from ..io.atomic import is_disk_full
+
+    try:
+        full = is_disk_full(e) or shutil.disk_usage(root).free < 16 * 2**20
+    except OSError:
+        full = is_disk_full(e)
+    last = f"{last_good} is the last whole checkpoint" if last_good else "no checkpoint was written before"
+    if full:
+        return (
+            f"no space left on device writing checkpoint {final}; stopped after step {step} ({last}: free some space, "
+            "then continue with --resume)"
+        )
+    first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    first = first.splitlines()[0][:300] if first else type(e).__name__
+    return f"cannot write checkpoint {final} ({first}); stopped after step {step} ({last})"
 
 
 def _check_paths(recipe: Recipe) -> Path:
@@ -297,15 +341,21 @@ def _check_paths(recipe: Recipe) -> Path:
     return check_output_folder(recipe.output_dir, what="output_dir")
 
 
-def preflight(recipe: Recipe, download: bool = True) -> Path:
-    """The checks that need no weights: ``output_dir`` against the inputs, ``data.seq_len``
-    against the model's context (a hub model's config is fetched only with ``download``).
-    Returns ``output_dir`` resolved."""
-    out = _check_paths(recipe)
-    from ..io.source import local_inputs
+def preflight(recipe: Recipe, download: bool = True, processes: int | None = None, tokenizer: bool = False) -> Path:
+    """The checks that need no weights, the same for ``--dry-run`` as for the run: ``output_dir``
+    against the inputs, ``data.seq_len`` against the model's context, the trackers installed, the
+    run's length with ``processes`` processes (default: the launch's ``WORLD_SIZE``), and the
+    model, its LoRA adapters, optimizer and teacher built on the meta device
+    (``relufy.train.checks``; with ``tokenizer`` the tokenizer loaded too). A hub model's config
+    is fetched only with ``download``. Returns ``output_dir`` resolved."""
+    from .checks import check_model, reachable, run_length
 
-    if download or recipe.model.config is not None or local_inputs(recipe.model.path):
+    out = _check_paths(recipe)
+    if recipe.model.config is not None or reachable(recipe.model.path, download):
         _check_context(recipe)
+    _check_trackers(recipe.log.trackers)
+    run_length(recipe, processes or int(os.environ.get("WORLD_SIZE", "1")))
+    check_model(recipe, download=download, tokenizer=tokenizer)
     return out
 
 
@@ -315,14 +365,9 @@ def _check_context(recipe: Recipe) -> None:
     spec = recipe.model
     activation = spec.activation
     if spec.config is not None:
-        from transformers import AutoConfig
+        from .checks import scratch_config
 
-        cfg = dict(spec.config)
-        try:
-            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        except (ValueError, TypeError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RelufyError(f"model.config: not a valid transformers config ({first})") from None
+        config = scratch_config(spec)  # its family supported, its sizes positive
         where = "model.config"
     else:
         from ..io.source import resolve
@@ -343,23 +388,16 @@ def _check_context(recipe: Recipe) -> None:
         raise RelufyError(f"data.seq_len {recipe.data.seq_len} exceeds the model's context of {limit} tokens ({where})")
 
 
-def _claim_folder(out: Path, resume: bool, stack: contextlib.ExitStack) -> dict:
-    """Main process, before any weights load: refuse a fresh run into a folder holding one, take
+def _claim_folder(out: Path, recipe: Recipe, resume: bool, stack: contextlib.ExitStack) -> dict:
+    """Main process, before any weights load: refuse a fresh run into a folder holding one, links
+    and files relufy did not write among the entries it manages (``relufy.train.rundir``); take
     the folder's lock, and with ``resume`` pick the newest intact checkpoint of this run."""
     from ..io.atomic import target_lock
 
-    def refuse_fresh():
-        markers = ckpt.run_markers(out) if out.is_dir() else []
-        if not resume and markers:
-            raise RelufyError(
-                f"{out} already holds a run ({', '.join(markers)}); continue it with --resume, or choose another output_dir"
-            )
-        return markers
-
-    refuse_fresh()
+    rundir.check(out, recipe, resume)
     out.parent.mkdir(parents=True, exist_ok=True)
     stack.enter_context(target_lock(out))
-    markers = refuse_fresh()  # again, under the lock
+    markers = rundir.check(out, recipe, resume)  # again, under the lock
     run_id = ckpt.read_run_id(out) if resume else None
     chosen, rejected = None, []
     if resume:
@@ -467,6 +505,8 @@ class RecipeRun:
 
     def run(self) -> Path:
         with self.stack:
+            # everything written from here on: at most the inputs' permissions (relufy.train.rundir)
+            self.stack.enter_context(rundir.narrowed_umask(rundir.input_umask(rundir.recipe_inputs(self.recipe))))
             self.open_run()
             self.load_model()
             self.setup_data()
@@ -506,7 +546,6 @@ class RecipeRun:
 
         recipe = self.recipe
         self.out = preflight(recipe)
-        _check_trackers(recipe.log.trackers)
         self.accelerator = accelerator = self.make_accelerator(
             gradient_accumulation_steps=recipe.budget.grad_accum,
             mixed_precision="bf16" if recipe.precision == "bf16" else "no",
@@ -528,7 +567,7 @@ class RecipeRun:
             raise RelufyError("relufy train does not run under DeepSpeed: use FSDP2 (recipes/accelerate/fsdp2.yaml) or DDP")
         if kind == "FSDP" and accelerator.state.fsdp_plugin.fsdp_version != 2:
             raise RelufyError("relufy train shards with FSDP2 only: set fsdp_version: 2 (recipes/accelerate/fsdp2.yaml)")
-        self.plan = _on_main(accelerator, lambda: _claim_folder(self.out, self.resume_requested, self.stack))
+        self.plan = _on_main(accelerator, lambda: _claim_folder(self.out, recipe, self.resume_requested, self.stack))
         self.start_checkpoint = self.last_good = Path(self.plan["checkpoint"]) if self.plan["checkpoint"] else None
 
     def load_model(self) -> None:
@@ -544,27 +583,15 @@ class RecipeRun:
         """The training mixture and the held-out set (``relufy.train.mixture``, both giving
         ``(ids, labels)``); the tokens of one optimizer step over all processes and the run's steps."""
         from . import mixture as train_mixture
+        from .checks import run_length
 
-        recipe, budget = self.recipe, self.recipe.budget
+        recipe = self.recipe
         a = self.accelerator
         self.mixture, self.heldout = train_mixture.build(
             recipe.data, self.tokenizer, recipe.seed, rank=a.process_index, world=a.num_processes
         )
         self.eval_sets = train_mixture.build_eval(recipe.data, self.tokenizer)
-        processes = self.accelerator.num_processes
-        self.tokens_per_step = budget.micro_batch_size * budget.grad_accum * recipe.data.seq_len * processes
-        self.total_steps = budget.max_steps or max(1, budget.max_tokens // self.tokens_per_step)
-        if recipe.optim.warmup_steps >= self.total_steps:
-            raise RelufyError(
-                f"optim.warmup_steps ({recipe.optim.warmup_steps}) must be below the run's {self.total_steps} steps"
-            )
-        if recipe.sparsity.anneal_steps >= self.total_steps:
-            raise RelufyError(
-                f"sparsity.anneal_steps ({recipe.sparsity.anneal_steps}) must be below the run's {self.total_steps} "
-                "steps: the run has to end on the relufy activation alone"
-            )
-        if recipe.sparsity.l1_schedule == "sine-stages" and recipe.sparsity.l1_stages > self.total_steps:
-            raise RelufyError(f"sparsity.l1_stages ({recipe.sparsity.l1_stages}) exceeds the run's {self.total_steps} steps")
+        self.tokens_per_step, self.total_steps = run_length(recipe, self.accelerator.num_processes)
 
     def _teacher_dtype(self) -> torch.dtype:
         """``sparsity.distill.teacher_dtype`` resolved: auto is bf16 when sharded, else fp32 (and fp32
@@ -670,6 +697,9 @@ class RecipeRun:
     def _load_checkpoint(self, path: Path, state: dict) -> str | None:
         """This process's part of ``path`` and relufy's ``state`` loaded; the one-line error, or None."""
         try:
+            problem = ckpt.scheduler_problem(state["scheduler"], self.scheduler.state_dict(), int(state["step"]))
+            if problem:
+                raise RelufyError(f"{ckpt.STATE_FILE}: the scheduler state does not fit this run ({problem})")
             self.accelerator.load_state(str(path))
             rng = path / f"random_states_{self.accelerator.process_index}.pkl"
             if rng.exists():
@@ -694,8 +724,9 @@ class RecipeRun:
         model's FFNs (installed by ``train``)."""
         from ..measure.sites import ffn_sites
 
-        if self.accelerator.is_main_process:
-            ckpt.write_text(self.out / "recipe.yaml", dump(self.recipe))
+        if self.accelerator.is_main_process:  # marked as this run's: relufy replaces only its own files
+            text = rundir.recipe_header(self.plan["run_id"]) + dump(self.recipe)
+            ckpt.write_text(self.out / rundir.RECIPE_FILE, text)
         if self.recipe.log.trackers:
             config = self.recipe.model_dump(mode="json")
             self.accelerator.init_trackers(self.recipe.name, init_kwargs={"wandb": {"config": config, "dir": str(self.out)}})
@@ -923,7 +954,7 @@ class RecipeRun:
             "mixture": self.mixture.checkpoint_state(gather_object),  # per process with node-split streams
         }
         keep = self.recipe.checkpoint.keep_last
-        self.last_good = _save_checkpoint(self.accelerator, self.out, done, keep, self.plan["run_id"], state)
+        self.last_good = _save_checkpoint(self.accelerator, self.out, done, keep, self.plan["run_id"], state, self.last_good)
 
     def _check_state(self, what: str) -> None:
         if not _agree(self.accelerator, _state_finite(self.params, self.optimizer)):
@@ -998,7 +1029,7 @@ class RecipeRun:
             if cutoff is not None:
                 summary["cutoff"] = {k: v for k, v in cutoff.items() if k != "cutoffs"}
             ckpt.write_json(self.out / "summary.json", summary)
-            plot_curves(self.metrics_path, self.out / "curves.png")
+            plot_curves(self.metrics_path, self.out / rundir.CURVES_FILE, mark=rundir.mark(self.plan["run_id"]))
         # every process waits for final/: the last collective's work is then released while no
         # process holds the GIL (gloo's destructor at exit joins its threads holding it, and hung
         # forever when one of them still had a tensor to release)

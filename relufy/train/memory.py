@@ -174,7 +174,8 @@ def lora_parameters(config, r: int, target_modules=(), target_parameters=()) -> 
 
     from ..modeling.load import skeleton
 
-    lora = LoraConfig(r=r, target_modules=list(target_modules) or None, target_parameters=list(target_parameters) or None)
+    # [] stays []: None would make peft add its default modules (what the run does: loop.lora_config)
+    lora = LoraConfig(r=r, target_modules=list(target_modules), target_parameters=list(target_parameters) or None)
     with torch.device("meta"):
         model = get_peft_model(skeleton(config), lora)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

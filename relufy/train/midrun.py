@@ -11,7 +11,11 @@ Runs in one process, on the CPU, without a process group: the recipe's student i
 training builds it (LoRA adapters included), and the checkpoint is read into it. A checkpoint is
 read only after its manifest is verified (sizes, SHA-256, run id) and, for FSDP2, after its
 ``.metadata`` passed the allow-list unpickler (``checkpoint.verify``): nothing else is unpickled.
-Memory: one full copy of the model in fp32 (plus the checkpoint's memory map).
+Memory: one full copy of the model in fp32 (plus the checkpoint's memory map). The run folder's
+``checkpoints/``, ``exports/`` and the step's folder must not be links (``relufy.train.rundir``),
+a checkpoint whose weights file cannot be read (truncated, a damaged header) is refused on one
+line even when its manifest was rewritten to match, and the export gets at most the permissions
+of the checkpoint and the recipe's inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from ..errors import RelufyError
 from ..io.atomic import atomic_dir
 from . import checkpoint as ckpt
+from . import rundir
 from .recipe import Recipe
 
 EXPORTS = "exports"
@@ -34,6 +39,9 @@ def export_checkpoint(recipe: Recipe, step: int, out: str | Path | None = None) 
     (default ``OUTPUT_DIR/exports/step-N``, which must not exist yet); returns the folder."""
     run = Path(recipe.output_dir)
     folder = run / "checkpoints" / ckpt.checkpoint_name(step)
+    rundir.check_entries(run, recipe)
+    if folder.is_symlink():
+        raise RelufyError(f"{folder} is a symbolic link, not a checkpoint of this run; not exported")
     if not folder.is_dir():
         steps = [ckpt.step_of(p) for p in ckpt.checkpoint_dirs(run)] if run.is_dir() else []
         kept = ", ".join(str(s) for s in steps) or "none"
@@ -52,9 +60,10 @@ def export_checkpoint(recipe: Recipe, step: int, out: str | Path | None = None) 
     note = f"Checkpoint of step {step} of `relufy train` ({recipe.name}), exported with --export-step."
     from ..modeling.save import write_relufy
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(dest) as tmp:
-        write_relufy(model, tmp, tokenizer, card_note=note)
+    with rundir.narrowed_umask(rundir.input_umask([folder, *rundir.recipe_inputs(recipe)])):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(dest) as tmp:
+            write_relufy(model, tmp, tokenizer, card_note=note)
     return dest
 
 
@@ -88,13 +97,18 @@ def _read_weights(model, folder: Path) -> None:
                 dcp.load(wanted, checkpoint_id=str(folder / FSDP_MODEL))
         except (RuntimeError, KeyError, ValueError) as e:
             raise RelufyError(f"{folder}: the checkpoint does not fit the recipe's model ({_first(e)})") from None
+        except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - damaged shards (CheckpointException is a BaseException)
+            raise RelufyError(f"{folder}: the sharded checkpoint cannot be read ({_first(e)}); not exported") from None
         return
     path = folder / "model.safetensors"
     if not path.is_file():
         raise RelufyError(f"{folder}: no model.safetensors or {FSDP_MODEL}/ (not a relufy train checkpoint)")
     from safetensors.torch import load_file
 
-    saved = load_file(path)
+    try:
+        saved = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        raise RelufyError(f"{path}: not a readable safetensors file ({_first(e)}); not exported") from None
     missing = sorted(name for group in _groups(model) if not set(group) & set(saved) for name in group)
     unexpected = sorted(set(saved) - set(state))
     if missing or unexpected:

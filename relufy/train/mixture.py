@@ -389,7 +389,10 @@ class Mixture:
                     f"sources; resume with {saved} processes (this run has {self.world})"
                 )
             state = ranks[self.rank]
-        draws = [int(d) for d in state["draws"]]
+        draws, position = state.get("draws"), state.get("position")
+        counts = isinstance(draws, list) and all(_count(d) for d in draws) and _count(position)
+        if not counts or position != sum(draws):
+            raise RelufyError("the data position is damaged (draws and position must be counts that add up)")
         if len(draws) != len(self.sources):
             raise RelufyError(f"the data position is for {len(draws)} sources, the recipe has {len(self.sources)}")
         streams = {int(i): s for i, s in (state.get("streams") or {}).items()}
@@ -405,6 +408,10 @@ class Mixture:
         self.position, self.draws = int(state["position"]), draws
         for i, stream_state in streams.items():
             self.sources[i].load_state_dict(stream_state)
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _stream(src, data_spec, tokenizer, rank: int, world: int, progress: bool) -> tuple[StreamSource, torch.Tensor | None]:

@@ -2,7 +2,9 @@
 
 Reads ``metrics.jsonl`` as the loop writes it: a line that is not a whole JSON record (a run
 killed while appending) is skipped, and a value that is ``null`` (not finite when logged) is
-left out of its curve.
+left out of its curve. ``mark`` goes into the PNG's ``Description`` text chunk: ``relufy train``
+marks its ``curves.png`` with the run's id, and replaces only a ``curves.png`` so marked
+(``relufy.train.rundir``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..io.atomic import save_png
+from ..io.atomic import atomic_file
 from .checkpoint import read_metrics
 
 
@@ -23,7 +25,7 @@ def _points(rows: list[dict], key: str, scale: float = 1.0) -> list[tuple[int, f
     return out
 
 
-def plot_curves(metrics: Path, out: Path) -> Path | None:
+def plot_curves(metrics: Path, out: Path, mark: str | None = None) -> Path | None:
     rows = read_metrics(metrics)
     if not rows:
         return None
@@ -49,6 +51,7 @@ def plot_curves(metrics: Path, out: Path) -> Path | None:
     draw(axes[2], _points(rows, "sparsity", 100.0), color="tab:red")
     axes[2].set(xlabel="step", ylabel="zeros in FFN activation (%)", ylim=(0, 100), title="Activation sparsity")
     fig.tight_layout()
-    save_png(fig, out, dpi=110)
+    with atomic_file(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Description": mark} if mark else None)
     plt.close(fig)
     return out

@@ -6,7 +6,13 @@ Every field's description below is its documentation.
 
 A recipe file is a UTF-8 YAML mapping; every number in it (``model.config`` included) must be
 finite: ``.inf`` and ``.nan`` are refused, so that nothing non-finite reaches the run or the
-JSON it writes.
+JSON it writes. Values are taken as written: an integer field refuses ``true`` and ``2.5``, a
+switch refuses ``1``, a number refuses ``true`` (numbers written ``1e-4``, a string to YAML 1.1,
+are read as numbers). The file and each override's value are read within bounds
+(``relufy.train.recipe_yaml``: no duplicate keys, aliases expanding to at most 100,000 values,
+64 levels of nesting, integers of at most 40 digits); ``validate`` applies the same bounds to any
+dict, and integers beyond +-(2^63 - 1) are refused. ``name`` is a label (letters, digits, ``.``,
+``_``, ``-``): it names a folder and goes into the logs.
 """
 
 from __future__ import annotations
@@ -14,14 +20,30 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from ..errors import RelufyError
 from ..io.hub import PushOptions
 from ..options import first_error, option_field
+from . import recipe_yaml
+
+
+def _not_a_boolean(value):
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+# A recipe's numbers and switches are taken as written: true is not 1, 1 is not true, 2.5 is not 2.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+# floats also accept integers and YAML 1.1's `1e-4` (a string to YAML, a number to everyone else)
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+Beta = Annotated[float, BeforeValidator(_not_a_boolean), Field(ge=0, lt=1)]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 
 
 class _Spec(BaseModel):
@@ -37,8 +59,8 @@ class ModelSpec(_Spec):
     activation: str | None = Field(
         None, description="Activation to swap in memory (drelu, reglu, relu2, fatrelu, swiglu); default: the checkpoint's."
     )
-    threshold: float | None = Field(None, description="FATReLU threshold (fatrelu only).")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    threshold: Float | None = Field(None, description="FATReLU threshold (fatrelu only).")
+    gradient_checkpointing: Bool = Field(False, description="Recompute activations in backward to save memory.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -48,6 +70,19 @@ class ModelSpec(_Spec):
             raise ValueError("model.config needs a model_type")
         if self.config is not None and self.tokenizer is None:
             raise ValueError("model.tokenizer is needed when training from model.config")
+        if self.threshold is not None and self.activation is None:
+            raise ValueError(
+                "model.threshold needs model.activation: fatrelu (without it the checkpoint's own activation and "
+                "threshold apply, and this threshold would be ignored)"
+            )
+        if self.activation is not None:
+            from ..modeling.spec import ActivationSpec
+
+            try:
+                ActivationSpec(activation=self.activation, threshold=self.threshold)
+            except ValidationError as e:
+                message = e.errors()[0]["msg"].removeprefix("Value error, ").replace("--threshold", "model.threshold")
+                raise ValueError(message) from None
         return self
 
 
@@ -82,7 +117,7 @@ class _TextSpec(_Spec):
     revision: str | None = Field(
         None, min_length=1, description="Hub datasets only: the branch, tag or commit to read (`load_dataset`'s revision)."
     )
-    streaming: bool | None = Field(
+    streaming: Bool | None = Field(
         None,
         description="Read records lazily with `datasets` streaming (resumable; local .txt files stream by lines). "
         "null (auto): datasets read by name or folder (hub ids, dataset folders, packaged builders) stream, local "
@@ -105,7 +140,7 @@ class _TextSpec(_Spec):
 
 
 class SourceSpec(_TextSpec):
-    weight: float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
+    weight: Float = Field(1.0, gt=0, description="Mixture weight: share of training sequences drawn from this source.")
 
 
 class EvalSourceSpec(_TextSpec):
@@ -116,7 +151,7 @@ class EvalSourceSpec(_TextSpec):
         description="The label in metrics.jsonl, summary.json and the logs (letters, digits, _ . -); default: the "
         "file's stem, or the text after the last ':' or '/' of `data`.",
     )
-    max_tokens: int = Field(
+    max_tokens: Int = Field(
         16384,
         ge=8,
         description="Tokens scored: the first max_tokens // data.seq_len packed sequences of the source (at least one).",
@@ -164,17 +199,17 @@ class DataSpec(_Spec):
         "(`eval`, with the teacher's perplexity and the ratio when there is a teacher) and the log lines. A source "
         "that is also a training source is refused: judge recovery on text the training never saw.",
     )
-    seq_len: int = Field(512, ge=8, description="Tokens per packed training sequence.")
-    heldout_fraction: float = Field(
+    seq_len: Int = Field(512, ge=8, description="Tokens per packed training sequence.")
+    heldout_fraction: Float = Field(
         0.05, ge=0, lt=0.5, description="In-memory sources: the last fraction of each source's sequences held out for eval."
     )
-    heldout_sequences: int = Field(
+    heldout_sequences: Int = Field(
         16, ge=0, description="Streaming sources: the first packed sequences of each stream held out for eval."
     )
-    num_proc: int = Field(
+    num_proc: Int = Field(
         1, ge=1, description="Processes tokenizing each in-memory source (`datasets.map`'s num_proc; 1: in this process)."
     )
-    chat: bool = Field(False, description="SFT: sources are .jsonl with `messages`; loss on assistant tokens only.")
+    chat: Bool = Field(False, description="SFT: sources are .jsonl with `messages`; loss on assistant tokens only.")
 
     @model_validator(mode="after")
     def _outside(self):
@@ -194,13 +229,13 @@ class DataSpec(_Spec):
 
 
 class OptimSpec(_Spec):
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
-    min_lr: float = Field(5e-6, ge=0, description="Floor the cosine schedule decays to.")
-    warmup_steps: int = Field(1000, ge=0, description="Linear warmup steps from 0 to lr.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null: off).")
+    lr: Float = Field(5e-5, gt=0, description="Peak learning rate (AdamW).")
+    min_lr: Float = Field(5e-6, ge=0, description="Floor the cosine schedule decays to.")
+    warmup_steps: Int = Field(1000, ge=0, description="Linear warmup steps from 0 to lr.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1).")
+    weight_decay: Float = Field(0.0, ge=0, description="AdamW weight decay.")
+    eps: Float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: Float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null: off).")
 
     @model_validator(mode="after")
     def _floor(self):
@@ -210,10 +245,10 @@ class OptimSpec(_Spec):
 
 
 class BudgetSpec(_Spec):
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run.")
-    max_tokens: int | None = Field(None, ge=1, description="Or: training tokens to consume (sets the step count).")
-    micro_batch_size: int = Field(1, ge=1, description="Sequences per forward pass, per process.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_steps: Int | None = Field(None, ge=1, description="Optimizer steps to run.")
+    max_tokens: Int | None = Field(None, ge=1, description="Or: training tokens to consume (sets the step count).")
+    micro_batch_size: Int = Field(1, ge=1, description="Sequences per forward pass, per process.")
+    grad_accum: Int = Field(1, ge=1, description="Micro-batches per optimizer step.")
 
     @model_validator(mode="after")
     def _one(self):
@@ -224,22 +259,22 @@ class BudgetSpec(_Spec):
 
 class DistillSpec(_Spec):
     teacher: str | None = Field(None, description="Teacher model; default: model.path with its original activation.")
-    weight: float = Field(1.0, ge=0, description="Weight of the KL term added to the LM loss.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature of teacher and student.")
+    weight: Float = Field(1.0, ge=0, description="Weight of the KL term added to the LM loss.")
+    temperature: Float = Field(1.0, gt=0, description="Softmax temperature of teacher and student.")
     teacher_dtype: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="The frozen teacher's weights (and so its forward): auto is bf16 when the run is sharded (FSDP2: "
         "each process reads the teacher in bf16, keeps only its shard on its device and drops the rest; no fp32 "
         "copy) and fp32 otherwise. The FFN warm start reads the same teacher (fp32 when there is no distillation).",
     )
-    hidden_weight: float = Field(
+    hidden_weight: Float = Field(
         0.0,
         ge=0,
         description="Also distil hidden states: this weight times the mean over decoder layers of the relative "
         "squared error ||h_student - h_teacher||^2 / ||h_teacher||^2 of each layer's output (both models run with "
         "output_hidden_states). 0: logits only.",
     )
-    top_k: int | None = Field(
+    top_k: Int | None = Field(
         None,
         ge=1,
         description="Distil on the teacher's k most likely tokens plus one tail bucket (the rest of either model's "
@@ -249,13 +284,13 @@ class DistillSpec(_Spec):
 
 
 class WarmstartSpec(_Spec):
-    tokens: int = Field(16384, ge=64, description="Training tokens whose hidden states the FFN fits use.")
-    steps: int = Field(200, ge=1, description="Adam steps per layer.")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate of the per-layer fit.")
-    l1: float = Field(
+    tokens: Int = Field(16384, ge=64, description="Training tokens whose hidden states the FFN fits use.")
+    steps: Int = Field(200, ge=1, description="Adam steps per layer.")
+    lr: Float = Field(1e-3, gt=0, description="Adam learning rate of the per-layer fit.")
+    l1: Float = Field(
         0.0, ge=0, description="L1 penalty on each FFN's combined activation during the fit (holds sparsity); 0: off."
     )
-    block: int | list[int] = Field(
+    block: Int | list[Int] = Field(
         1,
         description="Decoder layers fitted together. 1: each FFN alone, on the original FFN's recorded inputs and "
         "outputs. K > 1: each run of K consecutive layers (the last run may be shorter) starts from the original "
@@ -280,15 +315,15 @@ class WarmstartSpec(_Spec):
 
 
 class CutoffSpec(_Spec):
-    sparsity: float = Field(
+    sparsity: Float = Field(
         gt=0, lt=1, description="Fraction of each FFN's combined activations at or below its cutoff (zeros included)."
     )
-    tokens: int = Field(8192, ge=64, description="Training tokens, drawn after the last step, that calibrate the cutoffs.")
+    tokens: Int = Field(8192, ge=64, description="Training tokens, drawn after the last step, that calibrate the cutoffs.")
 
 
 class SparsitySpec(_Spec):
-    l1: float = Field(0.0, ge=0, description="L1 penalty on the FFN's combined activation (ProSparse); 0: off.")
-    l1_warmup_steps: int = Field(
+    l1: Float = Field(0.0, ge=0, description="L1 penalty on the FFN's combined activation (ProSparse); 0: off.")
+    l1_warmup_steps: Int = Field(
         0,
         ge=0,
         description="linear: ramp the L1 coefficient linearly from 0 over these steps. sine-stages: the length of "
@@ -301,8 +336,8 @@ class SparsitySpec(_Spec):
         "(1..S) raises the coefficient from its level in stage k-1 (0 before the first) to l1 x k / S along a "
         "quarter sine over l1_warmup_steps steps, then holds it.",
     )
-    l1_stages: int = Field(1, ge=1, description="sine-stages: the number of stages.")
-    anneal_steps: int = Field(
+    l1_stages: Int = Field(1, ge=1, description="sine-stages: the number of stages.")
+    anneal_steps: Int = Field(
         0,
         ge=0,
         description="Anneal the activation instead of a hard swap: over the first N steps each FFN computes "
@@ -313,7 +348,7 @@ class SparsitySpec(_Spec):
     ffn_warmstart: WarmstartSpec | None = Field(
         None, description="Before training, fit each FFN to the original FFN's outputs, layer by layer."
     )
-    router_aux_coef: float | None = Field(None, ge=0, description="MoE router auxiliary loss (Turbo Sparse: 0.02).")
+    router_aux_coef: Float | None = Field(None, ge=0, description="MoE router auxiliary loss (Turbo Sparse: 0.02).")
     final_cutoff: CutoffSpec | None = Field(
         None,
         description="ProSparse's final FATReLU shift, on the combined activation act(gate) * up: after the last step "
@@ -325,22 +360,32 @@ class SparsitySpec(_Spec):
 
 
 class LoraSpec(_Spec):
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: float = Field(32, gt=0, description="LoRA alpha.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
-    target_modules: list[str] = Field(
+    r: Int = Field(16, ge=1, description="LoRA rank.")
+    alpha: Float = Field(32, gt=0, description="LoRA alpha.")
+    dropout: Float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[Annotated[str, Field(min_length=1)]] = Field(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Linear modules to adapt.",
+        description="Linear modules to adapt (names or name suffixes, e.g. q_proj); each must name a module of the "
+        "model. [] only with target_parameters (peft would otherwise adapt its own default modules).",
     )
-    target_parameters: list[str] = Field(
+    target_parameters: list[Annotated[str, Field(min_length=1)]] = Field(
         [], description="Parameters to adapt directly, e.g. fused MoE experts: ['experts.gate_up_proj', 'experts.down_proj']."
     )
 
+    @model_validator(mode="after")
+    def _something_to_adapt(self):
+        if not self.target_modules and not self.target_parameters:
+            raise ValueError(
+                "target_modules is empty and so is target_parameters: nothing to adapt (peft would silently adapt its "
+                "default modules instead); name the modules, e.g. [q_proj, v_proj]"
+            )
+        return self
+
 
 class LogSpec(_Spec):
-    every: int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
-    eval_every: int = Field(0, ge=0, description="Held-out perplexity every N steps (0: only at the end).")
-    eval_steps: list[int] = Field(
+    every: Int = Field(10, ge=1, description="Log metrics every N optimizer steps.")
+    eval_every: Int = Field(0, ge=0, description="Held-out perplexity every N steps (0: only at the end).")
+    eval_steps: list[Int] = Field(
         [],
         description="Also evaluate after exactly these steps (e.g. log-spaced, 5, 10, 20, 40, ... for a budget "
         "curve of perplexity and zeros against training tokens); each such step is logged too. Steps past the "
@@ -352,18 +397,21 @@ class LogSpec(_Spec):
         "pip install 'relufy[tensorboard]') and/or wandb (the recipe as the run's config; pip install 'relufy[wandb]', "
         "then `wandb login`, or WANDB_MODE=offline). Main process only.",
     )
-    sparsity: bool = Field(True, description="Count zeros of the FFN activations (per layer) for the logs.")
+    sparsity: Bool = Field(True, description="Count zeros of the FFN activations (per layer) for the logs.")
 
 
 class CheckpointSpec(_Spec):
-    every: int = Field(0, ge=0, description="Save the full training state every N steps (0: off).")
-    keep_last: int = Field(2, ge=1, description="Keep the newest K training-state checkpoints.")
+    every: Int = Field(0, ge=0, description="Save the full training state every N steps (0: off).")
+    keep_last: Int = Field(2, ge=1, description="Keep the newest K training-state checkpoints.")
 
 
 class Recipe(_Spec):
-    name: str = Field(description="Run name.")
+    name: str = Field(
+        description="Run name: letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 "
+        "characters (it names the run in the logs and its tracker folder OUTPUT_DIR/<name>)."
+    )
     output_dir: str = Field(description="Where checkpoints, metrics.jsonl, plots and the final model go.")
-    seed: int = Field(0, description="Seed for initialization, data order and dropout.")
+    seed: Int = Field(0, ge=0, le=2**32 - 1, description="Seed for initialization, data order and dropout.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (mixed precision) or fp32.")
     model: ModelSpec
     data: DataSpec
@@ -373,6 +421,16 @@ class Recipe(_Spec):
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters (merged into the final model) instead of all weights.")
     log: LogSpec = LogSpec()
     checkpoint: CheckpointSpec = CheckpointSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise ValueError(
+                f"{recipe_yaml.short(ascii(name))} is not a run name: use letters, digits, '.', '_' and '-', starting "
+                "with a letter or digit, at most 100 characters (it names a folder and goes into the logs)"
+            )
+        return name
 
 
 class TrainOptions(PushOptions):
@@ -432,22 +490,30 @@ class TrainOptions(PushOptions):
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Set dotted ``key=value`` pairs (values parsed as YAML) in a nested dict."""
-    raw = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    """Set dotted ``key=value`` pairs (values parsed as YAML, within ``relufy.train.recipe_yaml``'s
+    bounds; keys at most ``MAX_DEPTH`` parts) in a copy of the nested dict ``raw``."""
+    check_shape(raw, "recipe")
+    raw = recipe_yaml.load(yaml.safe_dump(raw), "recipe") or {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise RelufyError(f"override {item!r} is not key=value")
-        node = raw
+            raise RelufyError(f"override {recipe_yaml.short(repr(item))} is not key=value")
         parts = key.split(".")
+        if len(parts) > recipe_yaml.MAX_DEPTH:
+            raise RelufyError(
+                f"override {recipe_yaml.short(key)}: {len(parts):,} levels of keys; a recipe nests at most "
+                f"{recipe_yaml.MAX_DEPTH}"
+            )
+        node = raw
         for part in parts[:-1]:
             if not isinstance(node.get(part, {}), dict):
-                raise RelufyError(f"override {item!r}: {part} is not a section")
+                raise RelufyError(f"override {recipe_yaml.short(repr(item))}: {recipe_yaml.short(part)} is not a section")
             node = node.setdefault(part, {})
         try:
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = recipe_yaml.load(value, f"override {recipe_yaml.short(key)}")
         except yaml.YAMLError as e:
-            raise RelufyError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+            first = str(e).splitlines()[0]
+            raise RelufyError(f"override {recipe_yaml.short(repr(item))}: the value is not valid YAML ({first})") from None
     return raw
 
 
@@ -464,11 +530,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except UnicodeDecodeError:
         raise RelufyError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = recipe_yaml.load(text, str(path))
     except yaml.YAMLError as e:
         raise RelufyError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    except RecursionError:
-        raise RelufyError(f"{path}: not valid YAML (nested too deeply)") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -488,31 +552,53 @@ def _kind(value) -> str:
     return type(value).__name__
 
 
-def _non_finite(value, where: str = "") -> tuple[str, float] | None:
-    """The first non-finite number anywhere in ``value``: ``(dotted path, value)``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return where or "(top level)", value
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        if found := _non_finite(item, f"{where}.{key}" if where else str(key)):
-            return found
-    return None
+INT_LIMIT = 2**63 - 1  # what any integer of a recipe may reach (torch's int64)
+
+
+def check_shape(raw, origin: str = "recipe") -> None:
+    """Refuse, with the dotted path of the first offence, a recipe dict that holds more than
+    ``recipe_yaml.MAX_NODES`` values (shared containers counted at each place), nests deeper than
+    ``recipe_yaml.MAX_DEPTH`` (a container holding itself does), or holds a number that is not
+    finite or an integer beyond +-(2^63 - 1). Walks without recursion and stops at the bounds."""
+    stack = [(raw, "", 1)]
+    seen = 0
+    while stack:
+        value, where, depth = stack.pop()
+        seen += 1
+        shown = recipe_yaml.short(where or "(top level)", 120)
+        if seen > recipe_yaml.MAX_NODES:
+            raise RelufyError(f"{origin}: more than {recipe_yaml.MAX_NODES:,} values (aliases expanded); a recipe holds fewer")
+        if depth > recipe_yaml.MAX_DEPTH:
+            raise RelufyError(f"{origin}: {shown}: nested more than {recipe_yaml.MAX_DEPTH} levels deep")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RelufyError(f"{origin}: {shown}: must be a finite number, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+            bits = value.bit_length()
+            digits = f"{len(str(abs(value))):,}" if bits < 14_000 else f"about {int(bits * math.log10(2)) + 1:,}"
+            raise RelufyError(f"{origin}: {shown}: an integer of {digits} digits is out of range (at most 2^63 - 1)")
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, list | tuple):
+            items = list(enumerate(value))
+        else:
+            continue
+        for key, item in reversed(items):  # the first offence in document order is reported
+            stack.append((item, f"{where}.{key}" if where else str(key), depth + 1))
 
 
 def validate(raw: dict, origin: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise RelufyError(f"{origin}: a recipe is a mapping, not a {_kind(raw)}")
-    if found := _non_finite(raw):
-        raise RelufyError(f"{origin}: {found[0]}: must be a finite number, got {found[1]}")
+    check_shape(raw, origin)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
         loc, msg = first_error(e)
+        err = e.errors()[0]
+        if err["type"].endswith("_type") and "input" in err:  # a value of the wrong type: say what was given
+            value = err["input"]
+            shown = str(value).lower() if isinstance(value, bool) else recipe_yaml.short(repr(value), 40)
+            msg += f", got {_kind(value)} {shown}"
         raise RelufyError(f"{origin}: {'.'.join(loc) or '(top level)'}: {msg}") from None
 
 

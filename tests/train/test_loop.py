@@ -359,7 +359,8 @@ def test_two_process_ddp_on_cpu(base, tmp_path):
 def test_processes_accelerate_does_not_join_are_refused(base, tmp_path):
     """FSDP asked for on a machine without GPUs: Accelerate leaves each launched process alone
     (distributed type NO). Two independent runs would write one folder; relufy stops both."""
-    path = write_recipe(tmp_path / "r.yaml", recipe_dict(base, tmp_path / "out", budget__max_steps=2))
+    raw = recipe_dict(base, tmp_path / "out", budget__max_steps=2, optim__warmup_steps=1)  # a recipe that would run
+    path = write_recipe(tmp_path / "r.yaml", raw)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
     env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.run(

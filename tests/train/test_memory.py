@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safety import assert_one_line
-from tiny import FAMILIES, MOE_FAMILIES, tiny_config, tiny_model
+from tiny import FAMILIES, MOE_FAMILIES, tiny_config, tiny_model, tiny_tokenizer
 from trainkit import recipe_dict, write_recipe
 
 from relufy.errors import RelufyError
@@ -298,7 +298,8 @@ def test_malformed_gpu_memory_is_one_line(bad):
 @pytest.fixture
 def mixtral(tmp_path):
     """recipes/turbosparse-mixtral-8x7b.yaml with model.path a folder holding only the converted
-    Mixtral-8x7B's config.json (as relufy convert writes it; no weights), and a local text."""
+    Mixtral-8x7B's config.json (as relufy convert writes it; no weights) and a tokenizer (the dry
+    run loads it, as the run does), and a local text."""
     from relufy.families import family_for
     from relufy.modeling.remote import relufy_config_dict
 
@@ -306,6 +307,7 @@ def mixtral(tmp_path):
     folder.mkdir()
     config = relufy_config_dict(MIXTRAL_8X7B, family_for("mixtral"), "drelu", None, "mistralai/Mixtral-8x7B-v0.1")
     (folder / "config.json").write_text(json.dumps(config))
+    tiny_tokenizer().save_pretrained(folder)
     (tmp_path / "text.txt").write_text("some text\n" * 100)
     overrides = [f"model.path={folder}", f"output_dir={tmp_path / 'out'}", f"data.sources=[{{data: {tmp_path / 'text.txt'}}}]"]
     return ROOT / "recipes/turbosparse-mixtral-8x7b.yaml", overrides
