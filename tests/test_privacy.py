@@ -11,19 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import corpus, save_tiny_with_tokenizer
-
-import relufy
+from tiny import drelu_with_text
 
 SECRET = "secret-xyz-0123456789"
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("privacy")
-    save_tiny_with_tokenizer("llama", root / "llama")
-    (root / "text.txt").write_text(corpus()[:3000])
-    return relufy.convert(root / "llama", root / "drelu")
+    return drelu_with_text(tmp_path_factory.mktemp("privacy"))
 
 
 def _all_files_text(*folders: Path) -> str:

@@ -98,3 +98,13 @@ def save_tiny_with_tokenizer(family: str, path, seed: int = 0, **overrides):
     model = save_tiny(family, path, seed, **overrides)
     tiny_tokenizer().save_pretrained(path)
     return model
+
+
+def drelu_with_text(root, family: str = "llama", chars: int = 3000):
+    """Under ``root``: a tiny ``family`` model with its tokenizer (``root/<family>``), its dReLU
+    conversion (``root/drelu``, returned) and ``root/text.txt`` holding ``chars`` of the corpus."""
+    import relufy
+
+    save_tiny_with_tokenizer(family, root / family)
+    (root / "text.txt").write_text(corpus()[:chars])
+    return relufy.convert(root / family, root / "drelu")

@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import pytest
 from safety import Snapshot, assert_refused
-from tiny import corpus, save_tiny_with_tokenizer
-
-import relufy
+from tiny import drelu_with_text
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export-options")
-    save_tiny_with_tokenizer("llama", root / "llama")
-    (root / "text.txt").write_text(corpus()[:3000])
-    return relufy.convert(root / "llama", root / "drelu")
+    return drelu_with_text(tmp_path_factory.mktemp("export-options"))
 
 
 @pytest.mark.parametrize(
