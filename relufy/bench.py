@@ -92,7 +92,7 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     if model is not None:
         from .modeling.spec import base_config
 
-        config = resolve(model).config_dict()
+        config = resolve(model).checked_config()
         block = RelufyBlock.read(config, model)
         if block is None or block.activation not in ZERO_ACTIVATIONS:
             raise RelufyError(f"{model}: not a ReLU-family relufy model (sparse decoding needs exact zeros)")
@@ -100,7 +100,7 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     if stats is not None:
         from .measure.stats import Stats
 
-        loaded = Stats.load(Path(stats))
+        loaded = Stats.load(Path(stats), "--stats")
         if config is not None:
             from .measure.sites import ffn_sites
             from .modeling.load import skeleton

@@ -3,8 +3,9 @@
 The weights do not change: only the activation does. So conversion is a copy of the shards
 (at disk speed, or hard links with ``link``) plus a new ``config.json``, the remote modeling
 code and a model card. With a ``dtype`` change the shards are re-encoded one tensor at a time.
-Input is validated (headers, index, FFN shapes against the config) before anything is written,
-and output appears only when complete (``relufy.io.atomic``).
+Input is validated (headers, index, FFN and embedding shapes, layer and expert counts against the
+config: ``relufy.modeling.weights.check_counts``) before anything is written, and output appears
+only when complete (``relufy.io.atomic``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .io.source import Source, resolve
 from .modeling.card import model_card
 from .modeling.remote import base_config_dict, relufy_config_dict, render_modeling
 from .modeling.spec import ActivationSpec, ConfigView, activation_spec, check_sizes
+from .modeling.weights import check_counts
 from .names import ACTIVATIONS, DTYPES, INDEX_FILE, MODELING_FILE, is_identity
 from .options import option_field
 from .progress import byte_progress
@@ -168,6 +170,9 @@ def _plan_folder(source: Source, spec: ActivationSpec, dtype: str, label: str) -
     cfg = ConfigView(config)
     ckpt = Checkpoint(source.folder)
     found = validate_checkpoint(ckpt, family, cfg)
+    # the layers and experts against the weights, both ways (torch-free: a plain copy imports neither
+    # torch nor transformers; every other tensor is checked where a model is built or loaded)
+    check_counts(config, {n: t.shape for n, t in ckpt.loaded_tensors().items()}, source.where)
     new = relufy_config_dict(base_config_dict(config), family, spec.activation, spec.threshold, label, source.provenance())
     if dtype != "keep":
         new["dtype"] = DTYPES[dtype][1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from .errors import RelufyError
 from .io.block import RelufyBlock
 from .io.hub import revision_field, token_field
 from .options import Options, option_field
@@ -51,19 +52,24 @@ class ModelInfo(BaseModel):
 
 def count_parameters(family, config) -> tuple[int, int]:
     """``(total, ffn)`` parameter counts of the architecture, tied weights counted once."""
+    return _architecture(family, config)[:2]
+
+
+def _architecture(family, config) -> tuple[int, int, set[str]]:
+    """``count_parameters`` and the module paths of the FFNs (what ``relufy.cutoffs`` names)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in model.parameters())
-    ffn = sum(p.numel() for m in model.modules() if type(m).__name__ in family.ffn_classes for p in m.parameters())
-    return total, ffn
+    ffns = {name: m for name, m in model.named_modules() if type(m).__name__ in family.ffn_classes}
+    ffn = sum(p.numel() for m in ffns.values() for p in m.parameters())
+    return total, ffn, set(ffns)
 
 
 def _local_weights(folder: Path) -> WeightsInfo | None:
     """Headers of a local folder's safetensors files (None when it has none or they do not read)."""
-    from .errors import RelufyError
     from .io.safetensors_index import DTYPE_BYTES, Checkpoint
 
     try:
@@ -77,33 +83,35 @@ def _local_weights(folder: Path) -> WeightsInfo | None:
     return WeightsInfo(files=len(ckpt.files), params=sum(dtypes.values()), bytes=size, dtypes=dtypes)
 
 
-def _hub_weights(repo: str, revision: str | None, token: str | None) -> WeightsInfo | None:
+def _hub_weights(repo: str, revision: str | None, token: str | None) -> tuple[WeightsInfo | None, dict]:
+    """What the headers of a hub model's shards say, and its tensors (name -> shape)."""
     from .io.hub import safetensors_metadata
 
     meta = safetensors_metadata(repo, revision, token)
     if meta is None:
-        return None
+        return None, {}
     dtypes: dict[str, int] = {}
     size = 0
+    shapes = {}
     for file in meta.files_metadata.values():
-        for t in file.tensors.values():
+        for name, t in file.tensors.items():
             dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.parameter_count
             size += t.data_offsets[1] - t.data_offsets[0]
-    return WeightsInfo(files=len(meta.files_metadata), params=sum(dtypes.values()), bytes=size, dtypes=dtypes)
+            shapes[name] = tuple(t.shape)
+    info = WeightsInfo(files=len(meta.files_metadata), params=sum(dtypes.values()), bytes=size, dtypes=dtypes)
+    return info, shapes
 
 
 def _hub_config(repo: str, revision: str | None, token: str | None) -> tuple[dict, str | None]:
     """config.json of a hub model (one small download) and the commit it came from."""
-    import json
-
-    from .errors import RelufyError
     from .io.hub import download_file, snapshot_commit
+    from .io.read import CONFIG_BYTES, JSONError, read_json
 
     path = download_file(repo, "config.json", revision, token)
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RelufyError(f"{repo}: config.json is not valid JSON ({e})") from None
+        config = read_json(path, CONFIG_BYTES, "config.json")
+    except JSONError as e:
+        raise RelufyError(f"{repo}: config.json is {str(e).split(': ', 1)[-1]}") from None
     if not isinstance(config, dict):
         raise RelufyError(f"{repo}: config.json is not a JSON object")
     return config, snapshot_commit(path.parent)
@@ -121,14 +129,24 @@ def info(path: str | Path, revision: str | None = None, token: str | None = None
     commit = None
     if hub is not None:  # config and headers only: never the weights
         config, commit = _hub_config(hub[0], hub[1], token)
-        weights = _hub_weights(hub[0], commit or hub[1], token)
+        weights, shapes = _hub_weights(hub[0], commit or hub[1], token)
+        if shapes:  # sizes the headers do not hold are refused before a skeleton is built
+            from .modeling.weights import check_weights
+
+            check_weights(config, shapes, hub[0])
     else:
         source = resolve(path, revision, token)
-        config = source.config_dict()
+        config = source.checked_config()
         weights = None if source.gguf_file else _local_weights(source.folder)
     block = RelufyBlock.read(config, str(path))
     family, cfg = base_config(config)
-    total, ffn = count_parameters(family, cfg)
+    total, ffn, ffn_names = _architecture(family, cfg)
+    unknown = sorted(set(block.cutoffs) - ffn_names) if block else []
+    if unknown:  # as relufy.load refuses them
+        raise RelufyError(
+            f"{path}: config.json: the relufy block's cutoffs name {len(unknown)} module(s) that are not FFNs "
+            f"of this model, e.g. {unknown[0]!r}"
+        )
     moe = {}
     if family.is_moe:
         moe = dict(

@@ -14,6 +14,11 @@
 - ``builtin:pydoc``: the English help topics of Python's own ``pydoc_data`` (about 0.5 MB, on
   every machine; sorted by topic name), the default text of the demo and the tests.
 
+A local file must be a regular file (a pipe or device is refused, never waited on or read
+forever); text and ``.jsonl`` files are read a line at a time, each line at most
+``relufy.io.read.LINE_BYTES``, and a ``.jsonl`` record nested deeper than
+``relufy.io.read.JSON_DEPTH`` is refused (``relufy.io.read``).
+
 Records are joined with ``"\\n\\n"`` (as in transformers' perplexity guide) and tokenized once
 without special tokens. The token stream is cut to ``max_tokens`` and into windows of
 ``seq_len`` tokens; each window scores the ``stride`` tokens after the previous window's last
@@ -28,7 +33,7 @@ tokenizer's BOS token (taking one place of ``seq_len``), which is never scored.
 from __future__ import annotations
 
 import contextlib
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +42,7 @@ from typing import Literal
 import torch
 
 from .errors import RelufyError
+from .io.read import JSONError, check_regular, file_kind, lines, loads_json, open_regular, read_lines_text
 
 JOIN = "\n\n"
 
@@ -67,7 +73,7 @@ def source_kind(spec: str) -> Literal["builtin", "file", "dataset"]:
     if path.is_dir():
         return "dataset"
     if path.exists():
-        raise RelufyError(f"{spec}: not a file")
+        raise RelufyError(f"{spec}: not a file ({file_kind(os.stat(path).st_mode)}); relufy reads only regular files")
     local = spec.startswith((".", "/", "~"))
     if not local and (":" in spec or spec in PACKAGED or (_HUB_ID.fullmatch(spec) and not spec.lower().endswith(_FILE_SUFFIXES))):
         return "dataset"
@@ -148,6 +154,7 @@ def open_dataset(
                     ds = datasets.Dataset.from_dict({"text": builtin_texts()})
                     return ds.to_iterable_dataset() if streaming else ds
                 path = str(Path(spec).expanduser())
+                check_regular(path)  # datasets would open a pipe and wait
                 builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(Path(path).suffix.lower(), "text")
                 ds = datasets.load_dataset(builder, data_files=path, split="train", streaming=streaming)
             else:
@@ -219,24 +226,18 @@ def _load_file(path: Path, text_column: str) -> list[str]:
         return _jsonl(path, text_column)
     if suffix == ".parquet":
         return _parquet(path, text_column)
-    try:
-        return [path.read_text(encoding="utf-8")]
-    except UnicodeDecodeError:
-        raise RelufyError(f"{path}: not UTF-8 text") from None
+    # newlines as text mode reads them (\r\n and \r become \n): the text tokenized is the same
+    return [read_lines_text(path).replace("\r\n", "\n").replace("\r", "\n")]
 
 
 def _jsonl(path: Path, column: str = "text") -> list[str]:
     texts = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise RelufyError(f"{path}: not UTF-8 text") from None
-    for n, line in enumerate(lines, 1):
+    for n, line in lines(path):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = loads_json(line, f"{path}:{n}")
+        except JSONError:
             raise RelufyError(f"{path}:{n}: not JSON") from None
         if not isinstance(record, dict) or column not in record:
             fields = f" (fields: {', '.join(record)})" if isinstance(record, dict) else ""
@@ -259,7 +260,8 @@ def _parquet(path: Path, column: str = "text") -> list[str]:
     pq = need("pyarrow.parquet", "eval", f"reading {path}")
 
     try:
-        table = pq.read_table(path, columns=None)
+        with open_regular(path) as f:  # a pipe is refused, never waited on
+            table = pq.read_table(f, columns=None)
     except (pa.ArrowException, OSError) as e:
         raise RelufyError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     if column not in table.column_names:

@@ -1,14 +1,63 @@
-"""The model card (README.md) and plots of an exported checkpoint."""
+"""The model card (README.md) and plots of an exported checkpoint, and the ``relufy eval --json``
+report it may quote (``read_eval``: checked when export starts, so a bad one fails at once)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import __version__
 from ..io.block import RelufyBlock
 from ..io.hub import public_name
 from ..modeling.card import card_data, render
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=True)
+
+
+class _Point(_Row):
+    sparsity: float
+    ppl: float | None = None
+
+
+class _Sparsity(_Row):
+    overall: float
+
+
+class _Model(_Row):
+    model: str
+    ppl: float | None = None
+    sparsity: _Sparsity | None = None
+    topk: list[_Point] = []
+
+
+class _Report(_Row):
+    relufy_eval: Literal[1]
+    models: list[_Model]
+
+
+def read_eval(path: str | Path) -> list[dict]:
+    """The models of a ``relufy eval --json`` report (``--eval-json``): a regular file within
+    ``REPORT_BYTES``, JSON nested within bounds, the fields the card quotes of the right types."""
+    from ..errors import RelufyError
+    from ..io.read import REPORT_BYTES, read_json
+    from ..options import first_error
+
+    data = read_json(path, REPORT_BYTES, "relufy eval JSON", what="--eval-json")
+    if not isinstance(data, dict) or data.get("relufy_eval") != 1 or not isinstance(data.get("models"), list):
+        raise RelufyError(f"{path}: not a relufy eval JSON (relufy eval --json FILE)")
+    try:
+        return [m.model_dump() for m in _Report.model_validate(data).models]
+    except ValidationError as e:
+        loc, msg = first_error(e)
+        raise RelufyError(f"{path}: not a relufy eval JSON ({'.'.join(loc)}: {msg})") from None
+
+
+def _number(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def _plots(tmp: Path, result) -> list[str]:
@@ -167,11 +216,12 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
             )
         )
     if options.eval_json:
-        models = json.loads(Path(options.eval_json).read_text())["models"]
+        models = read_eval(options.eval_json)
         lines += ["", "## Evaluation (`relufy eval`)", "", "| model | ppl | FFN zeros | top-k ppl |", "|---|---:|---:|---|"]
         for m in models:
-            topk = ", ".join(f"{p['sparsity']:.0%}: {p['ppl']:.2f}" for p in m.get("topk", []))
-            lines.append(f"| `{public_name(m['model'])}` | {m['ppl']:.2f} | {m['sparsity']['overall']:.1%} | {topk} |")
+            topk = ", ".join(f"{p['sparsity']:.0%}: {_number(p['ppl'], '.2f')}" for p in m["topk"])
+            zeros = _number((m["sparsity"] or {}).get("overall"), ".1%")
+            lines.append(f"| `{public_name(m['model'])}` | {_number(m['ppl'], '.2f')} | {zeros} | {topk} |")
     lines += [
         "",
         "## Sparsity per layer",

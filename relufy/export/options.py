@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
+
+from pydantic import field_validator
 
 from ..io.hub import PushOptions
 from ..names import DTYPES
@@ -96,6 +99,27 @@ class ExportOptions(PushOptions):
     batch_size: int = Field(1, ge=1, description="Windows per forward pass while profiling.")
     device: str = Field("auto", description="auto (cuda when available), cpu, cuda, cuda:N.")
     seed: int = Field(0, description="Seed of predictor initialisation and sampling.")
-    max_shard_size: str = Field("5GB", description="Largest safetensors shard written.")
+    max_shard_size: str = Field(
+        "5GB",
+        description="Largest safetensors shard written: a number and a unit, KB, MB, GB or TB (powers of 1000, as "
+        "save_pretrained reads them), at least 1MB; a tensor larger than this gets a shard of its own.",
+    )
     force: bool = Field(False, description="Replace an existing OUT (never an input: the model, or a folder around it).")
     json_out: str | None = Field(None, flag="--json", description="Write the export summary (JSON) here.")
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _shard_size(cls, value):
+        """Checked now, not after profiling: ``5GB``, ``500MB``, ``1.5GB`` (normalized to upper case)."""
+        m = _SIZE.fullmatch(str(value))
+        if m is None:
+            raise ValueError(f"{value!r} is not a size such as 500MB or 5GB (a number and KB, MB, GB or TB)")
+        number, unit = m.group(1), m.group(2).upper()
+        if float(number) * _UNITS[unit] < MIN_SHARD_BYTES:
+            raise ValueError(f"{value!r} is below the smallest shard size, 1MB")
+        return f"{number}{unit}"
+
+
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's parse_size_to_int
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]B)\s*", re.IGNORECASE)
+MIN_SHARD_BYTES = 10**6  # smaller shards only multiply files: one per tensor, thousands for a 7B model

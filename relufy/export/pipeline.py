@@ -61,7 +61,7 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
     """Config-level checks; returns the model's config dict and family."""
     from ..io.source import resolve
 
-    config = resolve(path).config_dict()
+    config = resolve(path).checked_config()
     block = RelufyBlock.read(config, path)
     if block is None:
         raise RelufyError(f"{path}: not a relufy checkpoint (run relufy convert first)")
@@ -122,18 +122,10 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
             f"--predictor-rank {options.predictor_rank} exceeds the model's hidden size {hidden} (no cheaper than the FFN's gate)"
         )
     if options.eval_json is not None:
-        _read_eval(options.eval_json)
+        from .card import read_eval
+
+        read_eval(options.eval_json)  # read again for the card: checked here, before any work
     return config, family
-
-
-def _read_eval(path: str) -> list[dict]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise RelufyError(f"{path}: not a readable relufy eval JSON ({e})") from None
-    if not isinstance(data, dict) or data.get("relufy_eval") != 1 or not isinstance(data.get("models"), list):
-        raise RelufyError(f"{path}: not a relufy eval JSON (relufy eval --json FILE)")
-    return data["models"]
 
 
 def _site_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> list[float]:
@@ -331,7 +323,7 @@ def export(path: str, out: str | Path, options: ExportOptions, show_progress: bo
     out = check_output_dir(out, force, inputs)
     report = options.json_out and check_output_file(options.json_out, inputs + [out], "--json")
     device, _ = _device_dtype(EvalOptions(data=options.data or "-", device=options.device))
-    stats = Stats.load(Path(options.stats)) if options.stats else None
+    stats = Stats.load(Path(options.stats), "--stats") if options.stats else None
     if stats is not None:  # shapes checked on a weightless model, before any weights load
         stats.match(ffn_sites(skeleton(config)), options.stats)
     texts = load_texts(options.data) if options.data else None

@@ -27,6 +27,7 @@ import copy
 import inspect
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,11 +66,32 @@ def gguf_config_dict(path: Path) -> dict:
     from transformers import AutoConfig
 
     path = Path(path)
-    _, architecture = _open_reader(path)
+    reader, architecture = _open_reader(path)
     try:
-        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name).to_dict()
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for unsupported files
         raise RelufyError(f"{path}: unsupported GGUF architecture {architecture!r} ({_first_line(e)})") from None
+    _check_layers(path, config, reader)
+    return config.to_dict()
+
+
+def _check_layers(path: Path, config, reader) -> None:
+    """The metadata's layer count against the tensor table (``blk.N.`` names), before a model of that
+    many layers is built: each layer must have tensors, and no tensor may belong to a layer past the
+    count (transformers would skip it and run a shorter model)."""
+    from ..modeling.weights import GGUF_LAYER, check_layer_count
+
+    names = [t.name for t in reader.tensors]
+    declared = getattr(config, "num_hidden_layers", None)
+    check_layer_count(declared, names, str(path), GGUF_LAYER, "blk.{}.", "the GGUF metadata")
+    if isinstance(declared, int):
+        limit = declared + (getattr(config, "num_nextn_predict_layers", 0) or 0)
+        beyond = [n for n in names if (m := GGUF_LAYER.match(n)) and int(m.group(1)) >= limit]
+        if beyond:
+            raise RelufyError(
+                f"{path}: the GGUF holds tensor {beyond[0]} of a layer past the {declared} its metadata gives "
+                "(block_count); metadata and weights do not belong together"
+            )
 
 
 def check_gguf_structure(path: Path) -> str:
@@ -110,12 +132,14 @@ def _open_reader(path: Path):
     """``(GGUFReader, architecture)`` of ``path``, refusing what the reader fails on with a traceback."""
     from gguf import GGUFReader
 
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+    from .read import open_regular
+
+    with open_regular(path) as f:  # a pipe or device named *.gguf: refused, never waited on
+        size = os.fstat(f.fileno()).st_size
+        try:
             magic = f.read(4)
-    except OSError as e:
-        raise RelufyError(f"{path}: cannot read ({e.strerror or e})") from None
+        except OSError as e:
+            raise RelufyError(f"{path}: cannot read ({e.strerror or e})") from None
     if size == 0:
         raise RelufyError(f"{path}: empty file, not a GGUF model")
     if magic != b"GGUF":
@@ -160,6 +184,7 @@ class _Gguf:
             family_for(config.model_type)
         except RelufyError as e:
             raise RelufyError(f"{path}: {e}") from None
+        _check_layers(path, config, self.reader)  # before a model of that many layers is built
         try:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)

@@ -7,8 +7,9 @@ anything is written.
 
 from __future__ import annotations
 
-import json
+import io
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 from ..errors import RelufyError
 from ..names import INDEX_FILE
 from .paths import inside
+from .read import HEADER_BYTES, INDEX_BYTES, JSONError, loads_json, open_regular, read_json
 
 DTYPE_BYTES = {
     "F64": 8,
@@ -34,7 +36,6 @@ DTYPE_BYTES = {
     "U32": 4,
     "U64": 8,
 }
-_MAX_HEADER = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -55,28 +56,45 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> tuple[dict[str, dict], dict, int]:
-    """``(tensors, metadata, data start)`` of one safetensors file, checked against its size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """``(tensors, metadata, data start)`` of one safetensors file, checked against its size. Only
+    a regular file is read (``relufy.io.read``), and of it only the header (at most 100 MiB)."""
+    with open_regular(path) as f:
+        return _header(f, os.fstat(f.fileno()).st_size, path)
+
+
+def header_of_bytes(data: bytes, where: str | Path) -> tuple[dict[str, dict], dict, int]:
+    """``read_header`` of a safetensors file already in memory (``where`` names it in messages)."""
+    return _header(io.BytesIO(data), len(data), where)
+
+
+def _header(f, size: int, path) -> tuple[dict[str, dict], dict, int]:
+    try:
         raw = f.read(8)
         if len(raw) < 8:
             raise RelufyError(f"{path}: not a safetensors file (truncated header)")
         (n,) = struct.unpack("<Q", raw)
-        if n > min(_MAX_HEADER, size - 8):
+        if n > min(HEADER_BYTES, size - 8):
             raise RelufyError(f"{path}: corrupt or truncated safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise RelufyError(f"{path}: corrupt safetensors header (not JSON)") from None
+        body = f.read(n)
+    except OSError as e:
+        raise RelufyError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = loads_json(body, f"{path}: safetensors header")
+    except JSONError:
+        raise RelufyError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
         raise RelufyError(f"{path}: corrupt safetensors header")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise RelufyError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     spans = []
     for name, t in header.items():
         try:
             begin, stop = (int(x) for x in t["data_offsets"])
-            if not all(isinstance(x, int) for x in (*t["data_offsets"], *t["shape"])):
+            if not all(isinstance(x, int) and not isinstance(x, bool) for x in (*t["data_offsets"], *t["shape"])):
                 raise TypeError
+            if any(x < 0 for x in t["shape"]):
+                raise ValueError
             nbytes = math.prod(t["shape"]) * DTYPE_BYTES[t["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise RelufyError(f"{path}: corrupt safetensors entry for {name!r}") from None
@@ -96,8 +114,9 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict, int]:
 def read_index(index: Path, folder: Path) -> dict[str, str]:
     """The ``weight_map`` of a sharded checkpoint's index: tensor name -> shard file in ``folder``."""
     try:
-        weight_map = json.loads(inside(index, folder).read_text())["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        inside(index, folder)
+        weight_map = read_json(index, INDEX_BYTES, "safetensors index")["weight_map"]
+    except (JSONError, KeyError, TypeError):
         raise RelufyError(f"{index}: corrupt index (no weight_map)") from None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise RelufyError(f"{index}: corrupt index (weight_map must map tensor names to shard file names)")
@@ -144,6 +163,14 @@ class Checkpoint:
                 if info is None or info.file.name != name:
                     raise RelufyError(f"{index}: names tensor {t!r} in {name!r}, which does not hold it")
         self.index = weight_map
+
+    def loaded_tensors(self) -> dict[str, TensorInfo]:
+        """The tensors transformers loads from the folder: those of the index, else of
+        ``model.safetensors`` (other ``.safetensors`` files beside it, such as an export's
+        ``sparsity.safetensors``, are not weights), else all."""
+        if self.index is None and any(p.name == "model.safetensors" for p in self.files):
+            return {n: t for n, t in self.tensors.items() if t.file.name == "model.safetensors"}
+        return self.tensors
 
     def tensors_in(self, path: Path) -> list[TensorInfo]:
         return [t for t in self.tensors.values() if t.file == path]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +12,28 @@ from .block import RelufyBlock
 from .hub import HUB_ID as _HUB_ID
 from .hub import cache_repo_id, split_revision
 from .paths import allowed_roots, inside, user_path
+from .read import CONFIG_BYTES, INDEX_BYTES, TOKENIZER_BYTES, check_regular, file_kind, read_json, read_text, size_text
 
 # Weight formats that are never carried over (relufy reads and writes safetensors only).
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+# The small files of a model folder that relufy or transformers read, and the most each may take
+# (``check_files``): a pipe or device under one of these names would block or never end.
+MODEL_FILES = {
+    "config.json": CONFIG_BYTES,
+    "generation_config.json": CONFIG_BYTES,
+    "model.safetensors.index.json": INDEX_BYTES,
+    "tokenizer.json": TOKENIZER_BYTES,
+    "tokenizer_config.json": TOKENIZER_BYTES,
+    "special_tokens_map.json": TOKENIZER_BYTES,
+    "added_tokens.json": TOKENIZER_BYTES,
+    "tokenizer.model": TOKENIZER_BYTES,
+    "vocab.json": TOKENIZER_BYTES,
+    "vocab.txt": TOKENIZER_BYTES,
+    "merges.txt": TOKENIZER_BYTES,
+    "chat_template.jinja": TOKENIZER_BYTES,
+    "chat_template.json": TOKENIZER_BYTES,
+}
 
 
 @dataclass(frozen=True)
@@ -41,28 +61,66 @@ class Source:
                 out[key] = value.strip()
         return out
 
+    @property
+    def where(self) -> str:
+        """How messages name this model: the GGUF file, the hub id of a download, else the folder."""
+        if self.gguf_file:
+            return str(self.folder / self.gguf_file)
+        return self.label if self.revision else str(self.folder)
+
     def inputs(self) -> list[Path]:
         """The resolved places this source reads: outputs must stay clear of them."""
         if self.gguf_file:
             return [(self.folder / self.gguf_file).resolve()]
         return list(allowed_roots(self.folder))
 
+    def check_files(self) -> None:
+        """The model folder's small files (``MODEL_FILES``) that exist must be regular files inside
+        the folder and within their bounds, so that neither relufy nor transformers, which opens
+        tokenizer and generation files itself, blocks on a pipe or reads a device without end.
+        The safetensors files named by the folder are checked when their headers are read."""
+        if self.gguf_file:
+            return
+        for name, limit in MODEL_FILES.items():
+            path = self.folder / name
+            if not (path.exists() or path.is_symlink()):
+                continue
+            inside(path, self.folder)
+            size = check_regular(path)
+            if size > limit:
+                raise RelufyError(
+                    f"{path}: {size_text(size)} is more than a {name} ever takes ({size_text(limit)} at most); not read"
+                )
+
     def config_dict(self) -> dict:
         if self.gguf_file:
             from .gguf import gguf_config_dict
 
             return gguf_config_dict(self.folder / self.gguf_file)
+        self.check_files()
         path = self.folder / "config.json"
-        if not path.is_file():
+        if not path.exists():
             raise RelufyError(f"{self.folder}: no config.json (not a Hugging Face model folder)")
-        try:
-            config = json.loads(inside(path, self.folder).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RelufyError(f"{path}: not valid JSON ({e})") from None
+        inside(path, self.folder)  # a link out of the folder is refused; messages name the file as spelled
+        config = read_json(path, CONFIG_BYTES, "config.json")
         if not isinstance(config, dict):
             raise RelufyError(f"{path}: not a JSON object")
         RelufyBlock.read(config, str(path))  # a malformed block: one line here, not a traceback later
         return config
+
+    @functools.cached_property
+    def _checked(self) -> dict:
+        from ..modeling.weights import check_source
+
+        config = self.config_dict()
+        check_source(self, config)
+        return config
+
+    def checked_config(self) -> dict:
+        """``config_dict`` once checked against the weights the source holds (safetensors headers or
+        GGUF tensor infos, nothing loaded): sizes the weights do not have, and missing, unexpected or
+        misshapen tensors, are refused in one line before any model is built. Checked once per Source."""
+        return dict(self._checked)
 
     def side_files(self) -> list[Path]:
         """Tokenizer, generation config, chat template and the like: every plain file except
@@ -95,6 +153,8 @@ def resolve(src: str | Path, revision: str | None = None, token: str | None = No
         if path.suffix.lower() != ".gguf":
             raise RelufyError(f"{src}: expected a model folder, a .gguf file or a hub id")
         return _local(path.parent, path, gguf_file=path.name)
+    if path.exists():  # a pipe, device or socket: never opened
+        raise RelufyError(f"{src} is {file_kind(os.stat(path).st_mode)}, not a model folder or a .gguf file")
     hub = split_revision(str(src), revision)
     if hub is not None:
         return _download(hub[0], hub[1], token)
@@ -107,10 +167,13 @@ def _card(folder: Path) -> dict:
     if not readme.is_file():
         return {}
     try:
-        from huggingface_hub.repocard import metadata_load
+        import yaml
+        from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-        card = metadata_load(inside(readme, folder))
-    except Exception:  # noqa: BLE001 - unreadable or bad YAML: the card is optional, it just names nothing
+        inside(readme, folder)
+        match = REGEX_YAML_BLOCK.search(read_text(readme, CONFIG_BYTES, "model card").removeprefix("\ufeff"))
+        card = yaml.safe_load(match.group(2)) if match else None
+    except Exception:  # noqa: BLE001 - unreadable, too large or bad YAML: the card is optional, it just names nothing
         return {}
     return card if isinstance(card, dict) else {}
 
@@ -123,8 +186,9 @@ def _recorded_hub_id(folder: Path, card: dict) -> str | None:
         return repo
     candidates = []
     try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
+        inside(folder / "config.json", folder)
+        config = read_json(folder / "config.json", CONFIG_BYTES, "config.json")
+    except RelufyError:
         config = {}
     if isinstance(config, dict):
         block = config.get("relufy")

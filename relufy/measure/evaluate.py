@@ -93,7 +93,7 @@ def check_model(path: str, options: EvalOptions) -> None:
     from ..io.source import resolve
     from ..modeling.spec import base_config
 
-    _, config = base_config(resolve(path).config_dict())
+    _, config = base_config(resolve(path).checked_config())
     limit = getattr(config, "max_position_embeddings", None)
     if options.data is not None and limit and options.seq_len > limit:
         raise RelufyError(f"--seq-len {options.seq_len} exceeds the model's context of {limit} tokens ({path})")

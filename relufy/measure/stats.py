@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RelufyError
+from ..io.read import loads_json
 from .sites import Site
 
 FORMAT = "relufy-stats"
@@ -116,24 +117,37 @@ class Stats:
             save_file(tensors, tmp, metadata=meta)
 
     @classmethod
-    def load(cls, path: Path) -> Stats:
-        """Read and check a stats file; a malformed or empty one is refused with one line."""
-        from safetensors import SafetensorError, safe_open
+    def load(cls, path: Path, what: str = "") -> Stats:
+        """Read and check a stats file; a malformed or empty one is refused with one line. Only a
+        regular file is read, whole, within ``relufy.io.read.STATS_BYTES`` (a pipe or device is
+        refused at once), its header checked before any tensor is made. ``what`` names the file in
+        messages (``--stats``)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_tensors
+
+        from ..io.read import STATS_BYTES, read_bytes
+        from ..io.safetensors_index import header_of_bytes
 
         path = Path(path)
         if path.is_dir():
             raise RelufyError(f"{path}: is a folder, not a stats file")
+        data = read_bytes(path, STATS_BYTES, "relufy stats file", what)
         try:
-            with safe_open(path, "pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            _, meta, _ = header_of_bytes(data, path)
+            tensors = load_tensors(data)
+        except RelufyError as e:
+            raise RelufyError(f"{path}: not a readable stats file ({str(e).removeprefix(f'{path}: ')})") from None
+        except (SafetensorError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RelufyError(f"{path}: not a readable stats file ({first})") from None
+        del data
         if meta.get("format") != FORMAT:
             raise RelufyError(f"{path}: not a relufy stats file")
         try:
-            ppn = json.loads(meta.pop("params_per_neuron"))
+            try:
+                ppn = loads_json(meta.pop("params_per_neuron"), str(path))
+            except RelufyError:  # not JSON, or nested past any sense
+                raise ValueError from None
             positions = int(meta.pop("positions"))
             if not isinstance(ppn, dict) or positions < 0:
                 raise ValueError

@@ -67,7 +67,7 @@ def load(
     from .spec import activation_spec, base_config
 
     source = resolve(path)
-    config = source.config_dict()
+    config = source.checked_config()  # config against the weights' headers: a mismatch is one line, before loading
     block = RelufyBlock.read(config, str(path))
     family, base = base_config(config)
     if activation is None and block:

@@ -42,10 +42,22 @@ _NAME = re.compile(r"^(?P<ffn>.+?)(?:\.(?P<expert>\d+))?\.predictor\.(?P<fc>fc[1
 
 
 def load_predictors(path: str | Path) -> dict[tuple[str, int | None], Predictor]:
-    """Predictors of an ``hf`` export: ``{(ffn module path, expert or None): Predictor}``."""
+    """Predictors of an ``hf`` export: ``{(ffn module path, expert or None): Predictor}``. The file
+    must be a regular file inside the folder with a sound header (``relufy.io``), else one line."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(path) / PREDICTORS_FILE))
+    from ..errors import RelufyError
+    from ..io.paths import inside
+    from ..io.safetensors_index import read_header
+
+    file = inside(Path(path) / PREDICTORS_FILE, Path(path))
+    read_header(file)  # regular file, header within bounds, data as the header describes
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RelufyError(f"{file}: not a readable predictors file ({first})") from None
     found: dict[tuple[str, int | None], dict] = {}
     for name, t in tensors.items():
         m = _NAME.match(name)
@@ -55,6 +67,9 @@ def load_predictors(path: str | Path) -> dict[tuple[str, int | None], Predictor]
         found.setdefault(key, {})[m["fc"]] = t
     out = {}
     for key, w in found.items():
+        fc1, fc2 = w.get("fc1"), w.get("fc2")
+        if fc1 is None or fc2 is None or fc1.dim() != 2 or fc2.dim() != 2 or fc2.shape[1] != fc1.shape[0]:
+            raise RelufyError(f"{file}: the predictor of {key[0]} has no matching fc1 and fc2 weights")
         p = Predictor(w["fc1"].shape[1], w["fc2"].shape[0], w["fc1"].shape[0]).to(w["fc1"].dtype)
         p.load_state_dict({"fc1.weight": w["fc1"], "fc2.weight": w["fc2"]})
         out[key] = p.eval().requires_grad_(False)

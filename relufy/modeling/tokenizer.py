@@ -17,6 +17,7 @@ def load_tokenizer(path: str | Path):
     source = resolve(path)
     if source.gguf_file:
         check_gguf_structure(source.folder / source.gguf_file)
+    source.check_files()  # tokenizer files transformers opens: regular files inside the folder, bounded
     if source.gguf_file:
         kwargs = {"gguf_file": source.gguf_file}
     elif not (source.folder / "config.json").exists() and (source.folder / "tokenizer_config.json").is_file():

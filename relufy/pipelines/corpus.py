@@ -79,8 +79,20 @@ def package_version(name: str) -> str | None:
     return version if out.returncode == 0 and status.endswith(" installed") else None
 
 
+DOCUMENT_BYTES = 64 * 2**20  # one document, decompressed (the largest in the packages: about 5 MB)
+
+
 def _read(path: Path) -> str:
-    data = gzip.decompress(path.read_bytes()) if path.suffix in (".gz", ".dz") else path.read_bytes()  # .dz: dictzip
+    """A document's text: a regular file, decompressed (.gz; .dz is dictzip) within DOCUMENT_BYTES."""
+    from ..io.read import open_regular, read_bytes
+
+    if path.suffix in (".gz", ".dz"):
+        with open_regular(path) as raw, gzip.GzipFile(fileobj=raw) as f:
+            data = f.read(DOCUMENT_BYTES + 1)
+    else:
+        data = read_bytes(path, DOCUMENT_BYTES + 1, "document")
+    if len(data) > DOCUMENT_BYTES:
+        raise RelufyError(f"{path}: a document larger than {DOCUMENT_BYTES // 2**20} MiB; not a documentation file")
     return data.decode("utf-8", errors="replace").replace("\r\n", "\n")
 
 
@@ -191,10 +203,11 @@ def build(out: Path, packages=PACKAGES, ood=OOD_PACKAGE, roots: dict[str, Path] 
 
 
 def jsonl_texts(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)["text"]
+    from ..io.read import lines, loads_json
+
+    for number, line in lines(path):
+        if line.strip():
+            yield loads_json(line, f"{path}:{number}")["text"]
 
 
 EOS = "<|endoftext|>"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..errors import RelufyError
 from ..io.atomic import atomic_file, save_png
+from ..io.read import REPORT_BYTES, read_json
 from . import run_command
 
 TEXTS = ("heldout", "ood")
@@ -42,10 +43,7 @@ TARGET = 1.05
 def _json(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RelufyError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path, REPORT_BYTES)  # a regular file within bounds, or one line
 
 
 def pretrain_tokens(summary: Path) -> int:

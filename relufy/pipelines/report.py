@@ -9,13 +9,13 @@ the PNGs next to itself.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
 
 from ..errors import RelufyError
 from ..io.atomic import atomic_file, save_png
+from ..io.read import REPORT_BYTES, read_json
 
 # Turbo Sparse (arXiv 2406.05955v2), section 3.2: 300M models trained from scratch on 5B FineWeb
 # tokens. Table 2: training loss and WikiText-2 perplexity; Table 3: WikiText-2 perplexity with
@@ -30,7 +30,7 @@ PAPER_TABLE3: dict[str, dict[float, float]] = {
 def _read(path: Path) -> dict:
     if not path.is_file():
         raise RelufyError(f"{path}: missing (run the pipeline's earlier steps first)")
-    return json.loads(path.read_text())
+    return read_json(path, REPORT_BYTES)
 
 
 def _models(eval_json: dict) -> list[dict]:
@@ -142,7 +142,7 @@ def demo(folder: Path, run: Path | None = None) -> Path:
     recalls = [p["recall"] for p in export["predictors"] if "recall" in p]
     from ..io.block import RelufyBlock
 
-    exported = RelufyBlock.read(json.loads((run / "export" / "config.json").read_text()), str(run / "export"))
+    exported = RelufyBlock.read(read_json(run / "export" / "config.json", REPORT_BYTES), str(run / "export"))
     export_threshold = exported.export.predictors.threshold
     text = (
         f"""# relufy demo report

@@ -31,11 +31,13 @@ def predictor_thresholds(path: str | Path, model) -> dict[tuple[str, int | None]
     None when the export has one threshold for all (older exports, ``--predictor-recall 0``)."""
     from safetensors import safe_open
 
+    from ..io.safetensors_index import read_header
     from ..names import SPARSITY_FILE
 
     file = Path(path) / SPARSITY_FILE
-    if not file.is_file():
+    if not file.exists():
         return None
+    read_header(file)  # a regular file whose header is bounded and matches its size, or one line
     out = {}
     with safe_open(str(file), "pt") as f:
         names = set(f.keys())

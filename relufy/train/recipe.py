@@ -523,10 +523,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     from .recipes import resolve
 
     path = resolve(path)
-    if not path.is_file():
+    if not path.exists():
         raise RelufyError(f"recipe {path} not found")
-    try:
-        text = path.read_bytes().decode("utf-8")
+    from ..io.read import CONFIG_BYTES, read_bytes
+
+    try:  # a regular file of at most 16 MiB: a pipe or a device is refused without blocking
+        text = read_bytes(path, CONFIG_BYTES, "recipe").decode("utf-8")
     except UnicodeDecodeError:
         raise RelufyError(f"{path}: not a text file (a recipe is UTF-8 YAML)") from None
     try:

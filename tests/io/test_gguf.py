@@ -306,6 +306,13 @@ BAD = {
     "missing FFN tensor": (lambda tmp, v: _valid(tmp, v, drop={"blk.1.ffn_down.weight"}), "blk.1.ffn_down.weight"),
     "missing embedding": (lambda tmp, v: _valid(tmp, v, drop={"token_embd.weight"}), "token_embd.weight"),
     "shape against metadata": (lambda tmp, v: _valid(tmp, v, kv={"feed_forward_length": 64}), "metadata implies"),
+    # sizes the tensors do not hold: refused from the tensor table, before a model of that size is built
+    "more layers than the tensors": (
+        lambda tmp, v: _valid(tmp, v, kv={"block_count": 100_000}),
+        "the GGUF metadata says 100,000 layers (num_hidden_layers) but the weights hold 2: no tensor blk.2.*",
+    ),
+    "tensors of a layer past the metadata": (lambda tmp, v: _valid(tmp, v, kv={"block_count": 1}), "blk.1."),
+    "huge embedding": (lambda tmp, v: _valid(tmp, v, kv={"embedding_length": 1 << 30}), "metadata implies"),
 }
 
 
@@ -345,6 +352,21 @@ def test_bad_gguf_through_the_command_line(tmp_path, vocab, cli, case):
         for args in (("info", path), ("eval", path, "--data", tmp_path / "t.txt"), ("generate", path)):
             code, err, _ = cli(*args)
             assert_refused(snap, code, err, str(path), words)
+
+
+@pytest.mark.parametrize("case", ["more layers than the tensors", "tensors of a layer past the metadata"])
+def test_sizes_the_tensors_do_not_hold_refused_by_every_command(tmp_path, vocab, cli, case):
+    """info built a skeleton of 100,000 layers (minutes), then showed it; generate and eval ran a
+    model of block_count layers over a file holding more. Now all refuse from the tensor table."""
+    from safety import Snapshot, assert_refused
+
+    make, words = BAD[case]
+    path = make(tmp_path, vocab)
+    (tmp_path / "t.txt").write_text("words " * 50)
+    snap = Snapshot(tmp_path)
+    for args in (("info", path), ("eval", path, "--data", tmp_path / "t.txt"), ("generate", path, "--max-new-tokens", "1")):
+        code, err, _ = cli(*args)
+        assert_refused(snap, code, err, str(path), words)
 
 
 def test_an_owner_only_gguf_converts_to_owner_only_weights(tmp_path, vocab):

@@ -194,3 +194,28 @@ def test_micro_organism_recovers_ahead_of_plain_lm(tmp_path, cli):
     assert teal["zeros"] > 0.8 and teal["ratio"] > 1.0
     assert "| relufy (staged warm start + distillation + L1 + final cutoff) @ 1% |" in (org / "table.md").read_text()
     assert (org / "recovery.png").stat().st_size > 10_000
+
+
+def test_a_compressed_document_is_read_within_a_bound(tmp_path):
+    """A .gz document that inflates past the bound (a gzip bomb, 64 KB on disk) is one line, not
+    64 MiB in memory; a FIFO among the documents is refused without blocking."""
+    import gzip
+    import os
+
+    bomb = tmp_path / "bomb.txt.gz"
+    bomb.write_bytes(gzip.compress(b"\0" * (corpus.DOCUMENT_BYTES + 1)))
+    with pytest.raises(RelufyError, match="a document larger than 64 MiB"):
+        corpus._read(bomb)
+    ok = tmp_path / "ok.txt.gz"
+    ok.write_bytes(gzip.compress(b"line one\r\nline two\n"))
+    assert corpus._read(ok) == "line one\nline two\n"
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(RelufyError, match="named pipe|not a regular file"):
+        corpus._read(tmp_path / "pipe.txt")
+
+
+def test_a_deep_record_in_the_corpus_is_one_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine"}\n' + "[" * 100_000 + "\n")
+    with pytest.raises(RelufyError, match=r"train.jsonl:2: JSON nested deeper"):
+        list(corpus.jsonl_texts(path))

@@ -444,3 +444,12 @@ def test_lora_targets_that_peft_would_drop(family, lora, needle):
     adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_" in n}
     if family == "llama":
         assert adapted == {"gate_proj"}
+
+
+def test_a_recipe_that_is_a_pipe_is_refused_without_blocking(tmp_path, cli):
+    import os
+
+    os.mkfifo(tmp_path / "recipe.yaml")
+    snap = Snapshot(tmp_path)
+    code, err, _ = cli("train", tmp_path / "recipe.yaml", "--dry-run")
+    assert_refused(snap, code, err, "named pipe")
