@@ -91,8 +91,9 @@ def run_bench(model: str | None, options: BenchOptions) -> dict:
     config = None
     if model is not None:
         from .modeling.spec import base_config
+        from .modeling.weights import checked_config
 
-        config = resolve(model).checked_config()
+        config = checked_config(resolve(model))
         block = RelufyBlock.read(config, model)
         if block is None or block.activation not in ZERO_ACTIVATIONS:
             raise RelufyError(f"{model}: not a ReLU-family relufy model (sparse decoding needs exact zeros)")

@@ -136,7 +136,9 @@ def info(path: str | Path, revision: str | None = None, token: str | None = None
             check_weights(config, shapes, hub[0])
     else:
         source = resolve(path, revision, token)
-        config = source.checked_config()
+        from .modeling.weights import checked_config
+
+        config = checked_config(source)
         weights = None if source.gguf_file else _local_weights(source.folder)
     block = RelufyBlock.read(config, str(path))
     family, cfg = base_config(config)

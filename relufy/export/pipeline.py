@@ -60,8 +60,9 @@ class ExportResult:
 def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
     """Config-level checks; returns the model's config dict and family."""
     from ..io.source import resolve
+    from ..modeling.weights import checked_config
 
-    config = resolve(path).checked_config()
+    config = checked_config(resolve(path))
     block = RelufyBlock.read(config, path)
     if block is None:
         raise RelufyError(f"{path}: not a relufy checkpoint (run relufy convert first)")

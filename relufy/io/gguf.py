@@ -79,7 +79,7 @@ def _check_layers(path: Path, config, reader) -> None:
     """The metadata's layer count against the tensor table (``blk.N.`` names), before a model of that
     many layers is built: each layer must have tensors, and no tensor may belong to a layer past the
     count (transformers would skip it and run a shorter model)."""
-    from ..modeling.weights import GGUF_LAYER, check_layer_count
+    from .tensor_names import GGUF_LAYER, check_layer_count
 
     names = [t.name for t in reader.tensors]
     declared = getattr(config, "num_hidden_layers", None)

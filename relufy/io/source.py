@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,20 +106,6 @@ class Source:
             raise RelufyError(f"{path}: not a JSON object")
         RelufyBlock.read(config, str(path))  # a malformed block: one line here, not a traceback later
         return config
-
-    @functools.cached_property
-    def _checked(self) -> dict:
-        from ..modeling.weights import check_source
-
-        config = self.config_dict()
-        check_source(self, config)
-        return config
-
-    def checked_config(self) -> dict:
-        """``config_dict`` once checked against the weights the source holds (safetensors headers or
-        GGUF tensor infos, nothing loaded): sizes the weights do not have, and missing, unexpected or
-        misshapen tensors, are refused in one line before any model is built. Checked once per Source."""
-        return dict(self._checked)
 
     def side_files(self) -> list[Path]:
         """Tokenizer, generation config, chat template and the like: every plain file except

@@ -92,8 +92,9 @@ def check_model(path: str, options: EvalOptions) -> None:
     """Config-only checks, so that a bad model or option fails before any weights load."""
     from ..io.source import resolve
     from ..modeling.spec import base_config
+    from ..modeling.weights import checked_config
 
-    _, config = base_config(resolve(path).checked_config())
+    _, config = base_config(checked_config(resolve(path)))
     limit = getattr(config, "max_position_embeddings", None)
     if options.data is not None and limit and options.seq_len > limit:
         raise RelufyError(f"--seq-len {options.seq_len} exceeds the model's context of {limit} tokens ({path})")

@@ -67,7 +67,9 @@ def load(
     from .spec import activation_spec, base_config
 
     source = resolve(path)
-    config = source.checked_config()  # config against the weights' headers: a mismatch is one line, before loading
+    from .weights import checked_config
+
+    config = checked_config(source)  # config against the weights' headers: a mismatch is one line, before loading
     block = RelufyBlock.read(config, str(path))
     family, base = base_config(config)
     if activation is None and block:

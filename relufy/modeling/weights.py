@@ -25,13 +25,12 @@ prefix, and the expert layouts transformers converts on load (per-expert or fuse
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..errors import RelufyError
+from ..io.tensor_names import SAFETENSORS_LAYER, VERDICT, check_layer_count, names_shown, natural
 
-SAFETENSORS_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-GGUF_LAYER = re.compile(r"^blk\.(\d+)\.")
 _EXPERT = re.compile(r"\.experts\.(\d+)\.")
 _FUSED = re.compile(r"(.*\.experts)\.(gate_up_proj|down_proj)")
 _RENAMES = (
@@ -41,41 +40,6 @@ _RENAMES = (
     (re.compile(r"(\.experts\.\d+)\.w2\.weight$"), r"\1.down_proj.weight"),
 )
 _MAX_FUSED_EXPERTS = 1 << 16  # a fused tensor claiming more experts is left whole (and then refused)
-_SHOWN = 3
-_VERDICT = "config and weights do not belong together"
-
-
-def _natural(name: str) -> tuple:
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
-
-
-def _names(names: Iterable[str]) -> str:
-    names = sorted(names, key=_natural)
-    more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
-    return ", ".join(names[:_SHOWN]) + more
-
-
-def check_layer_count(
-    declared,
-    names: Iterable[str],
-    where: str,
-    pattern: re.Pattern = SAFETENSORS_LAYER,
-    spelled: str = "model.layers.{}.",
-    claimed_by: str = "config.json",
-) -> None:
-    """Every one of the ``declared`` layers must have tensors among ``names`` (``pattern`` captures a
-    name's layer index; ``spelled`` is how a layer's names start and ``claimed_by`` what declares
-    the count, for the message)."""
-    if not isinstance(declared, int) or isinstance(declared, bool):
-        return  # not a size: the config check names it
-    present = {int(m.group(1)) for m in map(pattern.search, names) if m}
-    if declared <= len(present) and all(i in present for i in range(declared)):
-        return
-    first = next(i for i in range(len(present) + 1) if i not in present)
-    raise RelufyError(
-        f"{where}: {claimed_by} says {declared:,} layers (num_hidden_layers) but the weights hold {len(present):,}: "
-        f"no tensor {spelled.format(first)}*; {_VERDICT}"
-    )
 
 
 def check_expert_count(declared, tensors: Mapping[str, tuple[int, ...]], where: str) -> None:
@@ -90,7 +54,7 @@ def check_expert_count(declared, tensors: Mapping[str, tuple[int, ...]], where: 
             found = max(found, shape[0])
     if found and declared > found:
         raise RelufyError(
-            f"{where}: config.json says {declared:,} routed experts per layer but the weights hold {found:,}; {_VERDICT}"
+            f"{where}: config.json says {declared:,} routed experts per layer but the weights hold {found:,}; {VERDICT}"
         )
 
 
@@ -121,7 +85,8 @@ def check_counts(config: dict, tensors: Mapping[str, tuple[int, ...]], where: st
             beyond += [n for n in tensors if (m := _EXPERT.search(n)) and int(m.group(1)) >= experts and n not in beyond]
     if beyond:
         raise RelufyError(
-            f"{where}: the weights hold {len(beyond)} tensor(s) that config.json does not describe ({_names(beyond)}); {_VERDICT}"
+            f"{where}: the weights hold {len(beyond)} tensor(s) that config.json does not describe "
+            f"({names_shown(beyond)}); {VERDICT}"
         )
 
 
@@ -208,7 +173,7 @@ def check_weights(config: dict, tensors: Mapping[str, tuple[int, ...]], where: s
     missing = {names[k] for k in required if k not in actual and not (ignore_missing and ignore_missing.search(k))}
     if missing:
         raise RelufyError(
-            f"{where}: the weights lack {len(missing)} tensor(s) that config.json implies ({_names(missing)}); {_VERDICT}"
+            f"{where}: the weights lack {len(missing)} tensor(s) that config.json implies ({names_shown(missing)}); {VERDICT}"
         )
     unexpected = {
         stored[k]
@@ -218,9 +183,9 @@ def check_weights(config: dict, tensors: Mapping[str, tuple[int, ...]], where: s
     if unexpected:
         raise RelufyError(
             f"{where}: the weights hold {len(unexpected)} tensor(s) that config.json does not describe "
-            f"({_names(unexpected)}); {_VERDICT}"
+            f"({names_shown(unexpected)}); {VERDICT}"
         )
-    wrong = sorted((k for k in actual if k in required or k in optional), key=_natural)
+    wrong = sorted((k for k in actual if k in required or k in optional), key=natural)
     wrong = [k for k in wrong if actual[k] != required.get(k, optional.get(k))]
     if wrong:
         k = wrong[0]
@@ -228,7 +193,7 @@ def check_weights(config: dict, tensors: Mapping[str, tuple[int, ...]], where: s
         part = f" (part of {stored[k]})" if stored[k] != k else ""
         raise RelufyError(
             f"{where}: tensor {k}{part} has shape {list(actual[k])} in the weights, but config.json implies "
-            f"{list(required.get(k, optional.get(k)))}{others}; {_VERDICT}"
+            f"{list(required.get(k, optional.get(k)))}{others}; {VERDICT}"
         )
 
 
@@ -251,3 +216,16 @@ def check_source(source, config: dict) -> None:
         return
     ckpt = Checkpoint(folder)
     check_weights(config, {n: t.shape for n, t in ckpt.loaded_tensors().items()}, source.where)
+
+
+def checked_config(source) -> dict:
+    """``source.config_dict()`` once checked against the weights the source holds (safetensors
+    headers or GGUF tensor infos, nothing loaded): sizes the weights do not have, and missing,
+    unexpected or misshapen tensors, are refused in one line before any model is built. Checked
+    once per ``Source`` (the result rides on it)."""
+    cached = source.__dict__.get("_checked_config")
+    if cached is None:
+        cached = source.config_dict()
+        check_source(source, cached)
+        source.__dict__["_checked_config"] = cached
+    return dict(cached)

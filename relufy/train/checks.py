@@ -140,8 +140,6 @@ def _attach_lora(build, lora):
     adapters stay the same, it is refused."""
     from peft import get_peft_model
 
-    from .loop import lora_config
-
     def attach(spec):
         with warnings.catch_warnings():  # peft warns about targets that match nothing: judged below, on one line
             warnings.simplefilter("ignore")
@@ -235,8 +233,6 @@ def _check_teacher(recipe: Recipe, student_config, download: bool) -> None:
 def check_model(recipe: Recipe, download: bool = True, tokenizer: bool = False) -> None:
     """The student, its adapters, its optimizer and the teacher, built on the meta device as the
     run builds them (see the module's docstring); one line on the first problem."""
-    from .loop import apply_router_aux
-
     spec = recipe.model
     if spec.config is None and not reachable(spec.path, download):
         return
@@ -257,3 +253,26 @@ def check_model(recipe: Recipe, download: bool = True, tokenizer: bool = False) 
             from ..modeling.tokenizer import load_tokenizer
 
             load_tokenizer(source)
+
+
+def apply_router_aux(model, coef: float | None) -> None:
+    """``sparsity.router_aux_coef`` set on ``model`` (refused for a model without a router auxiliary loss)."""
+    if coef is None:
+        return
+    if not hasattr(model, "router_aux_loss_coef"):
+        raise RelufyError(f"sparsity.router_aux_coef: {type(model).__name__} computes no router auxiliary loss")
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = model.router_aux_loss_coef = coef
+
+
+def lora_config(lora):
+    """peft's ``LoraConfig`` of a recipe's ``lora`` section."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),  # [] with target_parameters: None would add peft's defaults
+        target_parameters=list(lora.target_parameters) or None,
+    )

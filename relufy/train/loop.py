@@ -55,6 +55,7 @@ from ..names import is_identity
 from ..progress import console
 from . import checkpoint as ckpt
 from . import rundir
+from .checks import apply_router_aux, lora_config
 from .recipe import Recipe, dump
 
 
@@ -126,29 +127,6 @@ def load_student(recipe: Recipe):
         return model, load_tokenizer(spec.tokenizer)
     model = load(spec.path, activation=spec.activation, threshold=spec.threshold, dtype=torch.float32)
     return model, load_tokenizer(spec.tokenizer or spec.path)
-
-
-def apply_router_aux(model, coef: float | None) -> None:
-    """``sparsity.router_aux_coef`` set on ``model`` (refused for a model without a router auxiliary loss)."""
-    if coef is None:
-        return
-    if not hasattr(model, "router_aux_loss_coef"):
-        raise RelufyError(f"sparsity.router_aux_coef: {type(model).__name__} computes no router auxiliary loss")
-    model.config.output_router_logits = True
-    model.config.router_aux_loss_coef = model.router_aux_loss_coef = coef
-
-
-def lora_config(lora):
-    """peft's ``LoraConfig`` of a recipe's ``lora`` section."""
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),  # [] with target_parameters: None would add peft's defaults
-        target_parameters=list(lora.target_parameters) or None,
-    )
 
 
 def _kl(student_logits, teacher_logits, labels, temperature):

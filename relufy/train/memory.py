@@ -174,7 +174,7 @@ def lora_parameters(config, r: int, target_modules=(), target_parameters=()) -> 
 
     from ..modeling.load import skeleton
 
-    # [] stays []: None would make peft add its default modules (what the run does: loop.lora_config)
+    # [] stays []: None would make peft add its default modules (what the run does: checks.lora_config)
     lora = LoraConfig(r=r, target_modules=list(target_modules), target_parameters=list(target_parameters) or None)
     with torch.device("meta"):
         model = get_peft_model(skeleton(config), lora)

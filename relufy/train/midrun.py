@@ -70,7 +70,8 @@ def export_checkpoint(recipe: Recipe, step: int, out: str | Path | None = None) 
 def _student(recipe: Recipe):
     """The model as training held it when it saved: the recipe's student (router settings
     applied) with its LoRA adapters."""
-    from .loop import apply_router_aux, load_student, lora_config
+    from .checks import apply_router_aux, lora_config
+    from .loop import load_student
 
     model, tokenizer = load_student(recipe)
     apply_router_aux(model, recipe.sparsity.router_aux_coef)
