@@ -178,7 +178,7 @@ def test_ctrl_c_exits_130_with_one_line(tiny_llama, tmp_path):
     from hang import bound
     from tiny import corpus
 
-    (tmp_path / "text.txt").write_text(corpus() * 400)
+    (tmp_path / "text.txt").write_text(corpus() * 8)  # 3.7 MB: seconds of work, a few hundred MB
     cmd = ["-v", "eval", str(tiny_llama), "--data", str(tmp_path / "text.txt"), "--seq-len", "64"]
     proc = subprocess.Popen([sys.executable, "-m", "relufy", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen = []
