@@ -81,30 +81,34 @@ def refuse_special(path: Path, spelled: str | os.PathLike, what: str) -> None:
         raise RelufyError(f"{what} {spelled} is {kind}, not a regular file; relufy writes only regular files")
 
 
+def _odd_entry(path: Path) -> str | None:
+    """What ``path`` is when it exists as a link ("link") or as anything but a regular file
+    ("special"); None when it is absent or a regular file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    return "link" if stat.S_ISLNK(mode) else None if stat.S_ISREG(mode) else "special"
+
+
 def refuse_planted_lock(target: Path) -> None:
     """The lock relufy will hold beside ``target`` (``.NAME.relufy-lock``) must be absent or a
     regular file: a link or a pipe planted there is refused now, before any long work."""
     lock = target.parent / f".{target.name}.relufy-lock"
-    try:
-        mode = os.lstat(lock).st_mode
-    except OSError:
-        return
-    if stat.S_ISLNK(mode):
+    odd = _odd_entry(lock)
+    if odd == "link":
         raise RelufyError(f"{lock} is a link; relufy does not follow it (remove it)")
-    if not stat.S_ISREG(mode):
+    if odd:
         raise RelufyError(f"{lock} is not a regular file; relufy does not use it (remove it)")
 
 
 def refuse_unexpected(path: Path) -> None:
     """A file relufy names itself (inside a folder it was given) must be absent or a regular file:
     a link, device, pipe or socket there is not replaced."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if stat.S_ISLNK(mode):
+    odd = _odd_entry(path)
+    if odd == "link":
         raise RelufyError(f"{path} is a link; relufy does not replace links (remove it or name its target)")
-    if not stat.S_ISREG(mode):
+    if odd:
         raise RelufyError(f"{path} exists and is not a regular file; relufy writes only regular files")
 
 

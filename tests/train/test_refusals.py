@@ -119,18 +119,8 @@ def test_seq_len_beyond_the_models_context(base, tmp_path, cli):
 
 def test_seq_len_beyond_a_scratch_configs_context(base, tmp_path, cli):
     raw = recipe_dict(base, tmp_path / "out")
-    raw["model"] = {
-        "config": {
-            "model_type": "llama",
-            "max_position_embeddings": 16,
-            "hidden_size": 32,
-            "intermediate_size": 48,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 4,
-            "vocab_size": 96,
-        },
-        "tokenizer": str(base / "llama"),
-    }
+    raw["model"] = _scratch_model(base)
+    raw["model"]["config"]["max_position_embeddings"] = 16
     path = write_recipe(tmp_path / "r.yaml", raw)
     snap = Snapshot(tmp_path)
     code, err, _ = cli("train", path)
