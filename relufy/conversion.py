@@ -18,15 +18,17 @@ from typing import Literal
 
 from pydantic import field_validator
 
-from .errors import RelufyError
+from .errors import RelufyError, notice
 from .families import Family, family_for, ffn_tensor
 from .io.atomic import atomic_dir, check_free_space, scratch_dir
+from .io.block import RelufyBlock
 from .io.hub import HubPush, PushOptions, check_push, check_revision, push_folder, revision_field
 from .io.paths import check_output_dir
 from .io.safetensors_index import DTYPE_BYTES, Checkpoint
 from .io.shard_writer import copy_file, recoded_chunks, write_safetensors
 from .io.source import Source, resolve
 from .modeling.card import model_card
+from .modeling.formats import FORMAT_TYPES, describe, recognise
 from .modeling.remote import base_config_dict, relufy_config_dict, render_modeling
 from .modeling.spec import ActivationSpec, ConfigView, activation_spec, check_sizes
 from .modeling.weights import check_counts
@@ -95,10 +97,11 @@ def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
 class ConvertOptions(PushOptions):
     """How ``relufy convert`` writes OUT."""
 
-    activation: Literal[ACTIVATIONS] = option_field(
-        "drelu",
+    activation: Literal[ACTIVATIONS] | None = option_field(
+        None,
         description="Gated activation to convert to: drelu relu(gate)*relu(up); reglu relu(gate)*up; relu2 "
-        "relu(gate)^2*up; fatrelu gate below --threshold -> 0, times up; swiglu keeps the original (a baseline).",
+        "relu(gate)^2*up; fatrelu gate below --threshold -> 0, times up; swiglu keeps the original (a baseline). "
+        "Default: drelu, or for a model that is ReLU-family already (ReluLLaMA, ProSparse, Bamboo) its own function.",
     )
     threshold: float | None = option_field(None, description="FATReLU threshold T >= 0 (fatrelu only).")
     dtype: Literal[("keep", *DTYPES)] = option_field("keep", description="Weight dtype of OUT (keep: the source's own).")
@@ -115,7 +118,7 @@ class ConvertOptions(PushOptions):
 def convert(
     src: str | Path,
     out: str | Path,
-    activation: str = "drelu",
+    activation: str | None = None,
     threshold: float | None = None,
     dtype: str = "keep",
     force: bool = False,
@@ -142,7 +145,10 @@ def convert(
         public=public,
         hub_revision=hub_revision,
     )
-    spec = activation_spec(options.activation, options.threshold)
+    if options.activation is not None:
+        activation_spec(options.activation, options.threshold)  # a bad pair: refused before any work
+    elif options.threshold is not None:
+        raise RelufyError("--threshold applies to fatrelu only: add --activation fatrelu")
     push = HubPush.of(options)
     check_push(push)  # no token: refused before any work
     check_output_dir(out, force)  # before a hub download
@@ -150,9 +156,10 @@ def convert(
     inputs = source.inputs()
     out = check_output_dir(out, force, inputs)
     if source.gguf_file:
-        _convert_gguf(source, out, spec, dtype, force)
+        spec = _convert_gguf(source, out, options)
     else:
-        plan = _plan_folder(source, spec, dtype, label=source.label)
+        plan = _plan_folder(source, options, label=source.label)
+        spec = plan["spec"]
         if not link:
             check_free_space(out, _output_bytes(plan["ckpt"], dtype))
         with atomic_dir(out, force, inputs) as tmp:
@@ -162,29 +169,89 @@ def convert(
     return out
 
 
-def _plan_folder(source: Source, spec: ActivationSpec, dtype: str, label: str) -> dict:
+def target_spec(
+    options: ConvertOptions, current: tuple[str, float | None] | None, what: str, where: str
+) -> tuple[ActivationSpec, str | None]:
+    """The activation OUT gets: ``--activation`` when given, else the source's own function
+    (``current``: a ReLU-family source's activation and threshold, described by ``what``), else
+    dReLU; and the line that says so when a ReLU-family source's function is kept or changed."""
+    if current is None:
+        return activation_spec(options.activation or "drelu", options.threshold), None
+    if options.activation is None:
+        kept = f"{where}: {what}; kept as {describe(*current)}, the function it computes (--activation changes it)"
+        return activation_spec(*current), kept
+    if is_identity(options.activation):
+        raise RelufyError(
+            f"{where}: {what} already; --activation swiglu keeps a SwiGLU model as it is: leave --activation out to keep "
+            "its function, or name the ReLU-family activation to convert to"
+        )
+    spec = activation_spec(options.activation, options.threshold)
+    if (spec.activation, spec.threshold) == tuple(current):
+        return spec, None
+    return spec, (
+        f"{where}: {what}; converted to {describe(spec.activation, spec.threshold)}, so OUT computes another function "
+        "than the source (recover its quality with relufy train)"
+    )
+
+
+def _plan_folder(source: Source, options: ConvertOptions, label: str, dtype: str | None = None) -> dict:
     """Everything about the conversion that can fail, checked before anything is written."""
+    dtype = options.dtype if dtype is None else dtype
     config = source.config_dict()
-    family = family_for(base_config_dict(config).get("model_type"))
-    check_sizes(family, base_config_dict(config))
-    cfg = ConfigView(config)
+    block = RelufyBlock.read(config, source.where)
+    if block is None and config.get("model_type") not in FORMAT_TYPES:
+        family_for(config.get("model_type"))  # an unsupported family: refused before the weights are read
     ckpt = Checkpoint(source.folder)
-    found = validate_checkpoint(ckpt, family, cfg)
+    tensors = {n: t.shape for n, t in ckpt.loaded_tensors().items()}
+    found = recognise(config, tensors, source.where)
+    if found is not None:
+        if not found.exact and options.activation is None:
+            raise RelufyError(
+                f"{source.where}: {found.why}; --activation {found.activation} converts it to the dense "
+                f"{describe(found.activation, None)} model those predictors approximate (their tensors are then left unused)"
+            )
+        current, what, base, family = (found.activation, found.threshold), found.format, found.base, found.family
+        extra = {"source_format": found.format}
+    elif block is not None:
+        current, what = (block.activation, block.threshold), f"a relufy {describe(block.activation, block.threshold)} checkpoint"
+        base, family, extra = base_config_dict(config), family_for(block.base_model_type), {}
+        if is_identity(block.activation):
+            current = None  # a baseline relufy wrote: converted as the SwiGLU model it is
+    else:
+        current, what, base, extra = None, "", base_config_dict(config), {}
+        family = family_for(base.get("model_type"))
+    spec, message = target_spec(options, current, what, source.where)
+    kept = current is not None and (spec.activation, spec.threshold) == tuple(current)
+    if found is not None and not found.exact and kept:
+        kept, message = (
+            False,
+            (
+                f"{source.where}: {found.format}; converted to the dense {describe(spec.activation, spec.threshold)} model, "
+                "its embedded predictors left unused (relufy export --predictors trains new ones)"
+            ),
+        )
+    if block is not None and block.cutoffs and (block.activation, block.threshold) == (spec.activation, spec.threshold):
+        extra["cutoffs"] = dict(block.cutoffs)  # the same function: its calibrated cutoffs stay
+    check_sizes(family, base)
+    ckpt_found = validate_checkpoint(ckpt, family, ConfigView(base))
     # the layers and experts against the weights, both ways (torch-free: a plain copy imports neither
     # torch nor transformers; every other tensor is checked where a model is built or loaded)
-    check_counts(config, {n: t.shape for n, t in ckpt.loaded_tensors().items()}, source.where)
-    new = relufy_config_dict(base_config_dict(config), family, spec.activation, spec.threshold, label, source.provenance())
+    check_counts(base, tensors, source.where)
+    new = relufy_config_dict(base, family, spec.activation, spec.threshold, label, {**source.provenance(), **extra})
     if dtype != "keep":
         new["dtype"] = DTYPES[dtype][1]
         new.pop("torch_dtype", None)
+    if message:
+        notice(message)
     return dict(
         source=source,
         spec=spec,
+        kept=kept,
         dtype=dtype,
         label=label,
         family=family,
         ckpt=ckpt,
-        found=found,
+        found=ckpt_found,
         config=new,
         side_files=source.side_files(),
     )
@@ -198,20 +265,21 @@ def _write_folder(plan: dict, tmp: Path, link: bool) -> None:
     (tmp / "config.json").write_text(json.dumps(plan["config"], indent=2, sort_keys=True) + "\n")
     if not is_identity(spec.activation):
         (tmp / MODELING_FILE).write_text(render_modeling(family))
-    (tmp / "README.md").write_text(model_card(plan["config"], family, spec, plan["label"], plan["found"]))
+    (tmp / "README.md").write_text(model_card(plan["config"], family, spec, plan["label"], plan["found"], plan["kept"]))
 
 
-def _convert_gguf(source: Source, out: Path, spec: ActivationSpec, dtype: str, force: bool) -> Path:
+def _convert_gguf(source: Source, out: Path, options: ConvertOptions) -> ActivationSpec:
     """Stream the GGUF into a scratch checkpoint (``relufy.io.gguf``: one tensor in memory at a
     time), then convert that, hard-linking its shards."""
     from .io.gguf import write_gguf_checkpoint
 
-    with atomic_dir(out, force, source.inputs()) as tmp:
+    with atomic_dir(out, options.force, source.inputs()) as tmp:
         scratch = scratch_dir(out, "gguf")
         try:
-            write_gguf_checkpoint(source.folder / source.gguf_file, scratch, dtype)  # checks the file first
-            plan = _plan_folder(dataclasses.replace(source, folder=scratch, gguf_file=None), spec, "keep", label=source.label)
+            write_gguf_checkpoint(source.folder / source.gguf_file, scratch, options.dtype)  # checks the file first
+            scratch_source = dataclasses.replace(source, folder=scratch, gguf_file=None)
+            plan = _plan_folder(scratch_source, options, label=source.label, dtype="keep")
             _write_folder(plan, tmp, link=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    return out
+    return plan["spec"]

@@ -46,9 +46,9 @@ class Family:
     # in memory: the decoder layer's norm in front of the FFN; its input is the residual stream
     # that sparsity predictors read (relufy.export.calibration)
     ffn_norm: str = "post_attention_layernorm"
-    # the PowerInfer architecture a dense dReLU model of this family converts to (relufy export
-    # --layout powerinfer); None: no engine layout for the family
-    powerinfer_arch: str | None = None
+    # a dense model of this family has PowerInfer layouts (relufy export --layout powerinfer):
+    # ``powerinfer_arch`` says which architecture its activation becomes there
+    powerinfer: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -96,8 +96,8 @@ def _experts(prefix: str, size: Callable) -> tuple[Container, ...]:
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        _dense("llama", "Llama", powerinfer_arch="bamboo"),
-        _dense("mistral", "Mistral", powerinfer_arch="bamboo"),
+        _dense("llama", "Llama", powerinfer=True),
+        _dense("mistral", "Mistral", powerinfer=True),
         _dense("qwen2", "Qwen2"),
         _dense("qwen3", "Qwen3"),
         _dense("gemma", "Gemma"),
@@ -174,6 +174,18 @@ FAMILIES: dict[str, Family] = {
 }
 
 SUPPORTED = ", ".join(FAMILIES)
+
+# PowerInfer's architecture for a dense model's gated activation (its sparse FFN, llama.cpp of
+# SJTU-IPADS/PowerInfer: ``LLM_FFN_SYM`` relu(gate) * relu(up) for bamboo, ``LLM_FFN_PAR``
+# relu(gate) * up for llama). FATReLU runs as ReGLU there: PowerInfer applies no threshold.
+POWERINFER_ARCH = {"drelu": "bamboo", "reglu": "llama", "fatrelu": "llama"}
+
+
+def powerinfer_arch(family: Family, activation: str) -> str | None:
+    """The PowerInfer architecture a ``family`` model with ``activation`` exports to; None: none."""
+    if not family.powerinfer or family.is_moe:
+        return None
+    return POWERINFER_ARCH.get(activation)
 
 
 def family_for(model_type: str | None) -> Family:

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import __version__
+from ..families import powerinfer_arch
 from ..io.block import RelufyBlock
 from ..io.hub import public_name
 from ..modeling.card import card_data, render
@@ -124,7 +125,7 @@ def _layer_table(result) -> str:
     return "\n".join(rows)
 
 
-def _load_snippet(options, family) -> str:
+def _load_snippet(options, family, activation: str) -> str:
     if options.layout == "powerinfer-gguf":
         kept = ", down projections kept f16 for PowerInfer's CPU kernel" if options.gguf_type == "q8_0" else ""
         return f"""`model.gguf` is PowerInfer's GGUF, the predictors inside: what its `convert.py --outtype
@@ -136,15 +137,23 @@ def _load_snippet(options, family) -> str:
 
 Keep `activation/` beside `model.gguf`: PowerInfer's GPU builds read the neuron counts there for their GPU/CPU split."""
     if options.layout == "powerinfer" and not family.is_moe:
-        return """This folder is PowerInfer's converter input (checked against SJTU-IPADS/PowerInfer d3ebd7c):
+        if powerinfer_arch(family, activation) == "llama":
+            also = (
+                "a plain transformers Llama (`hidden_act: relu`): relu(gate) * up, this model's function"
+                if activation == "reglu"
+                else "a plain transformers Llama (`hidden_act: relu`), without the FATReLU threshold (`relufy.load` keeps it)"
+            )
+        else:
+            also = "a plain dReLU Llama only through relufy (`relufy.load`), since `bamboo` is not a transformers type"
+        return f"""This folder is PowerInfer's converter input (checked against SJTU-IPADS/PowerInfer d3ebd7c):
 
 ```bash
 python convert.py --outfile THIS_FOLDER/model.powerinfer.gguf --outtype f16 --vocabtype bpe THIS_FOLDER THIS_FOLDER/predictor
 # the GGUF beside activation/: PowerInfer's GPU builds read the neuron counts there for their GPU/CPU split
 ```
 
-`--vocabtype spm` when the folder holds `tokenizer.model`. It also loads in transformers as a
-plain dReLU Llama only through relufy (`relufy.load`), since `bamboo` is not a transformers type."""
+`--vocabtype spm` when the folder holds `tokenizer.model`. It also loads in transformers as
+{also}."""
     return """```python
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or relufy.load(path)
@@ -232,7 +241,7 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         "",
         "## How to load",
         "",
-        _load_snippet(options, family),
+        _load_snippet(options, family, block.activation),
         "",
     ]
     (tmp / "README.md").write_text(render(data, "\n".join(lines)))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..families import powerinfer_arch
 from ..modeling.remote import base_config_dict
 from ..names import MODELING_FILE, PREDICTORS_FILE, SPARSITY_FILE, dtype_of_config, torch_dtype
 
@@ -188,9 +189,10 @@ def _write_bpe_files(tmp: Path) -> None:
         (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def _powerinfer_config(written: dict, arch: str) -> dict:
-    """The config PowerInfer's converter reads for ``arch`` (bamboo: a dReLU Llama) from the saved
-    relufy config."""
+def _powerinfer_config(written: dict, family) -> dict:
+    """The config PowerInfer's converter reads, from the saved relufy config: its architecture for
+    the activation (``relufy.families.powerinfer_arch``: bamboo for dReLU, llama for ReGLU)."""
+    arch = powerinfer_arch(family, written["relufy"]["activation"])
     base = base_config_dict(written)
     rope = base.pop("rope_parameters", None) or {}
     out = {k: v for k, v in base.items() if k not in ("auto_map",)}
@@ -235,7 +237,7 @@ def _write_gguf(tmp: Path, model, tokenizer, family, options, result, predictors
         powerinfer_gguf.write(
             tmp / powerinfer_gguf.GGUF_FILE,
             src,
-            _powerinfer_config(written, family.powerinfer_arch),
+            _powerinfer_config(written, family),
             model.state_dict(),
             layers,
             threshold,
@@ -279,9 +281,7 @@ def write_layout(
         _write_hf_predictors(tmp, predictors, dtype)
     if options.layout == "powerinfer":
         if powerinfer_dense:
-            (tmp / "config.json").write_text(
-                json.dumps(_powerinfer_config(written, family.powerinfer_arch), indent=2, sort_keys=True) + "\n"
-            )
+            (tmp / "config.json").write_text(json.dumps(_powerinfer_config(written, family), indent=2, sort_keys=True) + "\n")
             (tmp / MODELING_FILE).unlink(missing_ok=True)
             _write_bpe_files(tmp)
         (tmp / "predictor").mkdir()

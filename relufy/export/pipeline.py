@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RelufyError
-from ..families import FAMILIES, family_for
+from ..errors import RelufyError, notice
+from ..families import FAMILIES, family_for, powerinfer_arch
 from ..io.block import RelufyBlock
 from ..names import ZERO_ACTIVATIONS
 from .options import ExportOptions
@@ -65,7 +65,10 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
     config = checked_config(resolve(path))
     block = RelufyBlock.read(config, path)
     if block is None:
-        raise RelufyError(f"{path}: not a relufy checkpoint (run relufy convert first)")
+        raise RelufyError(
+            f"{path}: a {config.get('model_type')} model with {_activation_of(config)}, which gives no exact zeros: "
+            "convert it first (relufy convert)"
+        )
     family = family_for(block.base_model_type)
     activation = block.activation
     if activation not in ZERO_ACTIVATIONS:
@@ -86,12 +89,20 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
                 f"layout {layout} needs predictors (PowerInfer's converter takes a predictor folder): add --predictors"
             )
         if not family.is_moe or layout == "powerinfer-gguf":
-            if family.is_moe or family.powerinfer_arch is None or activation != "drelu":
-                takes = "/".join(f.model_type for f in FAMILIES.values() if f.powerinfer_arch)
+            arch = powerinfer_arch(family, activation)
+            if arch is None:
+                takes = "/".join(f.model_type for f in FAMILIES.values() if f.powerinfer)
                 other = " (or --layout powerinfer: per-expert predictor folders)" if family.is_moe else ""
                 raise RelufyError(
-                    f"layout {layout} takes dense dReLU models of {takes} (PowerInfer's bamboo "
-                    f"architecture); this is a {activation} {family.model_type} model: use --layout hf{other}"
+                    f"layout {layout} takes dense dReLU models (PowerInfer's bamboo architecture) and ReGLU or FATReLU "
+                    f"models (its llama architecture) of {takes}; this is a {activation} {family.model_type} model: "
+                    f"use --layout hf{other}"
+                )
+            if activation == "fatrelu":
+                notice(
+                    f"layout {layout}: PowerInfer's llama architecture computes relu(gate) * up with no threshold, so gate "
+                    f"values below this model's FATReLU threshold {block.threshold:g} count there when a predictor selects "
+                    "their neuron (--layout hf keeps the threshold)"
                 )
             rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
             rope_type = rope.get("rope_type") or rope.get("type") or "default"
@@ -115,7 +126,7 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
             biases = [k for k in ("attention_bias", "mlp_bias") if config.get(k)]
             if biases:
                 raise RelufyError(
-                    f"layout {layout}: PowerInfer's bamboo architecture has no biases; this model has {' and '.join(biases)}"
+                    f"layout {layout}: PowerInfer's {arch} architecture has no biases; this model has {' and '.join(biases)}"
                 )
     hidden = config.get("hidden_size")
     if options.predictors and options.predictor_rank and isinstance(hidden, int) and options.predictor_rank > hidden:
@@ -127,6 +138,11 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
 
         read_eval(options.eval_json)  # read again for the card: checked here, before any work
     return config, family
+
+
+def _activation_of(config: dict) -> str:
+    act = config.get("hidden_act", config.get("hidden_activation"))
+    return f"activation {act}" if isinstance(act, str) else "its default activation"
 
 
 def _site_sparsity(counts: torch.Tensor, tokens: torch.Tensor) -> list[float]:

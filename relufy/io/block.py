@@ -50,6 +50,11 @@ class RelufyBlock(_Block):
     base_activation: str
     source: str = ""
     relufy_version: str = ""
+    source_format: str | None = Field(
+        None,
+        description="The published ReLU-family format the source was read from (relufy.modeling.formats), "
+        "e.g. a ProSparse model; none for a SwiGLU source or relufy's own checkpoint.",
+    )
     cutoffs: dict[str, Annotated[float, Field(ge=0, strict=True)]] = Field(
         default_factory=dict,
         description="FFN module path -> magnitude cutoff: entries of the combined activation act(gate) * up below it "

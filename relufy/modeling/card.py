@@ -67,7 +67,9 @@ def render(data, body: str) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
-def model_card(config: dict, family: Family, spec: ActivationSpec, source: str, found: int) -> str:
+def model_card(config: dict, family: Family, spec: ActivationSpec, source: str, found: int, kept: bool = False) -> str:
+    """The README of a converted checkpoint. ``kept``: the source computed this function already
+    (a ReLU-family source read as it is)."""
     block = RelufyBlock.read(config)
     formula = {
         "drelu": "down(relu(x W_gate) * relu(x W_up))",
@@ -93,6 +95,13 @@ def model_card(config: dict, family: Family, spec: ActivationSpec, source: str, 
         status = (
             "Trained after conversion, so the activation and the weights fit together again; the numbers "
             "below are measured on held-out text of the training recipe."
+        )
+    elif kept:
+        title = f"# {spec.activation} model `{name}`, read by relufy"
+        weights = "- Weights: the original weights, unchanged; the function they compute too"
+        status = (
+            f"The source is {block.source_format or 'a relufy checkpoint'}: relufy kept the function it computes, so\n"
+            "its outputs are the source's. `relufy export --predictors` trains sparsity predictors for it."
         )
     else:
         title = f"# {spec.activation} conversion of `{name}`"

@@ -57,8 +57,9 @@ def load(
 ):
     """Load a model folder, ``.gguf`` file or hub id as a transformers ``*ForCausalLM``.
 
-    A relufy checkpoint comes back with its recorded activation; an original model with its own
-    (SwiGLU) unless ``activation`` asks for another, which is then swapped in memory. Extra
+    A relufy checkpoint comes back with its recorded activation, a ReLU-family model relufy did
+    not write (``relufy.modeling.formats``) with the relufy activation that computes it, any other
+    with its own (SwiGLU) unless ``activation`` asks for another, which is then swapped in memory. Extra
     keyword arguments go to ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     from transformers import AutoModelForCausalLM
@@ -69,7 +70,9 @@ def load(
     source = resolve(path)
     from .weights import checked_config
 
-    config = checked_config(source)  # config against the weights' headers: a mismatch is one line, before loading
+    # config against the weights' headers (a mismatch is one line, before loading); a ReLU-family
+    # model relufy did not write comes back as the relufy config of its function
+    config = checked_config(source, activation)
     block = RelufyBlock.read(config, str(path))
     family, base = base_config(config)
     if activation is None and block:

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import RelufyError
 from ..io.gguf import check_gguf_structure
 from ..io.source import resolve
+from .formats import read_config
 from .spec import base_config
 
 
@@ -23,7 +24,7 @@ def load_tokenizer(path: str | Path):
     elif not (source.folder / "config.json").exists() and (source.folder / "tokenizer_config.json").is_file():
         kwargs = {}  # a tokenizer folder of its own (tokenizer.json and tokenizer_config.json, no model)
     else:
-        kwargs = {"config": base_config(source.config_dict())[1]}
+        kwargs = {"config": base_config(read_config(source))[1]}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
     except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, TypeError... for a missing tokenizer

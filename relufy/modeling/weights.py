@@ -197,35 +197,59 @@ def check_weights(config: dict, tensors: Mapping[str, tuple[int, ...]], where: s
         )
 
 
-def check_source(source, config: dict) -> None:
-    """``check_weights`` for a resolved ``relufy.io.source.Source``: a GGUF through its tensor table
-    (``relufy.io.gguf.check_gguf``), a folder through its safetensors headers. A folder without
-    safetensors weights (a config alone, which ``relufy info`` reads; PyTorch ``.bin`` weights,
-    which transformers reads) is left as it is."""
+def _stored_tensors(source) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of the weights a folder source holds (safetensors headers); None for a GGUF
+    (checked through its tensor table) or a folder without safetensors weights."""
     if source.gguf_file:
-        from ..io.gguf import check_gguf
-
-        check_gguf(source.folder / source.gguf_file)
-        return
+        return None
     from ..io.safetensors_index import Checkpoint
     from ..names import INDEX_FILE
 
     folder = Path(source.folder)
     index = folder / INDEX_FILE
     if not any(folder.glob("*.safetensors")) and not (index.exists() or index.is_symlink()):
+        return None
+    return {n: t.shape for n, t in Checkpoint(folder).loaded_tensors().items()}
+
+
+def check_source(source, config: dict, tensors: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """``check_weights`` for a resolved ``relufy.io.source.Source``: a GGUF through its tensor table
+    (``relufy.io.gguf.check_gguf``), a folder through its safetensors headers (``tensors``, when
+    already read). A folder without safetensors weights (a config alone, which ``relufy info``
+    reads; PyTorch ``.bin`` weights, which transformers reads) is left as it is."""
+    if source.gguf_file:
+        from ..io.gguf import check_gguf
+
+        check_gguf(source.folder / source.gguf_file)
         return
-    ckpt = Checkpoint(folder)
-    check_weights(config, {n: t.shape for n, t in ckpt.loaded_tensors().items()}, source.where)
+    tensors = _stored_tensors(source) if tensors is None else tensors
+    if tensors is not None:
+        check_weights(config, tensors, source.where)
 
 
-def checked_config(source) -> dict:
+def checked_config(source, activation: str | None = None) -> dict:
     """``source.config_dict()`` once checked against the weights the source holds (safetensors
     headers or GGUF tensor infos, nothing loaded): sizes the weights do not have, and missing,
-    unexpected or misshapen tensors, are refused in one line before any model is built. Checked
-    once per ``Source`` (the result rides on it)."""
+    unexpected or misshapen tensors, are refused in one line before any model is built. A
+    ReLU-family model relufy did not write comes back as the relufy config that computes its
+    function (``relufy.modeling.formats``); one whose function relufy cannot compute is refused
+    unless ``activation`` names the function to read it as. Checked once per ``Source`` (the result
+    rides on it)."""
+    from .formats import describe, recognise
+
     cached = source.__dict__.get("_checked_config")
     if cached is None:
-        cached = source.config_dict()
-        check_source(source, cached)
+        raw = source.config_dict()
+        tensors = _stored_tensors(source)
+        found = None if source.gguf_file else recognise(raw, tensors, source.where)
+        cached = raw if found is None else found.config(source.label)
+        check_source(source, cached, tensors)
         source.__dict__["_checked_config"] = cached
+        source.__dict__["_recognised"] = found
+    found = source.__dict__.get("_recognised")
+    if found is not None and not found.exact and activation is None:
+        raise RelufyError(
+            f"{source.where}: {found.why}; relufy convert --activation {found.activation} reads it as the dense "
+            f"{describe(found.activation, None)} model those predictors approximate"
+        )
     return dict(cached)

@@ -67,7 +67,6 @@ import pickle
 import random
 import re
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,11 +79,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final", "summary.json")
 _STEP = re.compile(r"^step-(\d{8,})$")
-
-
-def notice(message: str) -> None:
-    """One line on stderr that is not an error (a skipped checkpoint, a restart)."""
-    print(f"relufy: {message}".replace("\n", " "), file=sys.stderr, flush=True)
 
 
 # --- JSON written by relufy ----------------------------------------------------------------

@@ -109,9 +109,10 @@ def _student(recipe: Recipe):
         model = _on_meta(config, "model.config")
         return swap_activation(model, spec.activation or "swiglu", spec.threshold, source="scratch"), config
     from ..io.source import resolve
+    from ..modeling.formats import read_config
     from ..modeling.spec import base_config
 
-    raw = resolve(spec.path).config_dict()
+    raw = read_config(resolve(spec.path))
     block = RelufyBlock.read(raw, spec.path)
     _, config = base_config(raw)
     model = _on_meta(config, spec.path)
@@ -210,11 +211,12 @@ def _check_teacher(recipe: Recipe, student_config, download: bool) -> None:
     if not reachable(path, download):
         return
     from ..io.source import resolve
+    from ..modeling.formats import read_config
     from ..modeling.spec import base_config
 
     where = "sparsity.distill.teacher" if sparsity.distill and sparsity.distill.teacher else "model.path (the teacher)"
     try:
-        raw = resolve(path).config_dict()
+        raw = read_config(resolve(path))
         _, config = base_config(raw)
     except RelufyError as e:
         raise RelufyError(f"{where}: {e}") from None

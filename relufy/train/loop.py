@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import RelufyError
+from ..errors import RelufyError, notice
 from ..io.block import RelufyBlock
 from ..measure.meter import SparsityMeter, heldout_eval
 from ..names import is_identity
@@ -349,9 +349,10 @@ def _check_context(recipe: Recipe) -> None:
         where = "model.config"
     else:
         from ..io.source import resolve
+        from ..modeling.formats import read_config
         from ..modeling.spec import base_config
 
-        raw = resolve(spec.path).config_dict()
+        raw = read_config(resolve(spec.path))
         _, config = base_config(raw)
         where = spec.path
         block = RelufyBlock.read(raw, spec.path)
@@ -402,10 +403,10 @@ def _first_writes(out: Path, plan: dict, recipe: Recipe, resume: bool) -> None:
     ckpt.remove_leftovers(out)
     for path, reason in plan["rejected"]:
         moved = ckpt.set_aside(ckpt.Verdict(Path(path), reason))
-        ckpt.notice(f"skipped checkpoint {path}: {reason}; moved to {moved.name}, not loaded")
+        notice(f"skipped checkpoint {path}: {reason}; moved to {moved.name}, not loaded")
     if resume and plan["checkpoint"] is None:
         dropped = " (the metrics logged so far are dropped)" if (out / "metrics.jsonl").exists() else ""
-        ckpt.notice(f"--resume: no intact checkpoint in {out / 'checkpoints'}; starting again from step 0{dropped}")
+        notice(f"--resume: no intact checkpoint in {out / 'checkpoints'}; starting again from step 0{dropped}")
         ckpt.truncate_metrics(out / "metrics.jsonl", 0)
 
 
@@ -664,9 +665,9 @@ class RecipeRun:
         self.start_step = int(state["step"])
         saved_world = state.get("processes")
         if accelerator.is_main_process:
-            ckpt.notice(f"resuming from {path} (step {self.start_step})")
+            notice(f"resuming from {path} (step {self.start_step})")
             if saved_world != accelerator.num_processes:
-                ckpt.notice(
+                notice(
                     f"{path} was saved by {saved_world} processes, this run has {accelerator.num_processes}: "
                     "the run goes on, but not as the original one would have"
                 )

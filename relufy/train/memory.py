@@ -738,11 +738,12 @@ def read_config(spec: str) -> dict:
 
     from ..io.hub import download_file, split_revision
     from ..io.source import resolve
+    from ..modeling.formats import as_relufy, read_config
 
     hub = None if Path(spec).expanduser().exists() else split_revision(str(spec))
     if hub is None:
-        return resolve(spec).config_dict()
-    return json.loads(download_file(hub[0], "config.json", hub[1], None).read_text())
+        return read_config(resolve(spec))
+    return as_relufy(json.loads(download_file(hub[0], "config.json", hub[1], None).read_text()), str(spec))
 
 
 def plan_recipe(recipe, gpus=None, nodes: int = 1, gpu_memory=None, strategy=None, processes=None) -> MemoryPlan:

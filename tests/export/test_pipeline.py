@@ -368,12 +368,12 @@ def test_export_from_stats_file(cli, tmp_path, converted):
     [
         ("swiglu", "gives no exact zeros"),
         ("stats-mismatch", "neurons in the stats"),
-        ("powerinfer-family", "layout powerinfer takes dense dReLU models of llama/mistral"),
+        ("powerinfer-family", "ReGLU or FATReLU models (its llama architecture) of llama/mistral; this is a drelu qwen2"),
         ("powerinfer-no-predictors", "needs predictors"),
         ("powerinfer-ffn-input", "PowerInfer feeds its predictors the residual stream"),
         ("no-stats", "give --stats FILE or --data SPEC"),
         ("predictors-no-data", "--predictors needs calibration text"),
-        ("not-relufy", "not a relufy checkpoint"),
+        ("not-relufy", "a llama model with activation silu, which gives no exact zeros: convert it first"),
         ("bad-stats", "not a readable stats file"),
     ],
 )
@@ -403,6 +403,7 @@ def test_export_bad_input(cli, tmp_path, converted, case, needle):
 
 def test_powerinfer_config_yarn_has_what_its_converter_reads(converted):
     from relufy.export.layouts import _powerinfer_config
+    from relufy.families import FAMILIES
 
     written = json.loads((Path(converted["llama"]) / "config.json").read_text())
     written["rope_parameters"] = {
@@ -411,7 +412,7 @@ def test_powerinfer_config_yarn_has_what_its_converter_reads(converted):
         "factor": 4.0,
         "original_max_position_embeddings": 8192,
     }
-    config = _powerinfer_config(written, "bamboo")
+    config = _powerinfer_config(written, FAMILIES["llama"])
     # PowerInfer's convert.py reads type, factor, original_max_position_embeddings and finetuned, no defaults
     assert config["rope_scaling"] == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192, "finetuned": False}
     assert config["rope_theta"] == 500000.0 and config["model_type"] == "bamboo"

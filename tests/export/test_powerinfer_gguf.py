@@ -30,8 +30,8 @@ def converted(tmp_path_factory):
     save_tiny_with_tokenizer("llama", root / "llama", tie_word_embeddings=True)
     convert(root / "llama", root / "llama-drelu")
     out["llama"] = root / "llama-drelu"
-    convert(root / "llama", root / "llama-reglu", activation="reglu")
-    out["reglu"] = root / "llama-reglu"
+    convert(root / "llama", root / "llama-relu2", activation="relu2")
+    out["relu2"] = root / "llama-relu2"
     save_tiny_with_tokenizer("qwen2_moe", root / "moe")
     convert(root / "moe", root / "moe-drelu")
     out["moe"] = root / "moe-drelu"
@@ -276,8 +276,8 @@ def test_sentencepiece_pieces_from_the_protobuf(tmp_path):
 @pytest.mark.parametrize(
     "case, needle",
     [
-        ("reglu", "layout powerinfer-gguf takes dense dReLU models of llama/mistral"),
-        ("moe", "layout powerinfer-gguf takes dense dReLU models of llama/mistral"),
+        ("relu2", "(its llama architecture) of llama/mistral; this is a relu2 llama model: use --layout hf"),
+        ("moe", "(its llama architecture) of llama/mistral; this is a drelu qwen2_moe model: use --layout hf"),
         ("no-predictors", "layout powerinfer-gguf needs predictors"),
         ("gguf-type-hf", "--gguf-type applies to --layout powerinfer-gguf"),
     ],
@@ -286,7 +286,7 @@ def test_powerinfer_gguf_bad_input(cli, tmp_path, converted, case, needle):
     data = ("--data", converted["data"])
     gguf_layout = ("--layout", "powerinfer-gguf")
     args = {
-        "reglu": (converted["reglu"], *data, "--predictors", *gguf_layout),
+        "relu2": (converted["relu2"], *data, "--predictors", *gguf_layout),
         "moe": (converted["moe"], *data, "--predictors", *gguf_layout),
         "no-predictors": (converted["llama"], *data, *gguf_layout),
         "gguf-type-hf": (converted["llama"], *data, "--gguf-type", "q8_0"),
