@@ -242,7 +242,7 @@ def _convert(src: str, out: str, options) -> None:
     """Convert SRC to a dReLU (or other gated ReLU) checkpoint at OUT."""
     from .conversion import convert
 
-    typer.echo(f"wrote {convert(src, out, **options.model_dump())}")
+    typer.echo(f"wrote {convert(src, out, options)}")
 
 
 def _info(path: str, options) -> None:

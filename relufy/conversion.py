@@ -24,7 +24,7 @@ from .io.atomic import atomic_dir, check_free_space, scratch_dir
 from .io.block import RelufyBlock
 from .io.hub import HubPush, PushOptions, check_push, check_revision, push_folder, revision_field
 from .io.paths import check_output_dir
-from .io.safetensors_index import DTYPE_BYTES, Checkpoint
+from .io.safetensors_index import Checkpoint
 from .io.shard_writer import copy_file, recoded_chunks, write_safetensors
 from .io.source import Source, resolve
 from .modeling.card import model_card
@@ -32,11 +32,9 @@ from .modeling.formats import FORMAT_TYPES, describe, recognise
 from .modeling.remote import base_config_dict, relufy_config_dict, render_modeling
 from .modeling.spec import ActivationSpec, ConfigView, activation_spec, check_sizes
 from .modeling.weights import check_counts
-from .names import ACTIVATIONS, DTYPES, INDEX_FILE, MODELING_FILE, is_identity
+from .names import ACTIVATIONS, FLOAT_ST_DTYPES, INDEX_FILE, MODELING_FILE, ST_DTYPES, USER_DTYPES, is_identity
 from .options import option_field
 from .progress import byte_progress
-
-_FLOAT_ST = {"F64", "F32", "F16", "BF16"}
 
 
 def validate_checkpoint(ckpt: Checkpoint, family: Family, config) -> int:
@@ -61,15 +59,15 @@ def validate_checkpoint(ckpt: Checkpoint, family: Family, config) -> int:
 
 def _output_bytes(ckpt: Checkpoint, dtype: str) -> int:
     """Bytes of tensor data the weights take at ``dtype`` (headers aside)."""
-    if dtype not in DTYPES:
+    if dtype not in USER_DTYPES:
         return ckpt.nbytes
-    target = DTYPES[dtype][0]
-    return sum(t.numel * DTYPE_BYTES[target] if t.dtype in _FLOAT_ST else t.nbytes for t in ckpt.tensors.values())
+    size = ST_DTYPES[USER_DTYPES[dtype]].nbytes
+    return sum(t.numel * size if t.dtype in FLOAT_ST_DTYPES else t.nbytes for t in ckpt.tensors.values())
 
 
 def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
-    target = DTYPES[dtype][0] if dtype in DTYPES else None
-    recode = target is not None and any(t.dtype in _FLOAT_ST and t.dtype != target for t in ckpt.tensors.values())
+    target = USER_DTYPES.get(dtype)
+    recode = target is not None and any(t.dtype in FLOAT_ST_DTYPES and t.dtype != target for t in ckpt.tensors.values())
     tensor_bytes = 0
     with byte_progress("weights", ckpt.nbytes) as advance:
         for path in ckpt.files:
@@ -80,11 +78,11 @@ def _write_weights(ckpt: Checkpoint, out: Path, dtype: str, link: bool) -> None:
                 tensor_bytes += sum(t.nbytes for t in tensors)
                 continue
             by_name = {t.name: t for t in tensors}
-            entries = [(t.name, target if t.dtype in _FLOAT_ST else t.dtype, t.shape) for t in tensors]
+            entries = [(t.name, target if t.dtype in FLOAT_ST_DTYPES else t.dtype, t.shape) for t in tensors]
 
             def produce(name, by_name=by_name):
                 info = by_name[name]
-                yield from recoded_chunks(info, target if info.dtype in _FLOAT_ST else info.dtype)
+                yield from recoded_chunks(info, target if info.dtype in FLOAT_ST_DTYPES else info.dtype)
                 advance(info.nbytes)
 
             metadata = ckpt.metadata[path.name] or {"format": "pt"}
@@ -104,7 +102,7 @@ class ConvertOptions(PushOptions):
         "Default: drelu, or for a model that is ReLU-family already (ReluLLaMA, ProSparse, Bamboo) its own function.",
     )
     threshold: float | None = option_field(None, description="FATReLU threshold T >= 0 (fatrelu only).")
-    dtype: Literal[("keep", *DTYPES)] = option_field("keep", description="Weight dtype of OUT (keep: the source's own).")
+    dtype: Literal[("keep", *USER_DTYPES)] = option_field("keep", description="Weight dtype of OUT (keep: the source's own).")
     force: bool = option_field(False, description="Replace an existing OUT (never an input: SRC, or a folder around it).")
     link: bool = option_field(False, description="Hard-link unchanged shards instead of copying them.")
     revision: str | None = revision_field()
@@ -115,58 +113,50 @@ class ConvertOptions(PushOptions):
         return check_revision(value)
 
 
-def convert(
-    src: str | Path,
-    out: str | Path,
-    activation: str | None = None,
-    threshold: float | None = None,
-    dtype: str = "keep",
-    force: bool = False,
-    link: bool = False,
-    revision: str | None = None,
-    token: str | None = None,
-    push_to_hub: str | None = None,
-    public: bool = False,
-    hub_revision: str | None = None,
-) -> Path:
-    """Convert the model at ``src`` (folder, .gguf, hub id) and write it to ``out`` (``ConvertOptions``
-    says what each argument does). ``out`` may not be ``src``, lie inside it or contain it (paths
-    compared resolved), so ``force`` can never delete the source. With ``push_to_hub`` the finished
-    folder is then uploaded (``relufy.io.hub.push_folder``)."""
-    options = ConvertOptions.build(
-        activation=activation,
-        threshold=threshold,
-        dtype=dtype,
-        force=force,
-        link=link,
-        revision=revision,
-        token=token,
-        push_to_hub=push_to_hub,
-        public=public,
-        hub_revision=hub_revision,
-    )
+def convert(src: str | Path, out: str | Path, options: ConvertOptions | None = None, **overrides) -> Path:
+    """Convert the model at ``src`` (folder, .gguf, hub id) and write it to ``out``, as ``options``
+    say (``ConvertOptions``: what each field does); or, instead of ``options``, its fields as
+    keywords (``convert(src, out, activation="reglu")``), the rest at their defaults. ``out`` may not
+    be ``src``, lie inside it or contain it (paths compared resolved), so ``force`` can never delete
+    the source. With ``push_to_hub`` the finished folder is then uploaded (``relufy.io.hub.push_folder``)."""
+    options = _options_of(options, overrides)
     if options.activation is not None:
         activation_spec(options.activation, options.threshold)  # a bad pair: refused before any work
     elif options.threshold is not None:
         raise RelufyError("--threshold applies to fatrelu only: add --activation fatrelu")
     push = HubPush.of(options)
     check_push(push)  # no token: refused before any work
-    check_output_dir(out, force)  # before a hub download
+    check_output_dir(out, options.force)  # before a hub download
     source = resolve(src, options.revision, options.token)
     inputs = source.inputs()
-    out = check_output_dir(out, force, inputs)
+    out = check_output_dir(out, options.force, inputs)
     if source.gguf_file:
         spec = _convert_gguf(source, out, options)
     else:
         plan = _plan_folder(source, options, label=source.label)
         spec = plan["spec"]
-        if not link:
-            check_free_space(out, _output_bytes(plan["ckpt"], dtype))
-        with atomic_dir(out, force, inputs) as tmp:
-            _write_folder(plan, tmp, link)
+        if not options.link:
+            check_free_space(out, _output_bytes(plan["ckpt"], options.dtype))
+        with atomic_dir(out, options.force, inputs) as tmp:
+            _write_folder(plan, tmp, options.link)
     if push is not None:  # OUT is complete: a failed push leaves it as written
         push_folder(out, push, f"relufy convert: {spec.activation} conversion of {source.label}")
     return out
+
+
+def _options_of(options: ConvertOptions | None, overrides: dict) -> ConvertOptions:
+    """``options`` as given, or built from keyword ``overrides`` (refused: both at once, or a keyword
+    that is no option, as Python refuses an unknown keyword)."""
+    unknown = sorted(set(overrides) - set(ConvertOptions.model_fields))
+    if unknown:
+        raise TypeError(f"convert() got an unexpected keyword argument {unknown[0]!r}")
+    if options is None:
+        return ConvertOptions.build(**overrides)
+    if not isinstance(options, ConvertOptions):
+        raise TypeError(f"convert() takes its options as a ConvertOptions, not {type(options).__name__}: name them as keywords")
+    if overrides:
+        raise TypeError("convert() takes a ConvertOptions or options as keywords, not both")
+    return options
 
 
 def target_spec(
@@ -194,9 +184,9 @@ def target_spec(
     )
 
 
-def _plan_folder(source: Source, options: ConvertOptions, label: str, dtype: str | None = None) -> dict:
+def _plan_folder(source: Source, options: ConvertOptions, label: str) -> dict:
     """Everything about the conversion that can fail, checked before anything is written."""
-    dtype = options.dtype if dtype is None else dtype
+    dtype = options.dtype
     config = source.config_dict()
     block = RelufyBlock.read(config, source.where)
     if block is None and config.get("model_type") not in FORMAT_TYPES:
@@ -239,7 +229,7 @@ def _plan_folder(source: Source, options: ConvertOptions, label: str, dtype: str
     check_counts(base, tensors, source.where)
     new = relufy_config_dict(base, family, spec.activation, spec.threshold, label, {**source.provenance(), **extra})
     if dtype != "keep":
-        new["dtype"] = DTYPES[dtype][1]
+        new["dtype"] = ST_DTYPES[USER_DTYPES[dtype]].torch
         new.pop("torch_dtype", None)
     if message:
         notice(message)
@@ -278,7 +268,8 @@ def _convert_gguf(source: Source, out: Path, options: ConvertOptions) -> Activat
         try:
             write_gguf_checkpoint(source.folder / source.gguf_file, scratch, options.dtype)  # checks the file first
             scratch_source = dataclasses.replace(source, folder=scratch, gguf_file=None)
-            plan = _plan_folder(scratch_source, options, label=source.label, dtype="keep")
+            scratch_options = options.model_copy(update={"dtype": "keep"})  # the scratch checkpoint has OUT's dtype already
+            plan = _plan_folder(scratch_source, scratch_options, label=source.label)
             _write_folder(plan, tmp, link=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)

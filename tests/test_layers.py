@@ -40,15 +40,23 @@ def _modules() -> dict[str, Path]:
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """Every relufy module ``name`` imports, at module level or inside functions."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return imports_of_source(name, path.name == "__init__.py", path.read_text(), modules)
+
+
+def imports_of_source(name: str, is_package: bool, source: str, modules: dict[str, Path]) -> set[str]:
+    """Every relufy module the source text of module ``name`` imports: ``import`` and ``from``
+    statements, and calls of ``importlib.import_module`` / ``__import__`` with a literal name (so
+    an upward import cannot hide in a string)."""
+    package = name if is_package else name.rpartition(".")[0]
+
+    def relative(level: int, module: str | None) -> str:
+        base = package.split(".")[: len(package.split(".")) - level + 1]
+        return ".".join(base + ([module] if module else []))
+
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
+            target = relative(node.level, node.module) if node.level else node.module or ""
             if target.split(".")[0] != "relufy":
                 continue
             for alias in node.names:
@@ -56,7 +64,43 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 found.add(sub if sub in modules else target)
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "relufy")
+        elif isinstance(node, ast.Call):
+            found.update(t for t in _dynamic_imports(node, relative) if t.split(".")[0] == "relufy")
     return found - {name}
+
+
+def _literal(node):
+    """The value of a literal argument (a string, or a list / tuple of strings), else None."""
+    try:
+        return ast.literal_eval(node) if node is not None else None
+    except (ValueError, TypeError, SyntaxError):
+        return None
+
+
+def _dynamic_imports(call: ast.Call, relative) -> list[str]:
+    """The modules an ``importlib.import_module("...")`` or ``__import__("...")`` call imports,
+    when its name is a literal string (a name only known at run time cannot be checked)."""
+    func = call.func
+    called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    if called not in ("import_module", "__import__") or not call.args:
+        return []
+    target = _literal(call.args[0])
+    if not isinstance(target, str):
+        return []
+    keywords = {k.arg: k.value for k in call.keywords}
+    if called == "import_module":
+        if target.startswith("."):  # relative to the package it is called from (package=__package__)
+            level = len(target) - len(target.lstrip("."))
+            target = relative(level, target[level:] or None)
+        return [target]
+    # __import__(name, globals, locals, fromlist, level)
+    fromlist = _literal(call.args[3] if len(call.args) > 3 else keywords.get("fromlist")) or ()
+    level = _literal(call.args[4] if len(call.args) > 4 else keywords.get("level")) or 0
+    if isinstance(level, int) and level > 0:
+        target = relative(level, target or None)
+    if isinstance(fromlist, str):
+        fromlist = (fromlist,)
+    return [target] + [f"{target}.{f}" for f in fromlist if isinstance(f, str) and f != "*"]
 
 
 def _layer(name: str) -> int:
@@ -108,3 +152,23 @@ def test_no_import_cycle():
 def test_every_module_is_placed():
     for name in _modules():
         _layer(name)
+
+
+def test_dynamic_imports_are_seen():
+    """An upward import through importlib or ``__import__`` is caught like an import statement."""
+    modules = _modules()
+    planted = {
+        'import importlib\n\ndef f():\n    return importlib.import_module("relufy.cli")\n': "relufy.cli",
+        'from importlib import import_module\nimport_module("relufy.export.pipeline")\n': "relufy.export.pipeline",
+        'import importlib\nimportlib.import_module("..cli", package=__package__)\n': "relufy.cli",
+        '__import__("relufy.cli")\n': "relufy.cli",
+        '__import__("relufy", fromlist=["cli"])\n': "relufy.cli",
+    }
+    for source, target in planted.items():
+        found = imports_of_source("relufy.io.gguf", False, source, modules)
+        assert target in found, source
+        upward = [t for t in found if _layer(t) > _layer("relufy.io.gguf")]
+        assert upward, source
+    # a name known only at run time, or outside relufy, is no import of a relufy module
+    assert not imports_of_source("relufy.io.gguf", False, "import importlib\nimportlib.import_module(name)\n", modules)
+    assert not imports_of_source("relufy.io.gguf", False, 'import importlib\nimportlib.import_module("gguf")\n', modules)

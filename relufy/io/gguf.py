@@ -34,9 +34,8 @@ from typing import Any
 
 from ..errors import RelufyError
 from ..families import family_for
-from ..names import INDEX_FILE, dtype_choice, torch_dtype
+from ..names import INDEX_FILE, dtype_choice, st_dtype_of_torch, torch_dtype_of_name
 
-_ST_DTYPES = {"float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 _ST_ORDER = ("F64", "F32", "BF16", "F16")  # safetensors' order of dtypes in a file (then by name)
 _DEQUANT_VALUES = 1 << 22  # quantized rows are dequantized about this many values at a time
 
@@ -119,10 +118,6 @@ def write_gguf_checkpoint(
     AutoTokenizer.from_pretrained(gguf.path.parent, gguf_file=gguf.path.name).save_pretrained(out_folder)
 
 
-def _st_dtype(dtype) -> str:
-    return _ST_DTYPES[str(dtype).removeprefix("torch.")]
-
-
 def _first_line(e: Exception) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -173,7 +168,7 @@ class _Gguf:
             dtype_choice(dtype)
         except ValueError as e:
             raise RelufyError(str(e)) from None
-        self.path, self.dtype = path, torch_dtype("fp32" if dtype == "keep" else dtype)  # GGUF weights come out float32
+        self.path, self.dtype = path, torch_dtype_of_name("fp32" if dtype == "keep" else dtype)  # GGUF weights come out float32
         self.reader, architecture = _open_reader(path)
         try:  # AutoConfig's steps, keeping the metadata dict from_pretrained gives the tensor processors
             raw_config, kwargs = PreTrainedConfig.get_config_dict(path.parent, gguf_file=path.name)
@@ -265,7 +260,7 @@ class _Gguf:
         total = sum(t.numel() * t.element_size() for t in self.saved.values())
         with byte_progress("GGUF weights", total) as advance, open(self.path, "rb") as f:
             for filename, names in split.filename_to_tensors.items():
-                entries = [(n, _st_dtype(self.saved[n].dtype), tuple(self.saved[n].shape)) for n in names]
+                entries = [(n, st_dtype_of_torch(self.saved[n].dtype), tuple(self.saved[n].shape)) for n in names]
                 entries.sort(key=lambda e: (_ST_ORDER.index(e[1]), e[0]))
                 write_safetensors(out / filename, entries, produce, metadata={"format": "pt"})
         if split.is_sharded:

@@ -15,27 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import RelufyError
-from ..names import INDEX_FILE
+from ..names import INDEX_FILE, ST_DTYPES
 from .paths import inside
 from .read import HEADER_BYTES, INDEX_BYTES, JSONError, loads_json, open_regular, read_json
 
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "U16": 2,
-    "U32": 4,
-    "U64": 8,
-}
+DTYPE_BYTES = {st: d.nbytes for st, d in ST_DTYPES.items()}
+"""Safetensors dtype -> bytes per element (derived from ``relufy.names.ST_DTYPES``)."""
 
 
 @dataclass(frozen=True)

@@ -14,33 +14,11 @@ import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from ..names import torch_dtype_of_st
 from .atomic import keep_mode
 from .safetensors_index import DTYPE_BYTES, TensorInfo
 
 CHUNK_BYTES = 64 * 1024 * 1024
-_TORCH_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-}
-
-
-def torch_dtype(st_dtype: str):
-    import torch
-
-    return getattr(torch, _TORCH_NAMES[st_dtype])
 
 
 def recoded_chunks(info: TensorInfo, target: str, chunk_bytes: int = CHUNK_BYTES) -> Iterable[memoryview]:
@@ -49,7 +27,7 @@ def recoded_chunks(info: TensorInfo, target: str, chunk_bytes: int = CHUNK_BYTES
     import torch
 
     step = max(chunk_bytes - chunk_bytes % DTYPE_BYTES[info.dtype], DTYPE_BYTES[info.dtype])
-    src, dst = torch_dtype(info.dtype), torch_dtype(target)
+    src, dst = torch_dtype_of_st(info.dtype), torch_dtype_of_st(target)
     with open(info.file, "rb") as f:
         f.seek(info.start)
         remaining = info.nbytes
