@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from .errors import RelufyError
 from .io.block import RelufyBlock
 from .io.hub import revision_field, token_field
+from .names import ST_DTYPES
 from .options import Options, option_field
 
 
@@ -70,7 +71,7 @@ def _architecture(family, config) -> tuple[int, int, set[str]]:
 
 def _local_weights(folder: Path) -> WeightsInfo | None:
     """Headers of a local folder's safetensors files (None when it has none or they do not read)."""
-    from .io.safetensors_index import DTYPE_BYTES, Checkpoint
+    from .io.safetensors_index import Checkpoint
 
     try:
         ckpt = Checkpoint(folder)
@@ -79,7 +80,7 @@ def _local_weights(folder: Path) -> WeightsInfo | None:
     dtypes: dict[str, int] = {}
     for t in ckpt.tensors.values():
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
-    size = sum(t.numel * DTYPE_BYTES.get(t.dtype, 0) for t in ckpt.tensors.values())
+    size = sum(t.numel * ST_DTYPES[t.dtype].nbytes for t in ckpt.tensors.values() if t.dtype in ST_DTYPES)
     return WeightsInfo(files=len(ckpt.files), params=sum(dtypes.values()), bytes=size, dtypes=dtypes)
 
 

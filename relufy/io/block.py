@@ -27,11 +27,28 @@ class _Block(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
 
 
+# a measured figure, written as measured: an int stays an int (no 1 -> 1.0 on a rewrite), an overflowed
+# perplexity stays inf (JSON Infinity, as json.dumps writes it)
+Number = int | Annotated[float, Field(allow_inf_nan=True)]
+
+
 class PredictorsInfo(_Block):
     input: Literal["residual", "ffn"] = Field(
         "residual", description="What the predictors read (see relufy.measure.sites.InputTap)."
     )
     threshold: float = Field(0.0, strict=True, description="A neuron is computed when its predictor score is at least this.")
+    # the record of ``relufy export`` (relufy.export.layouts.export_block); nothing reads them back
+    thresholds: str | None = Field(None, description='"one", or per predictor (in sparsity.safetensors).')
+    recall_target: Number | None = None
+    recall_of: str | None = None
+    mean_recall: Number | None = None
+    min_recall: Number | None = None
+    heldout_computed: Number | None = Field(None, description="Fraction of neurons computed with the predictors.")
+    heldout_missed_active: Number | None = Field(None, description="Fraction of active neurons the predictors dropped.")
+    predictor_cost: Number | None = Field(None, description="Predictor multiply-adds per token / the dense FFN's.")
+    heldout_ppl_dense: Number | None = None
+    heldout_ppl_predicted: Number | None = None
+    heldout_top1_agreement: Number | None = None
 
 
 class ExportInfo(_Block):
@@ -40,6 +57,14 @@ class ExportInfo(_Block):
     sparsity: dict = Field(default_factory=dict, description="overall and per-layer zero fraction measured at export.")
     sparsity_file: str = SPARSITY_FILE
     predictors: PredictorsInfo | None = None
+
+
+class TrainedInfo(_Block):
+    """What ``relufy train`` recorded: the model's weights were trained further (a "finetune")."""
+
+    recipe: str = ""
+    steps: int | None = None
+    tokens: int | None = None
 
 
 class RelufyBlock(_Block):
@@ -60,12 +85,44 @@ class RelufyBlock(_Block):
         description="FFN module path -> magnitude cutoff: entries of the combined activation act(gate) * up below it "
         "are zero (ProSparse's final FATReLU shift, `sparsity.final_cutoff` of relufy train); none: no cutoff.",
     )
+    trained: TrainedInfo | None = None
+    # where the weights came from (relufy.io.source.Source.provenance): never a local path
+    base_model: str | None = Field(None, description="The hub id of the weights, when known.")
+    source_revision: str | None = Field(None, description="The hub commit read.")
+    license: str | None = Field(None, description="The source card's license.")
+    license_name: str | None = None
+    license_link: str | None = None
     export: ExportInfo | None = None
 
     @field_validator("cutoffs", mode="before")
     @classmethod
     def _no_cutoffs(cls, value):
         return {} if value is None else value  # null: none, as the modeling code reads it
+
+    @classmethod
+    def create(cls, where: str = "config.json", **fields) -> RelufyBlock:
+        """A new block of ``fields`` (declared or not), checked: the one way relufy builds a block."""
+        return cls._checked(fields, where)
+
+    def with_updates(self, **changes) -> RelufyBlock:
+        """This block with ``changes`` applied, checked again."""
+        return self._checked({**self.to_dict(), **changes}, "config.json")
+
+    def without(self, *keys: str) -> RelufyBlock:
+        """This block with ``keys`` left out (a declared field back to its default, unwritten)."""
+        return self._checked({k: v for k, v in self.to_dict().items() if k not in keys}, "config.json")
+
+    def to_dict(self) -> dict:
+        """The plain JSON-able dict that config.json and ``model.config.relufy`` hold: the keys that were given."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    @classmethod
+    def _checked(cls, block: dict, where: str) -> RelufyBlock:
+        try:
+            return cls.model_validate(block)
+        except ValidationError as e:
+            loc, msg = first_error(e)
+            raise RelufyError(f"{where}: the relufy block's {'.'.join(loc) or '(block)'}: {msg}") from None
 
     @classmethod
     def read(cls, config, where: str = "config.json") -> RelufyBlock | None:
@@ -75,8 +132,4 @@ class RelufyBlock(_Block):
             return None
         if not isinstance(block, dict):
             raise RelufyError(f"{where}: the relufy block is not a JSON object")
-        try:
-            return cls.model_validate(block)
-        except ValidationError as e:
-            loc, msg = first_error(e)
-            raise RelufyError(f"{where}: the relufy block's {'.'.join(loc) or '(block)'}: {msg}") from None
+        return cls._checked(block, where)

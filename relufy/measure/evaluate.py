@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from ..errors import RelufyError
 from ..io.block import RelufyBlock
-from ..names import torch_dtype
+from ..names import torch_dtype_of_name
 from ..text import Window, load_texts, second_halves, tokenize, windows
 from .options import EvalOptions
 from .sites import ActivationCounter, TopKMask, observing
@@ -85,7 +85,7 @@ def _device_dtype(options: EvalOptions) -> tuple[torch.device, torch.dtype]:
     device = parse_device(options.device)
     if options.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, torch_dtype(options.dtype)
+    return device, torch_dtype_of_name(options.dtype)
 
 
 def check_model(path: str, options: EvalOptions) -> None:

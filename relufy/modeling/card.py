@@ -28,7 +28,7 @@ def base_model_of(block: RelufyBlock) -> str | None:
     """The hub id the block's weights come from: its ``base_model``; else its ``source`` when that is
     a hub id (``org/name``) and no local path (a checkpoint from before ``base_model`` was recorded,
     or a model loaded from the Hub and trained)."""
-    extra = block.model_extra or {}
+    extra = block.to_dict()  # the fields as written
     base = extra.get("base_model")
     if isinstance(base, str) and HUB_ID.match(base):
         return base
@@ -42,7 +42,7 @@ def card_data(block: RelufyBlock, family: Family, library: str = "transformers",
     """``huggingface_hub.ModelCardData`` of a relufy checkpoint."""
     from huggingface_hub import ModelCardData
 
-    extra = block.model_extra or {}
+    extra = block.to_dict()  # the fields as written
     sparse = () if is_identity(block.activation) else ("sparse", "turbo-sparse")
     fields: dict = dict(
         library_name=library,
@@ -84,7 +84,7 @@ def model_card(config: dict, family: Family, spec: ActivationSpec, source: str, 
         else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or relufy.load(path)"
     )
     name = public_name(source)
-    extra = block.model_extra or {}
+    extra = block.to_dict()  # the fields as written
     trained = extra.get("trained")
     base = base_model_of(block)
     revision = extra.get("source_revision")

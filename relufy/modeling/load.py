@@ -24,28 +24,31 @@ def swap_activation(model, activation: str, threshold: float | None = None, sour
     spec = activation_spec(activation, threshold)
     config = model.config
     known = RelufyBlock.read(config)
-    block = dict(config.relufy) if known else {}
     family = family_for(known.base_model_type if known else config.model_type)
     swap_ffn(model, family.ffn_classes, spec.activation, spec.threshold)
-    if block.get("activation") != spec.activation or block.get("threshold") != spec.threshold:
-        block.pop("cutoffs", None)  # calibrated on the other activation's values
-    try:
-        set_cutoffs(model, block.get("cutoffs") or {})
-    except ValueError as e:
-        raise RelufyError(f"config.json: the relufy block's {e}") from None
-    if not block:
+    if known is None:
         from .. import __version__
 
-        block = {
-            "base_model_type": family.model_type,
-            "base_architectures": list(config.architectures or []),
-            "base_activation": getattr(config, family.act_key),
-            "source": source or getattr(config, "_name_or_path", ""),
-            "relufy_version": __version__,
-        }
-    block.update(activation=spec.activation, threshold=spec.threshold)
-    config.relufy = block
-    setattr(config, family.act_key, block["base_activation"] if is_identity(spec.activation) else f"relufy_{spec.activation}")
+        block = RelufyBlock.create(
+            activation=spec.activation,
+            threshold=spec.threshold,
+            base_model_type=family.model_type,
+            base_architectures=list(config.architectures or []),
+            base_activation=getattr(config, family.act_key),
+            source=source or getattr(config, "_name_or_path", ""),
+            relufy_version=__version__,
+        )
+    elif (known.activation, known.threshold) != (spec.activation, spec.threshold):
+        # cutoffs were calibrated on the other activation's values
+        block = known.without("cutoffs").with_updates(activation=spec.activation, threshold=spec.threshold)
+    else:
+        block = known.with_updates(activation=spec.activation, threshold=spec.threshold)
+    try:
+        set_cutoffs(model, block.cutoffs)
+    except ValueError as e:
+        raise RelufyError(f"config.json: the relufy block's {e}") from None
+    config.relufy = block.to_dict()
+    setattr(config, family.act_key, block.base_activation if is_identity(spec.activation) else f"relufy_{spec.activation}")
     return model
 
 
@@ -96,7 +99,7 @@ def load(
             "config and weights do not belong together"
         )
     if block:
-        model.config.relufy = dict(config["relufy"])
+        model.config.relufy = block.to_dict()
     return swap_activation(model, spec.activation, spec.threshold, source=source.label)
 
 
@@ -113,7 +116,7 @@ def skeleton(config: dict):
         model = AutoModelForCausalLM.from_config(base)
     block = RelufyBlock.read(config)
     if block:
-        model.config.relufy = dict(config["relufy"])
+        model.config.relufy = block.to_dict()
     return swap_activation(model, block.activation if block else "swiglu", block.threshold if block else None)
 
 

@@ -35,16 +35,16 @@ def relufy_config_dict(
 
         module, name = family.config_import
         out[family.act_key] = getattr(getattr(importlib.import_module(module), name)(), family.act_key)
-    out["relufy"] = {
-        "activation": activation,
-        "threshold": threshold,
-        "base_model_type": family.model_type,
-        "base_architectures": base.get("architectures") or [],
-        "base_activation": out[family.act_key],
-        "source": source,
-        "relufy_version": __version__,
+    out["relufy"] = RelufyBlock.create(
+        activation=activation,
+        threshold=threshold,
+        base_model_type=family.model_type,
+        base_architectures=base.get("architectures") or [],
+        base_activation=out[family.act_key],
+        source=source,
+        relufy_version=__version__,
         **(extra or {}),
-    }
+    ).to_dict()
     if not is_identity(activation):
         out["model_type"] = f"relufy_{family.model_type}"
         out["architectures"] = ["RelufyForCausalLM"]

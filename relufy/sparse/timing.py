@@ -31,7 +31,7 @@ import torch
 
 from ..io.atomic import save_png
 from ..modeling.predictor import Predictor, auto_rank
-from ..names import torch_dtype
+from ..names import torch_dtype_of_name
 from . import kernels
 from .ffn import SparseFFN
 
@@ -120,7 +120,7 @@ def bench_ffn(
     seed: int = 0,
 ) -> FFNCase:
     gate, up, down, x, gate_frac = make_case(hidden, width, sparsity, seed)
-    dt = torch_dtype(dtype)
+    dt = torch_dtype_of_name(dtype)
     ffn = SparseFFN(gate.to(dt), up.to(dt), down.to(dt), "drelu")
     del gate, up, down
     rank = auto_rank(hidden, width, sparsity)
@@ -269,7 +269,7 @@ def bench_real(
     up0 = torch.randn(width, hidden, generator=g) * scale
     sign_g, sign_u = torch.sign(gate0 @ x), torch.sign(up0 @ x)
     sign_g[sign_g == 0], sign_u[sign_u == 0] = 1, 1
-    dt = torch_dtype(dtype)
+    dt = torch_dtype_of_name(dtype)
     down = (torch.randn(hidden, width, generator=g) * width**-0.5).to(dt)
     ffn = SparseFFN(gate0.to(dt), up0.to(dt), down, "drelu")
     x = x[None]

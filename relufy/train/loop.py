@@ -54,7 +54,7 @@ from ..measure.meter import SparsityMeter, heldout_eval
 from ..names import is_identity
 from ..progress import console
 from . import checkpoint as ckpt
-from . import rundir
+from . import decisions, rundir
 from .checks import apply_router_aux, lora_config
 from .recipe import Recipe, dump
 
@@ -123,7 +123,7 @@ def load_student(recipe: Recipe):
         cfg = dict(spec.config)
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model = swap_activation(model, spec.activation or "swiglu", spec.threshold, source="scratch")
+        model = swap_activation(model, decisions.student_activation(spec.activation, None), spec.threshold, source="scratch")
         return model, load_tokenizer(spec.tokenizer)
     model = load(spec.path, activation=spec.activation, threshold=spec.threshold, dtype=torch.float32)
     return model, load_tokenizer(spec.tokenizer or spec.path)
@@ -341,7 +341,7 @@ def _check_context(recipe: Recipe) -> None:
     """``data.seq_len`` within the model's ``max_position_embeddings``, from its config alone; a
     ``sparsity.final_cutoff`` on a model trained with a relufy activation."""
     spec = recipe.model
-    activation = spec.activation
+    block = None
     if spec.config is not None:
         from .checks import scratch_config
 
@@ -356,8 +356,7 @@ def _check_context(recipe: Recipe) -> None:
         _, config = base_config(raw)
         where = spec.path
         block = RelufyBlock.read(raw, spec.path)
-        activation = activation or (block.activation if block else None)
-    if recipe.sparsity.final_cutoff and is_identity(activation or "swiglu"):
+    if recipe.sparsity.final_cutoff and is_identity(decisions.student_activation(spec.activation, block)):
         raise RelufyError(
             "sparsity.final_cutoff needs a relufy activation (model.activation, e.g. drelu): a model kept on its "
             "original activation is saved as the original architecture, which has no cutoffs"
@@ -527,7 +526,7 @@ class RecipeRun:
         self.out = preflight(recipe)
         self.accelerator = accelerator = self.make_accelerator(
             gradient_accumulation_steps=recipe.budget.grad_accum,
-            mixed_precision="bf16" if recipe.precision == "bf16" else "no",
+            mixed_precision=decisions.mixed_precision(recipe),
             log_with=list(recipe.log.trackers) or None,
             project_dir=str(self.out),
             # the main process hashes each checkpoint (and verifies one on --resume) while the others
@@ -573,23 +572,20 @@ class RecipeRun:
         self.tokens_per_step, self.total_steps = run_length(recipe, self.accelerator.num_processes)
 
     def _teacher_dtype(self) -> torch.dtype:
-        """``sparsity.distill.teacher_dtype`` resolved: auto is bf16 when sharded, else fp32 (and fp32
-        for a teacher that only serves the warm start)."""
-        distill = self.recipe.sparsity.distill
-        choice = distill.teacher_dtype if distill else "fp32"
-        if choice == "auto":
-            choice = "bf16" if self.sharded else "fp32"
+        """``sparsity.distill.teacher_dtype`` resolved (``relufy.train.decisions.teacher_dtype``, which the
+        memory plan reads too): auto is bf16 when sharded, else fp32 (and fp32 for a teacher that only
+        serves the warm start)."""
+        choice = decisions.teacher_dtype(decisions.teacher_dtype_choice(self.recipe.sparsity), self.sharded)
         return torch.bfloat16 if choice == "bf16" else torch.float32
 
     def load_teacher(self) -> None:
         """The teacher (the original SwiGLU model, frozen, in ``teacher_dtype``) loads when
         distillation or the warm start needs it: on the CPU until ``wrap``, or, under FSDP2, sharded
         across the processes at once (``shard_frozen``: each keeps its shard on its device)."""
-        sparsity = self.recipe.sparsity
-        if sparsity.distill or sparsity.ffn_warmstart:
+        if decisions.loads_teacher(self.recipe.sparsity):
             from ..modeling.load import load
 
-            teacher_path = (sparsity.distill and sparsity.distill.teacher) or self.recipe.model.path
+            teacher_path = decisions.teacher_path(self.recipe)
             if teacher_path is None:
                 raise RelufyError("sparsity.distill.teacher is needed when the model is trained from scratch")
             self.teacher = load(teacher_path, activation="swiglu", dtype=self._teacher_dtype()).eval().requires_grad_(False)
@@ -619,6 +615,7 @@ class RecipeRun:
                 spec,
                 accelerator.device,
                 self.recipe.data.seq_len,
+                batch_tokens=decisions.WARMSTART_BATCH_TOKENS,
                 show_progress=self.show_progress and accelerator.is_main_process,
                 rank=accelerator.process_index,
                 world=accelerator.num_processes,
@@ -626,7 +623,7 @@ class RecipeRun:
             self.mixture.load_state_dict(mixture_at_start)
             if accelerator.is_main_process:
                 ckpt.write_json(self.out / "warmstart.json", report)
-        if self.recipe.sparsity.distill is None:
+        if not decisions.keeps_teacher(self.recipe.sparsity):
             self.teacher = None
 
     def wrap(self) -> None:
@@ -640,7 +637,7 @@ class RecipeRun:
             from peft import get_peft_model
 
             self.model = get_peft_model(self.model, lora_config(recipe.lora))
-        if recipe.model.gradient_checkpointing:
+        if decisions.gradient_checkpointing(recipe):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.model.config.use_cache = False
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -985,14 +982,16 @@ class RecipeRun:
                     ratio = f" ({ppl / self.original[label]:.2f}x the original)" if self.original.get(label) else ""
                     note += f" On {label} (outside the training text): perplexity {ppl:.2f}{ratio}."
             # the card and any later export name the model trained ("finetune" of its base_model)
-            trained = {"recipe": recipe.name, "steps": self.total_steps, "tokens": tokens}
-            unwrapped.config.relufy = {**unwrapped.config.relufy, "trained": trained}
+            block = RelufyBlock.read(unwrapped.config).with_updates(
+                trained={"recipe": recipe.name, "steps": self.total_steps, "tokens": tokens}
+            )
             if cutoff is not None:
-                unwrapped.config.relufy["cutoffs"] = cutoff["cutoffs"]
+                block = block.with_updates(cutoffs=cutoff["cutoffs"])
                 note += (
                     f" Magnitude cutoffs per FFN (relufy.cutoffs) calibrated to {cutoff['sparsity']:.0%} zeros on "
                     f"{cutoff['tokens']:,} training tokens apply; the figures above are taken with them."
                 )
+            unwrapped.config.relufy = block.to_dict()
             save_relufy(unwrapped, self.out / "final", tokenizer=self.tokenizer, state_dict=state_dict, card_note=note)
             summary = {
                 "steps": self.total_steps,

@@ -67,6 +67,10 @@ targeted expert tensor; ``W`` processes sharing the model; ``B`` micro-batch, ``
   of sequences (1,024 tokens) through K layers;
 - a GPU's CUDA context, cuBLAS workspace and NCCL buffers: 1 GiB.
 
+What the run decides (the teacher's dtype and whether it stays, gradient checkpointing, mixed
+precision, the warm start's sequences and fit batch, the student's activation, where the teacher
+loads from) comes from ``relufy.train.decisions``, the functions ``relufy.train.loop`` calls.
+
 The peak of training is the resident terms (weights, optimizer, teacher, buckets; gradients too
 with ``grad_accum`` > 1, whose first micro-batches' gradients are held through the next forward
 and backward) plus the larger of the forward/backward terms (activations, logits, in-flight units,
@@ -102,6 +106,8 @@ import re
 from dataclasses import dataclass, field, replace
 
 from ..errors import RelufyError
+from ..io.block import RelufyBlock
+from . import decisions
 
 GiB = 2**30
 CUDA_OVERHEAD = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL buffers per GPU
@@ -339,11 +345,11 @@ class Setup:
     lora: int | None = None  # LoRA adapter parameters (None: all weights train)
     lora_default: int = 0  # adapters of a default LoRA (r 16, every projection), for the advice
     distill: bool = False
-    teacher_dtype: str = "auto"  # auto | fp32 | bf16
+    teacher_dtype: str | None = "auto"  # auto | fp32 | bf16 (sparsity.distill.teacher_dtype; None: no distillation)
     top_k: int | None = None
     warmstart_tokens: int | None = None  # None: no FFN warm start
     warmstart_blocks: tuple[int, ...] = (1,)  # decoder layers fitted together, per stage (sparsity.ffn_warmstart.block)
-    warmstart_batch: int = 1024  # tokens per fit step (whole sequences for blocks)
+    warmstart_batch: int = decisions.WARMSTART_BATCH_TOKENS  # tokens per fit step (whole sequences for blocks)
     gpus: int | None = None  # None: this machine's CPU
     world: int = 1  # processes sharing the run (GPUs x nodes, or CPU processes)
     strategy: str = "single"  # single | ddp | fsdp2
@@ -356,9 +362,7 @@ class Setup:
 
     @property
     def teacher_bytes(self) -> int:
-        choice = self.teacher_dtype if self.distill else "fp32"
-        if choice == "auto":
-            choice = "bf16" if self.sharded else "fp32"
+        choice = decisions.teacher_dtype(self.teacher_dtype if self.distill else None, self.sharded)
         return 2 if choice == "bf16" else 4
 
     @property
@@ -376,7 +380,7 @@ def setup_from_recipe(
     warm = s.ffn_warmstart
     tokens = None
     if warm is not None:
-        tokens = max(1, warm.tokens // recipe.data.seq_len) * recipe.data.seq_len
+        tokens = decisions.warmstart_sequences(warm.tokens, recipe.data.seq_len) * recipe.data.seq_len
     if gpus is not None:
         world = gpus * nodes
         capacity = parse_size(gpu_memory or "80GB")
@@ -390,15 +394,15 @@ def setup_from_recipe(
     elif strategy == "ddp" and world == 1:
         strategy = "single"
     return Setup(
-        precision=recipe.precision,
+        precision="bf16" if decisions.mixed_precision(recipe) == "bf16" else "fp32",
         seq_len=recipe.data.seq_len,
         micro_batch=recipe.budget.micro_batch_size,
         grad_accum=recipe.budget.grad_accum,
-        checkpointing=recipe.model.gradient_checkpointing,
+        checkpointing=decisions.gradient_checkpointing(recipe),
         lora=lora if recipe.lora is not None else None,
         lora_default=lora_default,
-        distill=s.distill is not None,
-        teacher_dtype=s.distill.teacher_dtype if s.distill else "fp32",
+        distill=decisions.keeps_teacher(s),
+        teacher_dtype=decisions.teacher_dtype_choice(s),
         top_k=s.distill.top_k if s.distill else None,
         warmstart_tokens=tokens,
         warmstart_blocks=tuple(warm.stages) if warm is not None else (1,),
@@ -751,15 +755,12 @@ def plan_recipe(recipe, gpus=None, nodes: int = 1, gpu_memory=None, strategy=Non
     teacher's) config.json, nothing else."""
     spec = recipe.model
     config = dict(spec.config) if spec.config is not None else read_config(spec.path)
-    activation = spec.activation
-    if activation is None:
-        block = config.get("relufy") if isinstance(config.get("relufy"), dict) else None
-        activation = (block or {}).get("activation") or "swiglu"  # an original model trains as it is
+    activation = decisions.student_activation(spec.activation, RelufyBlock.read(config, str(spec.path or "model.config")))
     sizes = model_sizes(config, activation)
     teacher = None
-    distill = recipe.sparsity.distill
-    if distill and distill.teacher and distill.teacher != spec.path:
-        teacher = model_sizes(read_config(distill.teacher), "swiglu")
+    path = decisions.teacher_path(recipe)
+    if decisions.loads_teacher(recipe.sparsity) and path and path != spec.path:
+        teacher = model_sizes(read_config(path), "swiglu")
     lora = recipe.lora
     targets = (lora.r, lora.target_modules, lora.target_parameters) if lora else (16, _DEFAULT_LORA, ())
     try:

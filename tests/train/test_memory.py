@@ -232,6 +232,56 @@ def test_teacher_dtype_and_sharding(base, tmp_path):
     assert _term(four, "warm start: recordings") == 2 * tokens * hidden * 1 * 2 + 2 * tokens * hidden * 4
 
 
+def test_plan_and_loop_follow_the_same_teacher_rules(base, tmp_path, monkeypatch):
+    """The teacher's dtype and whether it stays are decided once (relufy.train.decisions): a rule
+    changed there changes both what the run sets up and what the plan sizes."""
+    from types import SimpleNamespace
+
+    import relufy.modeling.load
+    from relufy.train import decisions
+    from relufy.train.loop import RecipeRun
+
+    recipe = _recipe(base, tmp_path, sparsity={"distill": {"weight": 1.0}})  # teacher_dtype auto, one GPU: fp32
+
+    def loop_teacher_dtype():
+        loaded = {}
+
+        def fake_load(path, activation=None, dtype=None, **kwargs):
+            loaded.update(path=path, activation=activation, dtype=dtype)
+            return torch.nn.Linear(1, 1)
+
+        monkeypatch.setattr(relufy.modeling.load, "load", fake_load)
+        run = SimpleNamespace(recipe=recipe, sharded=False, teacher=None)
+        run._teacher_dtype = lambda: RecipeRun._teacher_dtype(run)
+        RecipeRun.load_teacher(run)
+        assert loaded["path"] == decisions.teacher_path(recipe) and loaded["activation"] == "swiglu"
+        return loaded["dtype"]
+
+    teacher = plan_recipe(recipe, gpus=1).sizes.total
+    assert _term(plan_recipe(recipe, gpus=1), "teacher (fp32)") == 4 * teacher
+    assert loop_teacher_dtype() == torch.float32
+
+    seen = []
+
+    def bf16_always(choice, sharded):
+        seen.append((choice, sharded))
+        return "bf16"
+
+    monkeypatch.setattr(decisions, "teacher_dtype", bf16_always)
+    plan = plan_recipe(recipe, gpus=1)
+    assert _term(plan, "teacher (bf16)") == 2 * teacher and _term(plan, "teacher (fp32)") == 0
+    assert loop_teacher_dtype() == torch.bfloat16
+    assert ("auto", False) in seen  # both asked with the recipe's choice, unsharded
+
+    # whether the teacher stays for the training steps (after the warm start)
+    monkeypatch.setattr(decisions, "keeps_teacher", lambda sparsity: False)
+    plan = plan_recipe(recipe, gpus=1)
+    assert not [t for t in plan.terms if t.name.startswith("teacher")]
+    run = SimpleNamespace(recipe=recipe, teacher=object(), start_checkpoint=None)
+    RecipeRun.warm_start(run)
+    assert run.teacher is None
+
+
 def test_block_warmstart_plan(base, tmp_path):
     """Blocks of layers: recordings per block (both layers of the tiny model in one), one block's
     whole layers on the GPU, and the fit's FFN gradients, Adam moments and activations."""
