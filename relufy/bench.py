@@ -220,7 +220,7 @@ def measure_densities(path: str, data: str, max_tokens: int, seq_len: int) -> li
     wins = windows(tokenize(load_texts(data), load_tokenizer(path), max_tokens), seq_len)
     block = RelufyBlock.read(model.config)
     export = block.export if block else None
-    has_predictors = (Path(path) / PREDICTORS_FILE).is_file() and not (export is not None and export.layout == "powerinfer")
+    has_predictors = (Path(path) / PREDICTORS_FILE).is_file() and _reads_predictors(export)
     per_key: dict = {}
     if has_predictors:
         from .export.calibration import PredictedOnly
@@ -262,6 +262,14 @@ def measure_densities(path: str, data: str, max_tokens: int, seq_len: int) -> li
         row["rank"] = round(sum(r[0] * r[3] for r in rows) / n) if has_predictors else None
         out.append(row)
     return out
+
+
+def _reads_predictors(export) -> bool:
+    """Whether an export's layout (``relufy.export.registry``) keeps predictors relufy runs; True for
+    a model that was not exported."""
+    from .export.registry import layout_named
+
+    return export is None or layout_named(export.layout).relufy_predictors
 
 
 def bench_real_cases(layers: list[dict], named: dict, config, dtypes, threads, repeats: int) -> list[dict]:

@@ -70,11 +70,12 @@ def sparse_context(model, path: str | Path, sparse: str):
     if sparse == "exact":
         return sparse_decoding(model, "exact")
     export = block.export
-    if export is not None and export.layout == "powerinfer":
-        raise RelufyError(
-            f"{path}: a powerinfer-layout export; its predictors (predictor/model_*.pt) are for PowerInfer's converter. "
-            "For --sparse predictor here, export with --layout hf"
-        )
+    if export is not None:
+        from .export.registry import layout_named
+
+        layout = layout_named(export.layout)
+        if not layout.relufy_predictors:
+            raise RelufyError(layout.predictors_elsewhere(path))
     if not (Path(path) / PREDICTORS_FILE).is_file():
         raise RelufyError(f"{path}: no predictors.safetensors (make them with relufy export --predictors)")
     from .modeling.predictor import load_predictors

@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .. import __version__
-from ..families import powerinfer_arch
 from ..io.block import RelufyBlock
 from ..io.hub import public_name
 from ..modeling.card import card_data, render
@@ -72,12 +71,9 @@ def _plots(tmp: Path, result) -> list[str]:
     fig, ax = plt.subplots(figsize=(max(6, len(per_layer) * 0.25), 3.5))
     ax.bar(range(len(per_layer)), [100 * s for s in per_layer], color="tab:blue", label="zeros (measured)")
     if result.predictors:
-        layers = sorted({p["layer"] for p in result.predictors})
-        pred = [
-            _mean([p["predicted_sparsity"] for p in result.predictors if p["layer"] == L and "predicted_sparsity" in p])
-            for L in layers
-        ]
-        recall = [_mean([p["recall"] for p in result.predictors if p["layer"] == L and "recall" in p]) for L in layers]
+        layers = sorted({p.layer for p in result.predictors})
+        pred = [_mean([p.predicted_sparsity for p in result.predictors if p.layer == L]) for L in layers]
+        recall = [_mean([p.recall for p in result.predictors if p.layer == L]) for L in layers]
         ax.plot(layers, [100 * v for v in pred], "o-", color="tab:orange", label="predicted sparsity")
         ax.plot(layers, [100 * v for v in recall], "s-", color="tab:green", label="predictor recall")
     ax.set(xlabel="layer", ylabel="%", ylim=(0, 100), title=f"FFN activation sparsity (overall {result.sparsity['overall']:.1%})")
@@ -87,6 +83,10 @@ def _plots(tmp: Path, result) -> list[str]:
     plt.close(fig)
     names.append("sparsity.png")
     return names
+
+
+def _or_nan(value):
+    return float("nan") if value is None else value
 
 
 def _mean(values):
@@ -112,12 +112,12 @@ def _layer_table(result) -> str:
     head = ["layer", "zeros", *(["predictor rank"] if columns else []), *(title for _, title, _ in columns)]
     rows = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for layer, s in enumerate(result.sparsity["per_layer"]):
-        preds = [p for p in result.predictors if p["layer"] == layer]
+        preds = [p for p in result.predictors if p.layer == layer]
         cells = [str(layer), f"{s:.1%}"]
         if columns and preds:
-            cells.append("/".join(sorted({str(p["rank"]) for p in preds}, key=int)))
+            cells.append("/".join(sorted({str(p.rank) for p in preds}, key=int)))
             for key, _, fmt in columns:
-                v = _mean([p.get(key) for p in preds])
+                v = _mean([getattr(p, key) for p in preds])
                 cells.append(fmt.format(v) if v == v else "-")
         elif columns:
             cells += ["-"] * (1 + len(columns))
@@ -125,58 +125,19 @@ def _layer_table(result) -> str:
     return "\n".join(rows)
 
 
-def _load_snippet(options, family, activation: str) -> str:
-    if options.layout == "powerinfer-gguf":
-        kept = ", down projections kept f16 for PowerInfer's CPU kernel" if options.gguf_type == "q8_0" else ""
-        return f"""`model.gguf` is PowerInfer's GGUF, the predictors inside: what its `convert.py --outtype
-{options.gguf_type}` writes{kept} (checked against SJTU-IPADS/PowerInfer d3ebd7c).
-
-```bash
-./build/bin/main -m THIS_FOLDER/model.gguf -n 128 -p "Once upon a time"  # GPU builds: --vram-budget GiB
-```
-
-Keep `activation/` beside `model.gguf`: PowerInfer's GPU builds read the neuron counts there for their GPU/CPU split."""
-    if options.layout == "powerinfer" and not family.is_moe:
-        if powerinfer_arch(family, activation) == "llama":
-            also = (
-                "a plain transformers Llama (`hidden_act: relu`): relu(gate) * up, this model's function"
-                if activation == "reglu"
-                else "a plain transformers Llama (`hidden_act: relu`), without the FATReLU threshold (`relufy.load` keeps it)"
-            )
-        else:
-            also = "a plain dReLU Llama only through relufy (`relufy.load`), since `bamboo` is not a transformers type"
-        return f"""This folder is PowerInfer's converter input (checked against SJTU-IPADS/PowerInfer d3ebd7c):
-
-```bash
-python convert.py --outfile THIS_FOLDER/model.powerinfer.gguf --outtype f16 --vocabtype bpe THIS_FOLDER THIS_FOLDER/predictor
-# the GGUF beside activation/: PowerInfer's GPU builds read the neuron counts there for their GPU/CPU split
-```
-
-`--vocabtype spm` when the folder holds `tokenizer.model`. It also loads in transformers as
-{also}."""
-    return """```python
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)  # or relufy.load(path)
-```
-
-Predictors (if any) are in `predictors.safetensors` (listed in the index; transformers skips them):
-`relufy.modeling.predictor.load_predictors(path)`."""
-
-
-def write_card(tmp: Path, config: dict, family, options, result) -> None:
+def write_card(tmp: Path, config: dict, family, options, result, layout) -> None:
+    """README.md (and the plots) in ``tmp``; ``layout``: the ``relufy.export.registry`` layout written."""
     plots = _plots(tmp, result)
     block = RelufyBlock.read(config)
     order = "in their original order"
     if result.reordered:
         experts = " and expert" if family.is_moe else ""
         order = f"reordered hottest first per FFN{experts} (permutation in sparsity.safetensors); the function is unchanged"
-    library = "gguf" if options.layout == "powerinfer-gguf" else "transformers"
-    layout_tags = {"hf": (), "powerinfer": ("powerinfer",), "powerinfer-gguf": ("powerinfer", "gguf")}[options.layout]
-    data = card_data(block, family, library=library, tags=layout_tags)
+    data = card_data(block, family, library=layout.library, tags=layout.tags)
     lines = [
         f"# Sparsity-ready {block.activation} export of `{public_name(block.source)}`",
         "",
-        f"Exported by relufy {__version__} (Turbo Sparse, arXiv 2406.05955), layout `{options.layout}`, "
+        f"Exported by relufy {__version__} (Turbo Sparse, arXiv 2406.05955), layout `{layout.name}`, "
         f"family `{family.model_type}`.",
         "",
         "## What was done",
@@ -186,9 +147,8 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         f"- Neurons {order}.",
     ]
     if result.predictors:
-        recalls = [p["recall"] for p in result.predictors if "recall" in p]
         folded = ""
-        if options.layout in ("powerinfer", "powerinfer-gguf"):
+        if layout.folds_thresholds:
             folded = "; folded into the predictor weights for PowerInfer's one `sparse_threshold`"
         if result.predictor_recall:
             of = "the active neurons' summed |activation|" if options.predictor_recall_of == "magnitude" else "the active neurons"
@@ -206,21 +166,20 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
             f"- Predictors `fc2(relu(fc1(x)))` per FFN{' and expert' if family.is_moe else ''}, input: "
             f"{'the residual stream entering the FFN norm' if options.predictor_input == 'residual' else 'the FFN input'}; "
             f"{rule}.{cost}",
-            f"- Held-out ({result.heldout_tokens} other tokens): recall mean {_mean(recalls):.3f}, lowest "
-            f"{min(recalls, default=float('nan')):.3f}; the model computes "
+            f"- Held-out ({result.heldout_tokens} other tokens): recall mean {_or_nan(result.mean_recall):.3f}, lowest "
+            f"{_or_nan(result.min_recall):.3f}; the model computes "
             f"{result.predicted_kept:.1%} of neurons and drops {result.missed_active:.1%} of the active ones; "
             f"perplexity {result.ppl_dense:.2f} dense -> {result.ppl_predicted:.2f} with predicted neurons only; "
             f"the next-token argmax agrees with dense at {result.top1_agreement:.1%} of positions.",
         ]
     if block.cutoffs:
-        engine = options.layout in ("powerinfer", "powerinfer-gguf")
         lines.append(
             f"- Magnitude cutoffs on {len(block.cutoffs)} FFN(s) (`relufy.cutoffs` in config.json): activations below "
             "them are zero in the figures above"
             + (
                 "; PowerInfer has no such cutoff, so they act there only through the predictors, and a neuron it "
                 "computes is computed in full."
-                if engine
+                if layout.engine
                 else "."
             )
         )
@@ -241,7 +200,7 @@ def write_card(tmp: Path, config: dict, family, options, result) -> None:
         "",
         "## How to load",
         "",
-        _load_snippet(options, family, block.activation),
+        layout.card_snippet(options, family, block.activation),
         "",
     ]
     (tmp / "README.md").write_text(render(data, "\n".join(lines)))

@@ -1,4 +1,5 @@
-"""What ``relufy export`` writes: the ``hf`` and ``powerinfer`` layouts (docs/formats.md).
+"""What ``relufy export`` writes: the files of the ``hf`` and ``powerinfer`` layouts (docs/formats.md),
+for the layout classes of ``relufy.export.registry``.
 
 Both layouts carry ``sparsity.safetensors``: a relufy stats file (``relufy.measure.stats``:
 ``layers.{L}.{kind}.counts`` / ``.tokens``, in the exported neuron order) plus, per site,
@@ -131,7 +132,7 @@ def write_sparsity(path: Path, stats, perms: dict, predictors: dict, options, th
     stats.save(path, extra, meta)
 
 
-def _export_block(options, result, threshold: float | None = None) -> dict:
+def export_block(options, result, threshold: float | None = None) -> dict:
     block = {
         "layout": options.layout,
         "reordered": result.reordered,
@@ -139,14 +140,13 @@ def _export_block(options, result, threshold: float | None = None) -> dict:
         "sparsity_file": SPARSITY_FILE,
     }
     if result.predictors:
-        recalls = [p["recall"] for p in result.predictors if "recall" in p]
         block["predictors"] = {
             "input": options.predictor_input,
             "threshold": threshold,
             "thresholds": "per predictor (sparsity.safetensors .predictor_threshold)" if options.predictor_recall else "one",
             "recall_target": options.predictor_recall or None,
             "recall_of": options.predictor_recall_of if options.predictor_recall else None,
-            "mean_recall": sum(recalls) / len(recalls) if recalls else None,
+            "mean_recall": result.mean_recall,
             "min_recall": result.min_recall,
             "heldout_computed": result.predicted_kept,
             "heldout_missed_active": result.missed_active,
@@ -158,7 +158,7 @@ def _export_block(options, result, threshold: float | None = None) -> dict:
     return block
 
 
-def _write_hf_predictors(tmp: Path, predictors: dict, dtype) -> None:
+def write_hf_predictors(tmp: Path, predictors: dict, dtype) -> None:
     """``predictors.safetensors`` beside the weights and outside ``model.safetensors.index.json``: the
     index lists the model's weights only, so any loader (transformers, vLLM, a converter) reads the
     folder without unknown tensors; ``load_predictors`` and the remote model's
@@ -207,7 +207,7 @@ def _powerinfer_config(written: dict, family) -> dict:
     return out
 
 
-def _untie(model) -> None:
+def untie(model) -> None:
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     if head.weight is embed or head.weight.data_ptr() == embed.data_ptr():
@@ -217,7 +217,7 @@ def _untie(model) -> None:
         model._tied_weights_keys = {}
 
 
-def _write_gguf(tmp: Path, model, tokenizer, family, options, result, predictors: dict, scales: dict, threshold) -> dict:
+def write_gguf(tmp: Path, model, tokenizer, family, options, result, predictors: dict, scales: dict, threshold) -> dict:
     """``model.gguf`` (``relufy.export.powerinfer_gguf``) from the in-memory model; returns the relufy
     config. The config and tokenizer files convert.py would read are written to a scratch folder
     first (no weights), so that the GGUF's vocabulary and keys come from the same files."""
@@ -249,49 +249,24 @@ def _write_gguf(tmp: Path, model, tokenizer, family, options, result, predictors
     return written
 
 
-def write_layout(
-    tmp: Path, model, tokenizer, family, options, result, stats, perms, predictors, source_config, thresholds: dict | None = None
-) -> None:
-    """OUT's files in ``tmp``. ``thresholds``: per (site, expert) (default: ``options.predictor_threshold``
-    for all). The hf layout keeps the predictors as trained and their thresholds in
-    ``sparsity.safetensors``; the powerinfer layouts fold them into the predictor weights
-    (``fold_thresholds``) since PowerInfer reads one ``sparse_threshold`` for every layer."""
-    from ..modeling.save import write_relufy
-    from .card import write_card
+def write_powerinfer_folder(tmp: Path, written: dict, family) -> None:
+    """A dense model folder as PowerInfer's converter reads it: its config, no remote code, BPE files."""
+    (tmp / "config.json").write_text(json.dumps(_powerinfer_config(written, family), indent=2, sort_keys=True) + "\n")
+    (tmp / MODELING_FILE).unlink(missing_ok=True)
+    _write_bpe_files(tmp)
 
-    if thresholds is None:
-        thresholds = dict.fromkeys(predictors, options.predictor_threshold)
-    engine = options.layout in ("powerinfer", "powerinfer-gguf")
-    folded, scales = None, {}
-    if engine and predictors:
-        folded, scales = fold_thresholds(predictors, thresholds)
-        thresholds = dict.fromkeys(predictors, folded)
-    engine_threshold = min((float(t) for t in thresholds.values()), default=options.predictor_threshold)
-    dtype = target_dtype(options.dtype, source_config)
-    model.to(dtype)
-    model.config.relufy = {**model.config.relufy, "export": _export_block(options, result, engine_threshold)}
-    powerinfer_dense = options.layout == "powerinfer" and not family.is_moe
-    if powerinfer_dense:
-        _untie(model)
-    if options.layout == "powerinfer-gguf":
-        written = _write_gguf(tmp, model, tokenizer, family, options, result, predictors, scales, folded)
-    else:
-        written = write_relufy(model, tmp, tokenizer, max_shard_size=options.max_shard_size)
-    if options.layout == "hf" and predictors:
-        _write_hf_predictors(tmp, predictors, dtype)
-    if options.layout == "powerinfer":
-        if powerinfer_dense:
-            (tmp / "config.json").write_text(json.dumps(_powerinfer_config(written, family), indent=2, sort_keys=True) + "\n")
-            (tmp / MODELING_FILE).unlink(missing_ok=True)
-            _write_bpe_files(tmp)
-        (tmp / "predictor").mkdir()
-        for (site, e), p in predictors.items():
-            torch.save(_engine_state(p, scales[(site, e)]), tmp / "predictor" / f"model_{_file_stem(site, e)}.pt")
-        (tmp / "predictor" / "config.json").write_text(json.dumps({"sparse_threshold": folded}) + "\n")
-    if engine:
-        (tmp / "activation").mkdir()
-        for site, (counts, _) in stats.sites.items():
-            for e in range(site.experts):
-                torch.save(counts[e].float().contiguous(), tmp / "activation" / f"activation_{_file_stem(site, e)}.pt")
-    write_sparsity(tmp / SPARSITY_FILE, stats, perms, predictors, options, thresholds)
-    write_card(tmp, written, family, options, result)
+
+def write_powerinfer_predictors(tmp: Path, predictors: dict, scales: dict, folded: float | None) -> None:
+    """``predictor/model_{i}.pt`` (scaled by ``scales``, fp16) and ``predictor/config.json``."""
+    (tmp / "predictor").mkdir()
+    for (site, e), p in predictors.items():
+        torch.save(_engine_state(p, scales[(site, e)]), tmp / "predictor" / f"model_{_file_stem(site, e)}.pt")
+    (tmp / "predictor" / "config.json").write_text(json.dumps({"sparse_threshold": folded}) + "\n")
+
+
+def write_activation_counts(tmp: Path, stats) -> None:
+    """``activation/activation_{i}.pt``: float32 per-neuron activation counts (PowerInfer's GPU/CPU split)."""
+    (tmp / "activation").mkdir()
+    for site, (counts, _) in stats.sites.items():
+        for e in range(site.experts):
+            torch.save(counts[e].float().contiguous(), tmp / "activation" / f"activation_{_file_stem(site, e)}.pt")

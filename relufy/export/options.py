@@ -10,12 +10,13 @@ from pydantic import field_validator
 from ..io.hub import PushOptions
 from ..names import DTYPES
 from ..options import option_field as Field
+from .registry import LAYOUTS
 
 
 class ExportOptions(PushOptions):
     """How ``relufy export`` profiles, reorders, trains predictors and lays out a checkpoint."""
 
-    layout: Literal["hf", "powerinfer", "powerinfer-gguf"] = Field(
+    layout: Literal[tuple(LAYOUTS)] = Field(
         "hf",
         description="hf: safetensors + relufy remote code + sparsity.safetensors (+ predictors in the shards); "
         "powerinfer: the folders PowerInfer's convert.py takes (dense Llama/Mistral dReLU; per expert for MoE); "

@@ -1,16 +1,21 @@
 """``relufy export``: statistics, neuron reordering, predictors and an engine-ready layout.
 
-Steps, all in memory until the final atomic write of OUT:
+``export`` runs the stages of an ``ExportRun``, all in memory until the final atomic write of OUT;
+each stage returns what it built:
 
-1. checks on the config and options (bad input fails before weights load);
-2. activation statistics, from ``--stats`` or by profiling ``--data``;
-3. ``--reorder``: every FFN (per expert) permuted hottest first (``relufy.export.reorder``);
-4. ``--predictors``: calibration inputs and labels collected on the first windows of ``--data``,
-   one predictor trained per FFN / expert, then recall, precision and predicted sparsity read
-   on the held-out windows, with the held-out perplexity of the dense model and of the model
-   that computes only the predicted neurons;
-5. the layout (``relufy.export.layouts``), model card and plot, written to a temporary folder
-   renamed to OUT.
+1. ``checks``: the config and options (bad input fails before weights load), with the layout's own
+   checks (``relufy.export.registry``);
+2. ``load_model``: the tokenizer, the float32 model and its FFN sites;
+3. ``statistics``: activation statistics, from ``--stats`` or by profiling ``--data``; with
+   ``--predictors`` the same pass stores the calibration rows (inputs and labels) of every window;
+4. ``reorder``: with ``--reorder`` every FFN (per expert) permuted hottest first
+   (``relufy.export.reorder``);
+5. ``fit``: one predictor trained per FFN / expert on the first windows, its threshold picked on
+   the first held-out ones (``fit_predictors``), scored on the rest;
+6. ``score``: the held-out perplexity of the dense model and of the model that computes only the
+   predicted neurons, and what each predictor computed and missed there;
+7. ``write``: the layout, model card and plot, written to a temporary folder renamed to OUT; then
+   ``publish``: the ``--json`` summary and the hub push.
 """
 
 from __future__ import annotations
@@ -19,46 +24,24 @@ import contextlib
 import json
 import math
 import shutil
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..errors import RelufyError, notice
-from ..families import FAMILIES, family_for, powerinfer_arch
+from ..errors import RelufyError
+from ..families import family_for
 from ..io.block import RelufyBlock
 from ..names import ZERO_ACTIVATIONS
 from .options import ExportOptions
+from .registry import Layout, layout_named
+from .result import ExportResult, PredictorRecord
 
-POWERINFER_ROPE = ("default", "linear", "yarn")
-
-
-@dataclass
-class ExportResult:
-    out: Path
-    layout: str
-    sparsity: dict
-    reordered: bool
-    predictors: list[dict] = field(default_factory=list)  # per predictor: layer, kind, expert, rank, metrics
-    ppl_dense: float | None = None
-    ppl_predicted: float | None = None
-    predicted_kept: float | None = None  # fraction of neurons computed with predictors
-    missed_active: float | None = None  # fraction of active neurons the predictors dropped
-    top1_agreement: float | None = None  # next-token argmax equal with predicted neurons only vs dense
-    heldout_tokens: int = 0  # tokens of the report windows (every held-out figure is read there)
-    tune_tokens: int = 0  # tokens of the windows that picked the per-predictor thresholds
-    predictor_recall: float | None = None  # the recall each predictor's threshold was set to reach (None: one threshold)
-    min_recall: float | None = None  # lowest held-out recall over predictors
-    predictor_cost: float | None = None  # predictor multiply-adds per token / the dense FFN's
-    seconds: float = 0.0
-
-    def summary(self) -> dict:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+__all__ = ["ExportResult", "ExportRun", "PredictorRecord", "check_export", "export"]
 
 
-def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
-    """Config-level checks; returns the model's config dict and family."""
+def check_export(path: str, options: ExportOptions) -> tuple[dict, object, Layout]:
+    """Config-level checks; returns the model's config dict, family and layout."""
     from ..io.source import resolve
     from ..modeling.weights import checked_config
 
@@ -80,54 +63,8 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
         raise RelufyError("export needs activation statistics: give --stats FILE or --data SPEC")
     if options.predictors and options.data is None:
         raise RelufyError("--predictors needs calibration text: give --data SPEC")
-    if options.gguf_type != "f16" and options.layout != "powerinfer-gguf":
-        raise RelufyError(f"--gguf-type applies to --layout powerinfer-gguf (this export's layout is {options.layout})")
-    if options.layout in ("powerinfer", "powerinfer-gguf"):
-        layout = options.layout
-        if not options.predictors:
-            raise RelufyError(
-                f"layout {layout} needs predictors (PowerInfer's converter takes a predictor folder): add --predictors"
-            )
-        if not family.is_moe or layout == "powerinfer-gguf":
-            arch = powerinfer_arch(family, activation)
-            if arch is None:
-                takes = "/".join(f.model_type for f in FAMILIES.values() if f.powerinfer)
-                other = " (or --layout powerinfer: per-expert predictor folders)" if family.is_moe else ""
-                raise RelufyError(
-                    f"layout {layout} takes dense dReLU models (PowerInfer's bamboo architecture) and ReGLU or FATReLU "
-                    f"models (its llama architecture) of {takes}; this is a {activation} {family.model_type} model: "
-                    f"use --layout hf{other}"
-                )
-            if activation == "fatrelu":
-                notice(
-                    f"layout {layout}: PowerInfer's llama architecture computes relu(gate) * up with no threshold, so gate "
-                    f"values below this model's FATReLU threshold {block.threshold:g} count there when a predictor selects "
-                    "their neuron (--layout hf keeps the threshold)"
-                )
-            rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-            rope_type = rope.get("rope_type") or rope.get("type") or "default"
-            if rope_type not in POWERINFER_ROPE:
-                raise RelufyError(
-                    f"layout {layout}: PowerInfer's converter cannot take rope type {rope_type!r} "
-                    f"(only {', '.join(POWERINFER_ROPE)})"
-                )
-            if options.predictor_input != "residual":
-                raise RelufyError(
-                    f"layout {layout}: PowerInfer feeds its predictors the residual stream entering the FFN norm; "
-                    f"drop --predictor-input {options.predictor_input}"
-                )
-            heads, hidden_size = config.get("num_attention_heads"), config.get("hidden_size")
-            head_dim = config.get("head_dim")
-            if head_dim and heads and hidden_size and head_dim * heads != hidden_size:
-                raise RelufyError(
-                    f"layout {layout}: PowerInfer takes head_dim = hidden_size / num_attention_heads "
-                    f"({hidden_size} / {heads}); this model's head_dim is {head_dim}"
-                )
-            biases = [k for k in ("attention_bias", "mlp_bias") if config.get(k)]
-            if biases:
-                raise RelufyError(
-                    f"layout {layout}: PowerInfer's {arch} architecture has no biases; this model has {' and '.join(biases)}"
-                )
+    layout = layout_named(options.layout)
+    layout.check(path, config, block, family, options)
     hidden = config.get("hidden_size")
     if options.predictors and options.predictor_rank and isinstance(hidden, int) and options.predictor_rank > hidden:
         raise RelufyError(
@@ -137,7 +74,7 @@ def check_export(path: str, options: ExportOptions) -> tuple[dict, object]:
         from .card import read_eval
 
         read_eval(options.eval_json)  # read again for the card: checked here, before any work
-    return config, family
+    return config, family, layout
 
 
 def _activation_of(config: dict) -> str:
@@ -224,14 +161,14 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
     """One predictor per (site, expert), trained on ``stores["train"]`` rows one key at a time; its
     threshold picked on ``stores["tune"]`` to reach ``options.predictor_recall`` (else the global
     ``predictor_threshold``); scored on ``stores["report"]``. Each key's rows are dropped once used.
-    Returns ``(predictors, thresholds, rows)``, all keyed by (site, expert); ``rows`` are the
-    per-predictor report rows (layer, kind, expert, rank, threshold, held-out metrics).
-    ``advance(layer_rows)`` is called once per layer, when its last predictor is done."""
+    Returns ``(predictors, thresholds, records)``, all keyed by (site, expert); ``records`` are the
+    ``PredictorRecord`` of each (layer, kind, expert, rank, threshold, held-out metrics).
+    ``advance(layer_records)`` is called once per layer, when its last predictor is done."""
     from ..modeling.predictor import Predictor, auto_rank
     from .predictors import pick_threshold, predictor_metrics
 
     hidden = model.config.hidden_size
-    predictors, thresholds, rows = {}, {}, {}
+    predictors, thresholds, records = {}, {}, {}
     recall = options.predictor_recall or None
 
     def load(part, site, e):
@@ -271,34 +208,32 @@ def fit_predictors(model, sites, counts, perms, stores: dict, options: ExportOpt
                         threshold, source = found
             del train, tune
             predictors[key], thresholds[key] = predictor, threshold
-            row = {
-                "layer": site.layer,
-                "kind": site.kind,
-                "expert": e if site.routed else None,
-                "rank": predictor.fc1.weight.shape[0],
-                "threshold": threshold,
-                "threshold_from": source,
-            }
             report = load("report", site, e)
-            if report is not None:
-                row.update(predictor_metrics(predictor, *report, threshold).as_dict())
-            rows[key] = row
+            records[key] = PredictorRecord(
+                layer=site.layer,
+                kind=site.kind,
+                expert=e if site.routed else None,
+                rank=predictor.fc1.weight.shape[0],
+                threshold=threshold,
+                threshold_from=source,
+                heldout=predictor_metrics(predictor, *report, threshold) if report is not None else None,
+            )
             if advance and last[site.layer] is site and e == site.experts - 1:
-                advance([r for r in rows.values() if r["layer"] == site.layer])
-    return predictors, thresholds, rows
+                advance([r for r in records.values() if r.layer == site.layer])
+    return predictors, thresholds, records
 
 
-def _layer_done(progress, task, rows: list[dict]) -> None:
+def _layer_done(progress, task, rows: list[PredictorRecord]) -> None:
     """Advance the predictors task by a layer's predictors, with one log line for the layer
     (``line``: printed without a terminal whatever the time since the last line)."""
 
     def mean(key):
-        values = [r[key] for r in rows if r.get(key) is not None]
+        values = [getattr(r, key) for r in rows if getattr(r, key) is not None]
         return sum(values) / len(values) if values else float("nan")
 
-    ranks = "/".join(sorted({str(r["rank"]) for r in rows}, key=int))
+    ranks = "/".join(sorted({str(r.rank) for r in rows}, key=int))
     desc = (
-        f"predictors: layer {rows[0]['layer']} rank {ranks} threshold {mean('threshold'):.3g} "
+        f"predictors: layer {rows[0].layer} rank {ranks} threshold {mean('threshold'):.3g} "
         f"held-out recall {mean('recall'):.3f} computed {mean('computed'):.1%}"
     )
     progress.update(task, advance=len(rows), description=desc, line=True)
@@ -317,181 +252,313 @@ def predictor_cost(predictors: dict, counts: dict, positions: int) -> float:
     return pred / ffn if ffn else float("nan")
 
 
-def export(path: str, out: str | Path, options: ExportOptions, show_progress: bool = True) -> ExportResult:
-    """``relufy export``: MODEL at ``path`` exported to ``out`` as ``options`` say (see the module
-    docstring for the steps); the summary also goes to ``options.json_out`` when given."""
-    from ..io.atomic import atomic_dir, check_free_space, scratch_dir
-    from ..io.paths import check_output_dir, check_output_file
-    from ..io.source import local_inputs, resolve
-    from ..measure.evaluate import EvalOptions, _device_dtype, score
-    from ..measure.sites import ActivationCounter, ffn_sites, observing, tapped
-    from ..measure.stats import Stats
-    from ..modeling.load import load, skeleton
-    from ..modeling.tokenizer import load_tokenizer
-    from ..text import load_texts, tokenize, windows
-    from .calibration import Collector, DiskRows, PredictedOnly
-    from .layouts import write_layout
-    from .reorder import reorder_
+@dataclass
+class Plan:
+    """What ``ExportRun.checks`` settled before any weights load."""
 
-    start = time.perf_counter()
-    config, family = check_export(path, options)
-    inputs = resolve(path).inputs() + local_inputs(options.stats, options.data, options.eval_json)
-    force = options.force
-    out = check_output_dir(out, force, inputs)
-    report = options.json_out and check_output_file(options.json_out, inputs + [out], "--json")
-    device, _ = _device_dtype(EvalOptions(data=options.data or "-", device=options.device))
-    stats = Stats.load(Path(options.stats), "--stats") if options.stats else None
-    if stats is not None:  # shapes checked on a weightless model, before any weights load
-        stats.match(ffn_sites(skeleton(config)), options.stats)
-    texts = load_texts(options.data) if options.data else None
-    if texts is not None and not "".join(texts).strip():
-        raise RelufyError(f"{options.data}: holds no text")
+    config: dict
+    family: object
+    layout: Layout
+    out: Path
+    inputs: list
+    report: Path | None  # --json
+    device: torch.device
+    stats: object | None  # the --stats file (relufy.measure.stats.Stats)
+    texts: list[str] | None  # the --data text
 
-    tokenizer = load_tokenizer(path)
-    model = load(path, dtype=torch.float32).to(device).eval()
-    sites = ffn_sites(model)
-    progress = None
-    stack = contextlib.ExitStack()
-    if show_progress:
-        from ..progress import token_progress
 
-        progress = stack.enter_context(token_progress())
-    scratch = None
-    with stack:
-        wins = []
-        if texts is not None:
-            ids = tokenize(texts, tokenizer, options.max_tokens)
-            wins = windows(ids, options.seq_len)
-        parts = split_windows(wins, options) if options.predictors else {}
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    sites: list
 
-        def task(name, windows_):
-            if progress is None:
-                return None
-            t = progress.add_task(name, total=sum(len(w.input_ids) for w in windows_))
-            return lambda n: progress.advance(t, n)
 
-        # 2. statistics, and (--predictors) the calibration rows, in one pass over the windows
-        counter = None
-        stores: dict = {}
-        limits = {"train": options.predictor_tokens}
-        dense_top1: list = []
-        nll = count = 0
-        if stats is None or options.predictors:
-            observers = []
-            if stats is None:
-                counter = ActivationCounter(sites)
-                observers.append(counter)
-            if options.predictors:
-                check_free_space(out, calibration_bytes(model.config, sites, parts, options.predictor_tokens))
-                out.parent.mkdir(parents=True, exist_ok=True)  # as atomic_dir will: OUT may be new/folder/out
-                scratch = scratch_dir(out, "tmp")
-                stores = {part: DiskRows(scratch / part) for part in parts}
+@dataclass
+class Observed:
+    """What the statistics pass found: the counts (the model's own neuron order), the windows of each
+    part (``train``, ``tune``, ``report``: ``split_windows``; none without predictors) and their
+    calibration rows (``stores``), and the dense model's loss and next-token argmax on ``report``."""
+
+    counts: dict
+    positions: int
+    parts: dict = field(default_factory=dict)
+    stores: dict = field(default_factory=dict)
+    scratch: Path | None = None
+    dense_nll: float = 0.0
+    heldout_tokens: int = 0
+    dense_top1: list = field(default_factory=list)
+
+    def discard_rows(self) -> None:
+        """Close the calibration stores and remove their scratch folder."""
+        for store in self.stores.values():
+            store.close()
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+@dataclass
+class Reordered:
+    perms: dict  # site -> [experts, width] permutation; empty without --reorder
+    stats: object  # Stats in the exported neuron order
+
+
+@dataclass
+class Fitted:
+    predictors: dict = field(default_factory=dict)  # (site, expert) -> Predictor
+    thresholds: dict = field(default_factory=dict)  # (site, expert) -> threshold
+    records: dict = field(default_factory=dict)  # (site, expert) -> PredictorRecord
+
+
+@dataclass
+class Scored:
+    """The held-out figures of the model computing only the predicted neurons (``ExportResult`` fields)."""
+
+    predictors: list[PredictorRecord]
+    ppl_dense: float
+    ppl_predicted: float
+    predicted_kept: float
+    missed_active: float
+    top1_agreement: float
+    heldout_tokens: int
+    tune_tokens: int
+    predictor_recall: float | None
+    predictor_cost: float
+
+
+class ExportRun:
+    """The stages of one ``relufy export`` (MODEL at ``path`` as ``options`` say); each returns what
+    it built, and ``export`` passes it on. A stage's ``progress`` is a ``relufy.progress.token_progress``
+    or None."""
+
+    def __init__(self, path: str, options: ExportOptions):
+        self.path = path
+        self.options = options
+
+    def checks(self, out: str | Path) -> Plan:
+        """Config, options, outputs, device, ``--stats`` (shapes checked on a weightless model) and
+        ``--data``: everything that can fail before weights load."""
+        from ..io.paths import check_output_dir, check_output_file
+        from ..io.source import local_inputs, resolve
+        from ..measure.evaluate import parse_device
+        from ..measure.sites import ffn_sites
+        from ..measure.stats import Stats
+        from ..modeling.load import skeleton
+        from ..text import load_texts
+
+        o = self.options
+        config, family, layout = check_export(self.path, o)
+        inputs = resolve(self.path).inputs() + local_inputs(o.stats, o.data, o.eval_json)
+        out = check_output_dir(out, o.force, inputs)
+        report = o.json_out and check_output_file(o.json_out, inputs + [out], "--json")
+        device = parse_device(o.device)
+        stats = Stats.load(Path(o.stats), "--stats") if o.stats else None
+        if stats is not None:
+            stats.match(ffn_sites(skeleton(config)), o.stats)
+        texts = load_texts(o.data) if o.data else None
+        if texts is not None and not "".join(texts).strip():
+            raise RelufyError(f"{o.data}: holds no text")
+        return Plan(config, family, layout, out, inputs, report or None, device, stats, texts)
+
+    def load_model(self, plan: Plan) -> Loaded:
+        from ..measure.sites import ffn_sites
+        from ..modeling.load import load
+        from ..modeling.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.path)
+        model = load(self.path, dtype=torch.float32).to(plan.device).eval()
+        return Loaded(model, tokenizer, ffn_sites(model))
+
+    def statistics(self, plan: Plan, loaded: Loaded, progress) -> Observed:
+        """Activation counts (``--stats``, or one pass over the windows) and, with ``--predictors``,
+        the calibration rows of every part, stored beside OUT, in that same pass."""
+        from ..io.atomic import check_free_space, scratch_dir
+        from ..measure.evaluate import score
+        from ..measure.sites import ActivationCounter, observing, tapped
+        from ..text import tokenize, windows
+        from .calibration import Collector, DiskRows
+
+        o, model, sites = self.options, loaded.model, loaded.sites
+        wins = windows(tokenize(plan.texts, loaded.tokenizer, o.max_tokens), o.seq_len) if plan.texts is not None else []
+        parts = split_windows(wins, o) if o.predictors else {}
+        if plan.stats is not None and not o.predictors:
+            return Observed(plan.stats.match(sites, o.stats), plan.stats.positions)
+        counter = ActivationCounter(sites) if plan.stats is None else None
+        stores, scratch, dense_top1, nll, count = {}, None, [], 0.0, 0
+        if o.predictors:
+            check_free_space(plan.out, calibration_bytes(model.config, sites, parts, o.predictor_tokens))
+            plan.out.parent.mkdir(parents=True, exist_ok=True)  # as atomic_dir will: OUT may be new/folder/out
+            scratch = scratch_dir(plan.out, "tmp")
+            stores = {part: DiskRows(scratch / part) for part in parts}
+        observed = Observed({}, 0, parts, stores, scratch)
+        try:
             with contextlib.ExitStack() as passes:
-                tap = passes.enter_context(tapped(model, sites, options.predictor_input)) if options.predictors else None
-                collector = Collector(sites, tap, stores=stores, limits=limits) if options.predictors else None
-                if collector is not None:
+                observers = [counter] if counter is not None else []
+                if o.predictors:
+                    tap = passes.enter_context(tapped(model, sites, o.predictor_input))
+                    collector = Collector(sites, tap, stores=stores, limits={"train": o.predictor_tokens})
                     observers.append(collector)
                 passes.enter_context(observing(model, lambda _: Chain(observers)))
-                if options.predictors:
+                if o.predictors:
                     for part, part_wins in parts.items():
                         collector.part = part
                         top1 = dense_top1 if part == "report" else None
-                        got = score(model, part_wins, options.batch_size, device, task(f"calibrate ({part})", part_wins), top1)
+                        task = _task(progress, f"calibrate ({part})", part_wins)
+                        got = score(model, part_wins, o.batch_size, plan.device, task, top1)
                         if part == "report":
                             nll, count = got
                 else:
-                    score(model, wins, options.batch_size, device, task("profile", wins))
-        if stats is not None:
-            counts = stats.match(sites, options.stats)
-            positions = stats.positions
+                    score(model, wins, o.batch_size, plan.device, _task(progress, "profile", wins))
+        except BaseException:
+            observed.discard_rows()
+            raise
+        if plan.stats is not None:
+            counts, positions = plan.stats.match(sites, o.stats), plan.stats.positions
         else:
-            counts = counter.result()
-            positions = sum(len(w.input_ids) for w in wins)
+            counts, positions = counter.result(), sum(len(w.input_ids) for w in wins)
+        return replace(observed, counts=counts, positions=positions, dense_nll=nll, heldout_tokens=count, dense_top1=dense_top1)
 
-        # 3. reorder
-        perms = {}
-        if options.reorder:
-            perms = reorder_(sites, {s: c for s, (c, _) in counts.items()})
+    def reorder(self, plan: Plan, loaded: Loaded, observed: Observed) -> Reordered:
+        """With ``--reorder`` the FFNs permuted hottest first; the statistics in the exported order."""
+        from ..measure.stats import Stats
+        from .reorder import reorder_
+
+        o, counts, perms = self.options, observed.counts, {}
+        if o.reorder:
+            perms = reorder_(loaded.sites, {s: c for s, (c, _) in counts.items()})
             counts = {s: (torch.gather(c, 1, perms[s]), t) for s, (c, t) in counts.items()}
-        result_stats = Stats(
-            counts,
-            positions,
-            {
-                "model": path,
-                "data": options.data or options.stats,
-                "family": family.model_type,
-                "activation": RelufyBlock.read(model.config).activation,
-            },
-        )
-        per_layer = result_stats.layer_sparsity()
-        result = ExportResult(
-            out=out,
-            layout=options.layout,
-            sparsity={
-                "overall": result_stats.overall_sparsity(),
-                "mean": sum(per_layer) / len(per_layer),
-                "per_layer": per_layer,
-            },
-            reordered=options.reorder,
+        meta = {
+            "model": self.path,
+            "data": o.data or o.stats,
+            "family": plan.family.model_type,
+            "activation": RelufyBlock.read(loaded.model.config).activation,
+        }
+        return Reordered(perms, Stats(counts, observed.positions, meta))
+
+    def fit(self, plan: Plan, loaded: Loaded, observed: Observed, reordered: Reordered, progress) -> Fitted:
+        """``--predictors``: one per (site, expert), from the calibration rows (``fit_predictors``)."""
+        if not self.options.predictors:
+            return Fitted()
+        advance = None
+        if progress is not None:
+            task = progress.add_task("predictors", total=sum(s.experts for s, _ in loaded.sites))
+            advance = lambda layer_rows: _layer_done(progress, task, layer_rows)  # noqa: E731
+        counts, perms, stores = reordered.stats.sites, reordered.perms, observed.stores
+        return Fitted(*fit_predictors(loaded.model, loaded.sites, counts, perms, stores, self.options, plan.device, advance))
+
+    def score(
+        self, plan: Plan, loaded: Loaded, observed: Observed, reordered: Reordered, fitted: Fitted, progress
+    ) -> Scored | None:
+        """The report windows again, the model computing only the predicted neurons: perplexity and
+        argmax against the dense pass's, and each predictor's record completed with what it computed
+        and missed there. None without predictors."""
+        from ..measure.evaluate import score
+        from ..measure.sites import observing, tapped
+        from .calibration import PredictedOnly
+
+        o, model, sites = self.options, loaded.model, loaded.sites
+        if not o.predictors:
+            return None
+        report_wins, predicted_top1 = observed.parts["report"], []
+        with tapped(model, sites, o.predictor_input) as tap:
+            with observing(model, lambda s: PredictedOnly(s, tap, fitted.predictors, fitted.thresholds)) as masked:
+                task = _task(progress, "held-out predicted", report_wins)
+                nll_p, _ = score(model, report_wins, o.batch_size, plan.device, task, predicted_top1)
+        dense_top1, count = observed.dense_top1, observed.heldout_tokens
+        same = sum(int((a == b).sum()) for a, b in zip(dense_top1, predicted_top1, strict=True))
+        records = [
+            replace(record, in_situ={k: v for k, v in masked.key_metrics(key).items() if k != "tokens"})
+            for key, record in fitted.records.items()
+        ]
+        return Scored(
+            predictors=records,
+            ppl_dense=math.exp(observed.dense_nll / count),
+            ppl_predicted=math.exp(nll_p / count),
+            predicted_kept=masked.kept / max(masked.total, 1),
+            missed_active=masked.missed / max(masked.active, 1),
+            top1_agreement=same / sum(a.numel() for a in dense_top1),
+            heldout_tokens=count,
+            tune_tokens=sum(len(w.input_ids) for w in observed.parts.get("tune", [])),
+            predictor_recall=o.predictor_recall or None,
+            predictor_cost=predictor_cost(fitted.predictors, reordered.stats.sites, observed.positions),
         )
 
-        # 4. predictors: trained one (site, expert) at a time from the rows on disk, thresholds
-        # picked on the tune windows, everything scored on the report windows
-        predictors: dict = {}
-        thresholds: dict = {}
-        try:
-            if options.predictors:
-                t = progress.add_task("predictors", total=sum(s.experts for s, _ in sites)) if progress else None
-                predictors, thresholds, rows = fit_predictors(
-                    model,
-                    sites,
-                    counts,
-                    perms,
-                    stores,
-                    options,
-                    device,
-                    (lambda layer_rows: _layer_done(progress, t, layer_rows)) if progress else None,
-                )
-        finally:
-            for store in stores.values():
-                store.close()
-            if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
-        if options.predictors:
-            report_wins = parts["report"]
-            predicted_top1: list = []
-            with tapped(model, sites, options.predictor_input) as tap:
-                with observing(model, lambda s: PredictedOnly(s, tap, predictors, thresholds)) as masked:
-                    nll_p, _ = score(
-                        model, report_wins, options.batch_size, device, task("held-out predicted", report_wins), predicted_top1
-                    )
-            same = sum(int((a == b).sum()) for a, b in zip(dense_top1, predicted_top1, strict=True))
-            result.top1_agreement = same / sum(a.numel() for a in dense_top1)
-            result.ppl_dense, result.ppl_predicted = math.exp(nll / count), math.exp(nll_p / count)
-            result.predicted_kept = masked.kept / max(masked.total, 1)
-            result.missed_active = masked.missed / max(masked.active, 1)
-            result.heldout_tokens = count
-            result.tune_tokens = sum(len(w.input_ids) for w in parts.get("tune", []))
-            result.predictor_recall = options.predictor_recall or None
-            for key, row in rows.items():
-                row.update({f"{k}_in_situ": v for k, v in masked.key_metrics(key).items() if k != "tokens"})
-                result.predictors.append(row)
-            recalls = [r["recall"] for r in result.predictors if "recall" in r]
-            result.min_recall = min(recalls) if recalls else None
-            result.predictor_cost = predictor_cost(predictors, counts, positions)
+    def result(self, plan: Plan, reordered: Reordered, scored: Scored | None) -> ExportResult:
+        """The summary: sparsity in the exported order, and the held-out figures."""
+        per_layer = reordered.stats.layer_sparsity()
+        sparsity = {
+            "overall": reordered.stats.overall_sparsity(),
+            "mean": sum(per_layer) / len(per_layer),
+            "per_layer": per_layer,
+        }
+        held = vars(scored) if scored is not None else {}
+        return ExportResult(out=plan.out, layout=plan.layout.name, sparsity=sparsity, reordered=self.options.reorder, **held)
 
-    # 5. layout
-    with atomic_dir(out, force=force, inputs=inputs) as tmp:
-        write_layout(tmp, model, tokenizer, family, options, result, result_stats, perms, predictors, config, thresholds)
-    result.seconds = time.perf_counter() - start
-    if report:
+    def write(self, plan: Plan, loaded: Loaded, result: ExportResult, reordered: Reordered, fitted: Fitted) -> None:
+        """OUT, written by the layout (``relufy.export.registry``) into a folder renamed to OUT."""
+        from ..io.atomic import atomic_dir
+
+        o = self.options
+        with atomic_dir(plan.out, force=o.force, inputs=plan.inputs) as tmp:
+            plan.layout.write(
+                tmp,
+                loaded.model,
+                loaded.tokenizer,
+                plan.family,
+                o,
+                result,
+                reordered.stats,
+                reordered.perms,
+                fitted.predictors,
+                plan.config,
+                fitted.thresholds,
+            )
+
+    def publish(self, plan: Plan, result: ExportResult) -> None:
+        """The ``--json`` summary, then the hub push (a failed push leaves OUT as written)."""
         from ..io.atomic import atomic_file
+        from ..io.hub import HubPush, push_folder
 
-        with atomic_file(report) as tmp:
-            tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
-    from ..io.hub import HubPush, push_folder
+        if plan.report:
+            with atomic_file(plan.report) as tmp:
+                tmp.write_text(json.dumps(result.summary(), indent=2) + "\n")
+        push = HubPush.of(self.options)
+        if push is not None:
+            push_folder(plan.out, push, f"relufy export ({plan.layout.name} layout)")
 
-    push = HubPush.of(options)
-    if push is not None:  # OUT is complete: a failed push leaves it as written
-        push_folder(out, push, f"relufy export ({options.layout} layout)")
+
+def _task(progress, name: str, windows_: list):
+    """An ``advance(n)`` for a progress task over ``windows_``' tokens; None without progress."""
+    if progress is None:
+        return None
+    t = progress.add_task(name, total=sum(len(w.input_ids) for w in windows_))
+    return lambda n: progress.advance(t, n)
+
+
+def export(path: str, out: str | Path, options: ExportOptions, show_progress: bool = True) -> ExportResult:
+    """``relufy export``: MODEL at ``path`` exported to ``out`` as ``options`` say (the stages of
+    ``ExportRun``, in the module docstring); the summary also goes to ``options.json_out`` when given."""
+    import time
+
+    start = time.perf_counter()
+    run = ExportRun(path, options)
+    plan = run.checks(out)
+    loaded = run.load_model(plan)
+    with contextlib.ExitStack() as stack:
+        progress = None
+        if show_progress:
+            from ..progress import token_progress
+
+            progress = stack.enter_context(token_progress())
+        observed = run.statistics(plan, loaded, progress)
+        reordered = run.reorder(plan, loaded, observed)
+        try:
+            fitted = run.fit(plan, loaded, observed, reordered, progress)
+        finally:
+            observed.discard_rows()
+        scored = run.score(plan, loaded, observed, reordered, fitted, progress)
+    result = run.result(plan, reordered, scored)
+    run.write(plan, loaded, result, reordered, fitted)
+    result.seconds = time.perf_counter() - start
+    run.publish(plan, result)
     return result

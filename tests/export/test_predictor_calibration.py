@@ -65,7 +65,7 @@ def test_streamed_calibration_gives_the_in_memory_predictors(tmp_path, family):
         assert torch.equal(p_mem[key].fc2.weight, p_disk[key].fc2.weight)
         assert t_mem[key] == t_disk[key]
         assert r_mem[key] == r_disk[key]
-    assert any(r["threshold_from"] == "tune" for r in r_mem.values())
+    assert any(r.threshold_from == "tune" for r in r_mem.values())
 
 
 def test_recall_threshold_hits_the_target_on_its_rows():
@@ -158,7 +158,7 @@ def test_per_predictor_thresholds_reach_the_recall_on_the_tune_rows(of, target):
     for key, (x, codes) in tune.items():
         m = predictor_metrics(predictors[key], x, codes, thresholds[key])
         assert (m.recall if of == "neurons" else 1 - m.missed_magnitude) >= target - 1e-9
-        assert rows[key]["threshold"] == thresholds[key] and 0 <= rows[key]["recall"] <= 1  # report rows scored
+        assert rows[key].threshold == thresholds[key] and 0 <= rows[key].recall <= 1  # report rows scored
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "qwen2_moe"])
