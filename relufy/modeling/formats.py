@@ -64,12 +64,10 @@ class Recognised:
     exact: bool = True  # False: relufy computes another function; ``why`` says which
     why: str = ""
 
-    def config(self, source: str, extra: dict | None = None, activation: str | None = None, threshold=None) -> dict:
-        """The relufy ``config.json`` (dict) that computes this source's function, or ``activation``."""
-        extra = {"source_format": self.format, **(extra or {})}
-        if activation is None:
-            activation, threshold = self.activation, self.threshold
-        return relufy_config_dict(self.base, self.family, activation, threshold, source, extra)
+    def config(self, source: str) -> dict:
+        """The relufy ``config.json`` (dict) that computes this source's function."""
+        extra = {"source_format": self.format}
+        return relufy_config_dict(self.base, self.family, self.activation, self.threshold, source, extra)
 
 
 def recognise(config: dict, names: Collection[str] | None = None, where: str = "the model") -> Recognised | None:
